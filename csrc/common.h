@@ -1,0 +1,79 @@
+// Shared by the CPU and CUDA kernels: host+device qualifiers, argument-check macros, Philox.
+#pragma once
+#include <cstdint>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FD_HD __host__ __device__ __forceinline__
+#else
+#define FD_HD inline
+#endif
+
+#define FD_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+
+namespace fastdiff {
+
+#if defined(__CUDACC__)
+// SM count of a device, cached (no ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE headers).
+inline int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cache[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = n > 0 ? n : 1;
+  }
+  return cache[device];
+}
+#endif
+
+// Philox4x32-10 (Salmon et al., SC'11) and Box-Muller: the same normals as
+// fastdiff.reference.philox_normal and kernels/philox.py. See reference.py for the definition.
+struct Normal4 { float v[4]; };
+
+FD_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+FD_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = mulhi32(M0, c[0]), lo0 = M0 * c[0];
+    const uint32_t hi1 = mulhi32(M1, c[2]), lo1 = M1 * c[2];
+    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+    k0 += W0; k1 += W1;
+  }
+}
+
+FD_HD float uniform_from_bits(uint32_t r) {
+  return (static_cast<float>(r >> 9) + 0.5f) * 1.1920928955078125e-07f;  // (0, 1), exact
+}
+
+// Normals of elements 4g .. 4g+3 for (seed, step, stream).
+FD_HD Normal4 normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream) {
+  uint32_t c[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), step, stream};
+  philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  constexpr float kTwoPi = 6.2831854820251465f;
+  const float rad_a = sqrtf(-2.0f * logf(uniform_from_bits(c[0])));
+  const float rad_b = sqrtf(-2.0f * logf(uniform_from_bits(c[2])));
+  const float th_a = kTwoPi * uniform_from_bits(c[1]);
+  const float th_b = kTwoPi * uniform_from_bits(c[3]);
+  Normal4 n;
+  n.v[0] = rad_a * cosf(th_a); n.v[1] = rad_a * sinf(th_a);
+  n.v[2] = rad_b * cosf(th_b); n.v[3] = rad_b * sinf(th_b);
+  return n;
+}
+
+FD_HD float normal_at(uint64_t seed, uint64_t i, uint32_t step, uint32_t stream) {
+  return normal4(seed, i >> 2, step, stream).v[i & 3];
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,78 @@
+// Forward noising on the CPU: one pass over memory, noise drawn in place (fastdiff::normal4).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include "q_sample.h"
+
+namespace fastdiff {
+namespace {
+
+template <typename scalar_t>
+void q_sample_cpu_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                       const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
+                       uint64_t seed, at::Tensor& x_t, at::Tensor& eps, at::Tensor& v) {
+  const int64_t numel = x0.numel(), B = x0.size(0), per_sample = numel / B;
+  const int64_t num_t = sqrt_ab.numel();
+  const scalar_t* x0p = x0.data_ptr<scalar_t>();
+  const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const float* ap = sqrt_ab.data_ptr<float>();
+  const float* sp = sqrt_1mab.data_ptr<float>();
+  scalar_t* xtp = x_t.data_ptr<scalar_t>();
+  scalar_t* ep = np ? nullptr : eps.data_ptr<scalar_t>();
+  scalar_t* vp = v.numel() ? v.data_ptr<scalar_t>() : nullptr;
+  // Work in aligned Philox groups of 4 so each group's block is computed once.
+  const int64_t groups = (numel + 3) / 4;
+  at::parallel_for(0, groups, 2048, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      Normal4 n{};
+      int64_t drawn_for = -1;  // sample whose timestep `n` was drawn with
+      const int64_t end = std::min<int64_t>(4 * g + 4, numel);
+      for (int64_t i = 4 * g; i < end; ++i) {
+        const int64_t b = i / per_sample;
+        const QSampleCoef c = q_sample_coef(ap, sp, tp[b], num_t);
+        float e;
+        if (np) {
+          e = static_cast<float>(np[i]);
+        } else {
+          if (drawn_for != b) {  // a group that straddles two samples draws with each one's t
+            n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tp[b]), kStreamQSample);
+            drawn_for = b;
+          }
+          e = n.v[i & 3];
+          ep[i] = static_cast<scalar_t>(e);
+        }
+        const float x = static_cast<float>(x0p[i]);
+        xtp[i] = static_cast<scalar_t>(q_sample_xt(c, x, e));
+        if (vp) vp[i] = static_cast<scalar_t>(q_sample_v(c, x, e));
+      }
+    }
+  });
+}
+
+void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                  const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
+                  int64_t seed, at::Tensor x_t, at::Tensor eps, at::Tensor v) {
+  FD_CHECK(x0.device().is_cpu() && t.device().is_cpu(), "q_sample (cpu): tensors must be on the CPU");
+  FD_CHECK(t.scalar_type() == at::kLong && t.numel() == x0.size(0),
+           "q_sample: t must be int64 of shape (B,)");
+  FD_CHECK(sqrt_ab.scalar_type() == at::kFloat && sqrt_1mab.scalar_type() == at::kFloat,
+           "q_sample: schedule tables must be float32");
+  FD_CHECK(x_t.strides() == x0.strides(), "q_sample: x_t must be laid out like x0");
+  if (x0.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
+    q_sample_cpu_impl<scalar_t>(x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
+                                noise, static_cast<uint64_t>(seed), x_t, eps, v);
+  });
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
+  m.def("q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? noise, int seed, "
+        "Tensor(a!) x_t, Tensor(b!) eps, Tensor(c!) v) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) { m.impl("q_sample", &fastdiff::q_sample_cpu); }

@@ -1,0 +1,92 @@
+// Forward noising on the GPU: one thread per Philox group of 4 consecutive elements, so each
+// normal is drawn exactly once; grid-stride over groups with 64-bit indices (> 2^31 elements).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "q_sample.h"
+
+namespace fastdiff {
+namespace {
+
+template <typename scalar_t, bool kHasNoise, bool kWantV>
+__global__ void q_sample_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ noise,
+                                const int64_t* __restrict__ t, const float* __restrict__ sqrt_ab,
+                                const float* __restrict__ sqrt_1mab, scalar_t* __restrict__ x_t,
+                                scalar_t* __restrict__ eps, scalar_t* __restrict__ v,
+                                int64_t numel, int64_t per_sample, int64_t num_t, uint64_t seed) {
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Normal4 n{};
+    int64_t drawn_for = -1;
+    const int64_t end = min(4 * g + 4, numel);
+#pragma unroll
+    for (int64_t i = 4 * g; i < end; ++i) {
+      const int64_t b = i / per_sample;
+      const int64_t tb = __ldg(t + b);
+      const QSampleCoef c = q_sample_coef(sqrt_ab, sqrt_1mab, tb, num_t);
+      float e;
+      if (kHasNoise) {
+        e = static_cast<float>(noise[i]);
+      } else {
+        if (drawn_for != b) {  // a group straddling two samples draws with each one's t
+          n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
+          drawn_for = b;
+        }
+        e = n.v[i & 3];
+        eps[i] = static_cast<scalar_t>(e);
+      }
+      const float x = static_cast<float>(x0[i]);
+      x_t[i] = static_cast<scalar_t>(q_sample_xt(c, x, e));
+      if (kWantV) v[i] = static_cast<scalar_t>(q_sample_v(c, x, e));
+    }
+  }
+}
+
+void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                   const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
+                   int64_t seed, at::Tensor x_t, at::Tensor eps, at::Tensor v) {
+  FD_CHECK(x0.is_cuda() && t.is_cuda() && sqrt_ab.is_cuda() && sqrt_1mab.is_cuda(),
+           "q_sample (cuda): x0, t and the schedule tables must be CUDA tensors");
+  FD_CHECK(t.scalar_type() == at::kLong && t.numel() == x0.size(0) && t.is_contiguous(),
+           "q_sample: t must be contiguous int64 of shape (B,)");
+  FD_CHECK(sqrt_ab.scalar_type() == at::kFloat && sqrt_1mab.scalar_type() == at::kFloat,
+           "q_sample: schedule tables must be float32");
+  FD_CHECK(x_t.strides() == x0.strides(), "q_sample: x_t must be laid out like x0");
+  const int64_t numel = x0.numel();
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const int64_t groups = (numel + 3) / 4;
+  const int threads = 256;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count(x0.get_device())) * 16;
+  const int blocks = static_cast<int>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool has_noise = noise.has_value(), want_v = v.numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {
+    const scalar_t* np = has_noise ? noise->data_ptr<scalar_t>() : nullptr;
+    scalar_t* ep = has_noise ? nullptr : eps.data_ptr<scalar_t>();
+    scalar_t* vp = want_v ? v.data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, stream>>>(
+          x0.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(),
+          sqrt_1mab.data_ptr<float>(), x_t.data_ptr<scalar_t>(), ep, vp, numel,
+          numel / x0.size(0), sqrt_ab.numel(), static_cast<uint64_t>(seed));
+    };
+    if (has_noise) {
+      if (want_v) launch(q_sample_kernel<scalar_t, true, true>);
+      else launch(q_sample_kernel<scalar_t, true, false>);
+    } else {
+      if (want_v) launch(q_sample_kernel<scalar_t, false, true>);
+      else launch(q_sample_kernel<scalar_t, false, false>);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff_ext, CUDA, m) { m.impl("q_sample", &fastdiff::q_sample_cuda); }

@@ -1,0 +1,7 @@
+"""fastdiff: fused GPU kernels that make diffusion models sample and train fast."""
+__version__ = "0.1.0"
+
+from .backends import use_backend, backend_status  # noqa: F401
+from .schedule import Schedule  # noqa: F401
+from . import ops  # noqa: F401
+from .ops import q_sample  # noqa: F401

@@ -1,0 +1,176 @@
+"""Which backends exist on this machine, and the one rule that picks among them.
+
+Backends:
+  torch   the plain-PyTorch reference of each op (always available)
+  triton  the Triton kernels in fastdiff.kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+  cuda    the CUDA kernels of the extension fastdiff._C (CUDA tensors)
+  cpu     the C++ kernels of the extension fastdiff._C (CPU tensors)
+
+The rule (`pick`):
+  * A backend forced with `use_backend(name)` or FASTDIFF_BACKEND=name is used by every op that
+    implements it; an op without that implementation (e.g. attention has no `cpu` kernel) uses
+    the `auto` choice. A forced backend that cannot run on the tensors' device raises.
+  * `auto` on CUDA tensors: the order measured fastest for that op (AUTO_CUDA_ORDER, from
+    benchmarks/results); on CPU tensors: `cpu` when the extension is built, else `torch`;
+    under TRITON_INTERPRET=1 on CPU tensors the same as on CPU (the interpreter is for tests).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+
+# Fastest first, per op, on CUDA tensors. Until a benchmark table under benchmarks/results says
+# otherwise, the hand-written CUDA kernel is tried before Triton for the elementwise ops (no JIT
+# warm-up, lower launch overhead) and Triton first for the reductions and attention.
+AUTO_CUDA_ORDER = {
+    "q_sample": ("cuda", "triton", "torch"),
+    "sampler_step": ("cuda", "triton", "torch"),
+    "group_norm_silu": ("triton", "cuda", "torch"),
+    "attention": ("triton", "torch"),
+}
+
+_state = threading.local()
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """(module or None, reason). Imports fastdiff._C once; never raises."""
+    try:
+        mod = importlib.import_module("fastdiff._C")
+    except ImportError as e:  # not built, or built against another torch
+        return None, f"extension fastdiff._C not built or not loadable ({e})"
+    return mod, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import():
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton not importable ({e.__class__.__name__}: {e})"
+    return True, ""
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """For each backend: (available, reason it is not / what it runs on)."""
+    import torch
+    status = {"torch": (True, f"reference, torch {torch.__version__}")}
+    ok, why = _triton_import()
+    if not ok:
+        status["triton"] = (False, why)
+    elif _cuda_available():
+        status["triton"] = (True, "CUDA tensors")
+    elif _interpret():
+        status["triton"] = (True, "CPU tensors through TRITON_INTERPRET=1 (slow; for tests)")
+    else:
+        status["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels "
+                                   "on CPU tensors through the interpreter)")
+    ext, why = extension()
+    if ext is None:
+        status["cpu"] = (False, why)
+        status["cuda"] = (False, why)
+    else:
+        status["cpu"] = (True, "C++ kernels, CPU tensors")
+        if not ext.with_cuda():
+            status["cuda"] = (False, "extension built without CUDA (no CUDA torch or no nvcc "
+                                     "at build time)")
+        elif not _cuda_available():
+            status["cuda"] = (False, "extension has CUDA kernels but no CUDA device is visible")
+        else:
+            status["cuda"] = (True, "CUDA kernels, CUDA tensors")
+    return status
+
+
+def available(name: str) -> bool:
+    return backend_status()[name][0]
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for right now: innermost use_backend(), else FASTDIFF_BACKEND, else auto."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("FASTDIFF_BACKEND", "").strip()
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError:
+            raise ValueError(f"FASTDIFF_BACKEND must be one of {BACKENDS + ('auto',)}, "
+                             f"got {env!r}") from None
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a `with` block. Raises at once if it is not available here."""
+    _check_name(name)
+    if name != "auto":
+        ok, why = backend_status()[name]
+        if not ok:
+            raise RuntimeError(f"backend {name!r} is not available on this machine: {why}")
+    stack = _state.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _runs_on(name: str, device_type: str) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpu":
+        return device_type == "cpu"
+    if name == "cuda":
+        return device_type == "cuda"
+    if name == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and _interpret())
+    return False
+
+
+def pick(op: str, implemented, device) -> str:
+    """Name of the backend that runs `op` on tensors on `device`.
+
+    `implemented`: the backends this op has. Raises ValueError/RuntimeError for a forced
+    backend that is unavailable or cannot run on this device."""
+    import torch
+    device_type = torch.device(device).type
+    want = requested()
+    if want != "auto" and want in implemented:
+        ok, why = backend_status()[want]
+        if not ok:
+            raise RuntimeError(f"backend {want!r} was requested for {op} but is not available: {why}")
+        if not _runs_on(want, device_type):
+            raise ValueError(f"backend {want!r} cannot run {op} on {device_type} tensors")
+        return want
+    if device_type == "cuda":
+        order = AUTO_CUDA_ORDER.get(op, ("triton", "cuda", "torch"))
+    elif device_type == "cpu":
+        order = ("cpu", "torch")
+    else:
+        order = ("torch",)
+    for name in order:
+        if name in implemented and available(name) and _runs_on(name, device_type):
+            return name
+    return "torch"

@@ -1,0 +1,125 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def checks_enabled() -> bool:
+    return os.environ.get("FASTDIFF_CHECKS", "1") != "0"
+
+
+def tensor(name: str, x, *, ndim_min: int | None = None, ndim: int | None = None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if ndim_min is not None and x.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dims, got shape {tuple(x.shape)}")
+    return x
+
+
+def float_tensor(name: str, x, allow_float64: bool = True, **kw):
+    tensor(name, x, **kw)
+    ok = FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
+    if x.dtype not in ok:
+        raise TypeError(f"{name} must be a floating tensor of dtype "
+                        f"{', '.join(str(d).replace('torch.', '') for d in ok)}; got {x.dtype}")
+    return x
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others):
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; "
+                             "move them to the same device")
+
+
+def same_shape(ref_name: str, ref: torch.Tensor, **others):
+    for name, x in others.items():
+        if x is not None and x.shape != ref.shape:
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                             f"got {tuple(x.shape)}")
+
+
+def same_dtype(ref_name: str, ref: torch.Tensor, **others):
+    for name, x in others.items():
+        if x is not None and x.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
+def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negative=False):
+    """Per-sample timesteps as an int64 tensor of shape (batch,) on `device`.
+
+    Accepts an int (broadcast), or an integer tensor of shape (batch,) or () on the device or on
+    the CPU. Values are checked to lie in [0, T) ([-1, T) with allow_negative: -1 means "the
+    step after the last", i.e. alpha_cumprod = 1), except while torch.compile traces or a CUDA
+    graph is being captured (the check would be a host sync) or with FASTDIFF_CHECKS=0; a CUDA t
+    costs one sync for the check. The kernels clamp the index regardless, so an unchecked value
+    can never read outside the schedule."""
+    lo = -1 if allow_negative else 0
+    rng = f"[{lo}, {num_timesteps})"
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+        raise TypeError(f"{name} must be an int or an integer tensor of shape ({batch},), "
+                        f"got {type(t).__name__}")
+    if isinstance(t, int):
+        if not lo <= t < num_timesteps:
+            raise ValueError(f"{name}={t} is out of range {rng}")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.reshape(1).expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), "
+                         f"got {tuple(t.shape)}")
+    if t.device.type not in ("cpu", torch.device(device).type) or (
+            t.device.type != "cpu" and t.device != torch.device(device)):
+        raise ValueError(f"{name} is on {t.device} but the data is on {device}")
+    check = checks_enabled() and not torch.compiler.is_compiling() and (t.device.type == "cpu" or not (
+        t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+    if check and t.numel() and t.device.type != "meta":
+        tmin, tmax = int(t.min()), int(t.max())
+        if tmin < lo or tmax >= num_timesteps:
+            raise ValueError(f"{name} has values in [{tmin}, {tmax}], outside {rng}")
+    return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself if its memory is dense with the batch dim outermost (contiguous or channels_last),
+    else a contiguous copy. The elementwise kernels walk memory in order."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x laid out in memory like `ref` (same strides), copying only if it is not already."""
+    if x.stride() == ref.stride():
+        return x
+    return torch.empty_like(ref, dtype=x.dtype).copy_(x)
+
+
+def empty_like(ref: torch.Tensor, dtype=None, shape=None) -> torch.Tensor:
+    """Output buffer laid out like `ref`. With FASTDIFF_POISON=1 (the test suite sets it) it is
+    filled with NaN first, so that an element a kernel forgets to write fails every comparison."""
+    if shape is None:
+        out = torch.empty_like(ref, dtype=dtype or ref.dtype)
+    else:
+        out = ref.new_empty(shape, dtype=dtype or ref.dtype)
+    if os.environ.get("FASTDIFF_POISON") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def seed64(seed: int) -> int:
+    """Any int seed as the signed int64 with the same low 64 bits (the kernels use the bits)."""
+    seed = int(seed) & (2 ** 64 - 1)
+    return seed - 2 ** 64 if seed >= 2 ** 63 else seed

@@ -1,0 +1,115 @@
+"""Forward noising: x_t = sqrt(ab[t]) x0 + sqrt(1 - ab[t]) eps, with eps drawn in-kernel if not given.
+
+Floor: read x0 (and eps when given), write x_t (and eps when drawn, v when asked): with the noise
+drawn in the kernel that is 1 read + 2 writes, against 2 reads + 1 write plus a randn pass eager.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import STREAM_Q_SAMPLE, memory_order_normal
+from ..schedule import Schedule
+from . import _checks
+
+IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
+
+
+def _per_sample(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """table[t] shaped to broadcast over a sample, in x's math dtype (float64 for float64)."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    idx = t.clamp(0, table.numel() - 1)
+    return table[idx].to(dt).view((-1,) + (1,) * (x.dim() - 1))
+
+
+def q_sample_ref(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, noise: Tensor,
+                 v_target: bool = False):
+    """Plain PyTorch: returns x_t, or (x_t, v) with v = sqrt(ab) eps - sqrt(1 - ab) x0."""
+    a, s = _per_sample(sqrt_ab, t, x0), _per_sample(sqrt_1mab, t, x0)
+    x, e = x0.to(a.dtype), noise.to(a.dtype)
+    x_t = (a * x + s * e).to(x0.dtype)
+    if not v_target:
+        return x_t
+    return x_t, (a * e - s * x).to(x0.dtype)
+
+
+@torch.library.custom_op("fastdiff::q_sample", mutates_args=())
+def _q_sample_op(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
+                 noise: Optional[Tensor], seed: int, want_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (x_t, eps drawn here or empty, v or empty). Inputs are checked and dense."""
+    x_t = _checks.empty_like(x0)
+    eps = _checks.empty_like(x0) if noise is None else x0.new_empty(0)
+    v = _checks.empty_like(x0) if want_v else x0.new_empty(0)
+    backend = backends.pick("q_sample", IMPLEMENTED, x0.device)
+    if backend == "torch" or x0.dtype == torch.float64 or x0.numel() == 0:
+        if noise is None:
+            eps.copy_(memory_order_normal(seed, t, STREAM_Q_SAMPLE, x0))
+        out = q_sample_ref(x0, t, sqrt_ab, sqrt_1mab, eps if noise is None else noise, want_v)
+        x_t.copy_(out[0] if want_v else out)
+        if want_v:
+            v.copy_(out[1])
+    elif backend == "triton":
+        from ..kernels.q_sample import q_sample_triton
+        q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v)
+    else:
+        torch.ops.fastdiff_ext.q_sample(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v)
+    return x_t, eps, v
+
+
+@_q_sample_op.register_fake
+def _(x0, t, sqrt_ab, sqrt_1mab, noise, seed, want_v):
+    e = torch.empty_like(x0) if noise is None else x0.new_empty(0)
+    return torch.empty_like(x0), e, torch.empty_like(x0) if want_v else x0.new_empty(0)
+
+
+def draw_seed() -> int:
+    """A 63-bit seed from torch's default CPU generator (so torch.manual_seed governs it);
+    host-only, no device sync."""
+    return int(torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64).item())
+
+
+def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
+             seed: Optional[int] = None, *, v_target: bool = False):
+    """Noise clean samples to timestep t in one kernel.
+
+    Args:
+        x0: (B, ...) clean samples, float32/float16/bfloat16 (float64 runs the reference);
+            contiguous or channels_last (the outputs keep x0's memory format).
+        t: per-sample timesteps, int tensor (B,) (or an int for all samples), in [0, T).
+        schedule: a fastdiff.Schedule.
+        noise: eps, same shape as x0; None draws it in the kernel from the counter-based stream
+            (fastdiff.reference): normal i is a function of (seed, t of its sample, i) only.
+        seed: int seed for the in-kernel noise (None: drawn from torch's CPU generator).
+        v_target: also return v = sqrt(ab) eps - sqrt(1 - ab) x0 (v-prediction target).
+
+    Returns:
+        (x_t, eps), or (x_t, eps, v) with v_target.
+    """
+    _checks.float_tensor("x0", x0, ndim_min=1)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("give either noise or seed, not both: seed only drives the noise "
+                             "drawn in the kernel when noise is None")
+        _checks.float_tensor("noise", noise)
+        _checks.same_device("x0", x0, noise=noise)
+        _checks.same_shape("x0", x0, noise=noise)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if x0.shape[0] > 65535:
+        raise ValueError(f"x0 batch size must be at most 65535, got {x0.shape[0]}")
+    t = _checks.timesteps("t", t, x0.shape[0], schedule.num_train_timesteps, x0.device)
+    x0 = _checks.dense(x0)
+    if noise is not None:
+        noise = _checks.like(noise.to(x0.dtype), x0)
+    seed = _checks.seed64(draw_seed() if (noise is None and seed is None) else (seed or 0))
+    tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    sqrt_ab = schedule.table("sqrt_alphas_cumprod", x0.device, tdt)
+    sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, tdt)
+    x_t, eps, v = _q_sample_op(x0, t, sqrt_ab, sqrt_1mab, noise, seed, v_target)
+    eps = noise if noise is not None else eps
+    return (x_t, eps, v) if v_target else (x_t, eps)

@@ -1,0 +1,66 @@
+"""Forward noising in one pass: x_t = sqrt(ab[t]) x0 + sqrt(1-ab[t]) eps (+ v = sqrt(ab) eps -
+sqrt(1-ab) x0), eps given or drawn in the kernel.
+
+Bytes per element (e = element size): eps given: read 2e, write e (+e for v);
+eps drawn: read e, write 2e (+e for v). Philox costs ~40 integer ops per 4 normals.
+
+Grid: (chunks of one sample, B). A program never straddles two samples, so the per-sample
+scalars (t, sqrt(ab[t]), ...) are loaded once per program; t is clamped so that an unchecked
+t (inside a CUDA graph) can never read outside the schedule.
+"""
+import triton
+import triton.language as tl
+
+from .philox import normal4, normal_at
+
+STREAM = 0  # fastdiff.reference.STREAM_Q_SAMPLE
+
+
+@triton.jit
+def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
+                     xt_ptr, eps_ptr, v_ptr, per_sample, num_t, seed_lo, seed_hi,
+                     HAS_NOISE: tl.constexpr, WANT_V: tl.constexpr, ALIGNED: tl.constexpr,
+                     ROWS: tl.constexpr):
+    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row)
+    b = tl.program_id(1)
+    tb = tl.load(t_ptr + b)
+    tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
+    a = tl.load(sqrt_ab_ptr + tb).to(tl.float32)
+    s = tl.load(sqrt_1mab_ptr + tb).to(tl.float32)
+
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    lane = tl.arange(0, 4)
+    j = rows[:, None] * 4 + lane[None, :]            # index within the sample
+    mask = j < per_sample
+    i = b.to(tl.int64) * per_sample + j              # index in memory order
+    x0 = tl.load(x0_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        eps = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if ALIGNED:  # per_sample % 4 == 0: row r is exactly Philox group i // 4
+            g = b.to(tl.int64) * (per_sample // 4) + rows
+            n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, tb, STREAM)
+            eps = tl.where(lane[None, :] == 0, n0[:, None],
+                  tl.where(lane[None, :] == 1, n1[:, None],
+                  tl.where(lane[None, :] == 2, n2[:, None], n3[:, None])))
+        else:  # groups straddle samples: each element draws its own lane
+            eps = normal_at(seed_lo, seed_hi, i, tb, STREAM)
+        tl.store(eps_ptr + i, eps.to(eps_ptr.dtype.element_ty), mask=mask)
+    tl.store(xt_ptr + i, (a * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
+    if WANT_V:
+        tl.store(v_ptr + i, (a * eps - s * x0).to(v_ptr.dtype.element_ty), mask=mask)
+
+
+def q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v):
+    """x0, noise (optional), x_t, eps, v: dense tensors with identical strides; t: int64 (B,)."""
+    B = x0.shape[0]
+    per_sample = x0.numel() // B
+    rows = 256 if per_sample >= 4096 else 64
+    grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), B)
+    useed = seed & 0xFFFFFFFFFFFFFFFF
+    _q_sample_kernel[grid](
+        x0, noise if noise is not None else x0, t, sqrt_ab, sqrt_1mab,
+        x_t, eps if noise is None else x_t, v if v.numel() else x_t,
+        per_sample, sqrt_ab.numel(), useed & 0xFFFFFFFF, useed >> 32,
+        HAS_NOISE=noise is not None, WANT_V=v.numel() > 0, ALIGNED=per_sample % 4 == 0,
+        ROWS=rows, num_warps=4)

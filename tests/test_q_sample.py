@@ -1,0 +1,187 @@
+"""q_sample on every backend against the float64 reference, with given and in-kernel noise."""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.ops.q_sample import IMPLEMENTED, q_sample_ref
+from fastdiff.reference import STREAM_Q_SAMPLE, memory_order_normal
+
+from conftest import DEVICE, TOL, assert_close, backends_for
+
+BACKENDS = backends_for("q_sample", IMPLEMENTED)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [  # (B, C, H, W)-like shapes that catch indexing bugs
+    (1, 3, 8, 8),
+    (4, 3, 5, 7),      # per-sample size 105: Philox groups straddle samples
+    (3, 4, 33, 33),    # larger than one program
+    (2, 5),            # 1-D per sample, not a multiple of 4
+]
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return fastdiff.Schedule("linear", 1000)
+
+
+def _ref(x0, t, schedule, noise, v=False):
+    ab = schedule.table("sqrt_alphas_cumprod", "cpu", torch.float64)
+    s = schedule.table("sqrt_one_minus_alphas_cumprod", "cpu", torch.float64)
+    return q_sample_ref(x0.double().cpu(), t.cpu(), ab, s, noise.double().cpu(), v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_given_noise(backend, dtype, shape, schedule):
+    x0 = torch.randn(shape, device=DEVICE).to(dtype)
+    noise = torch.randn(shape, device=DEVICE).to(dtype)
+    t = torch.randint(0, 1000, (shape[0],), device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, eps, v = fastdiff.q_sample(x0, t, schedule, noise=noise, v_target=True)
+    assert eps is noise
+    ref_xt, ref_v = _ref(x0, t, schedule, noise, True)
+    assert x_t.dtype == dtype and v.dtype == dtype
+    assert_close(x_t, ref_xt, dtype, msg=f"{backend} x_t")
+    assert_close(v, ref_v, dtype, msg=f"{backend} v")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_drawn_noise_matches_reference_stream(backend, dtype, shape, schedule):
+    x0 = torch.randn(shape, device=DEVICE).to(dtype)
+    t = torch.randint(0, 1000, (shape[0],), device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, eps = fastdiff.q_sample(x0, t, schedule, seed=2 ** 40 + 17)
+    ref_eps = memory_order_normal(2 ** 40 + 17, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu())
+    # the normals themselves: few float32 ulp from the float64 reference of the same stream
+    assert_close(eps, ref_eps, dtype, msg=f"{backend} eps")
+    assert_close(x_t, _ref(x0, t, schedule, eps), dtype, msg=f"{backend} x_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_keeps_layout_and_memory_order_noise(backend, schedule):
+    x0 = torch.randn(2, 6, 5, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    noise = torch.randn(2, 6, 5, 3, device=DEVICE)  # contiguous: re-laid out like x0
+    t = torch.tensor([3, 999], device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, _ = fastdiff.q_sample(x0, t, schedule, noise=noise)
+        x_t2, eps2 = fastdiff.q_sample(x0, t, schedule, seed=5)
+    assert x_t.is_contiguous(memory_format=torch.channels_last)
+    assert eps2.is_contiguous(memory_format=torch.channels_last)
+    assert_close(x_t, _ref(x0, t, schedule, noise), torch.float32)
+    ref_eps = memory_order_normal(5, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu())
+    assert_close(eps2, ref_eps, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, schedule):
+    base = torch.randn(4, 3, 9, 8, device=DEVICE)
+    x0 = base[:, :, ::2, 1:]  # strided view
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (4,), device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, _ = fastdiff.q_sample(x0, t, schedule, noise=noise)
+    assert_close(x_t, _ref(x0, t, schedule, noise), torch.float32)
+
+
+def test_same_seed_same_noise_on_every_backend(schedule):
+    x0 = torch.randn(3, 3, 7, 5, device=DEVICE)
+    t = torch.tensor([0, 500, 999], device=DEVICE)
+    outs = {}
+    for backend in BACKENDS:
+        with fastdiff.use_backend(backend):
+            outs[backend] = fastdiff.q_sample(x0, t, schedule, seed=99)[1].double().cpu()
+    first = outs[BACKENDS[0]]
+    for name, e in outs.items():
+        err = (e - first).abs() / first.abs().clamp_min(1.0)
+        assert err.max() <= 1e-6, f"{name} differs from {BACKENDS[0]}: {err.max():.3g}"
+
+
+def test_seed_reproducible_and_t_changes_noise(schedule):
+    x0 = torch.randn(2, 4, 4, 4, device=DEVICE)
+    a = fastdiff.q_sample(x0, torch.tensor([5, 5]), schedule, seed=1)[1]
+    b = fastdiff.q_sample(x0, torch.tensor([5, 5]), schedule, seed=1)[1]
+    c = fastdiff.q_sample(x0, torch.tensor([6, 5]), schedule, seed=1)[1]
+    d = fastdiff.q_sample(x0, torch.tensor([5, 5]), schedule, seed=2)[1]
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert not torch.equal(a, d)
+
+
+def test_seed_none_follows_torch_manual_seed(schedule):
+    x0 = torch.randn(2, 8, device=DEVICE)
+    torch.manual_seed(0)
+    a = fastdiff.q_sample(x0, 3, schedule)[1]
+    torch.manual_seed(0)
+    b = fastdiff.q_sample(x0, 3, schedule)[1]
+    assert torch.equal(a, b)
+
+
+def test_add_noise_parity_with_diffusers(schedule):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    ours = fastdiff.Schedule.from_alphas_cumprod(sched.alphas_cumprod)
+    x0 = torch.randn(4, 3, 8, 8)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999])
+    expected = sched.add_noise(x0, noise, t)
+    got, _ = fastdiff.q_sample(x0, t, ours, noise=noise)
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel <= 1e-6, f"max relative error {rel:.3g}"
+
+
+def test_float64_runs_reference(schedule):
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 2])
+    x_t, _ = fastdiff.q_sample(x0, t, schedule, noise=noise)
+    assert x_t.dtype == torch.float64
+    assert torch.allclose(x_t, _ref(x0, t, schedule, noise), rtol=0, atol=1e-15)
+
+
+def test_compile_fullgraph_reference_backend(schedule):
+    x0 = torch.randn(2, 3, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 700])
+    f = torch.compile(lambda x, n, tt: fastdiff.q_sample(x, tt, schedule, noise=n)[0],
+                      fullgraph=True, backend="eager")
+    with fastdiff.use_backend("torch"):
+        got = f(x0, noise, t)
+    assert_close(got, _ref(x0, t, schedule, noise), torch.float32)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(t=torch.tensor([0, 1000])), ValueError, r"t has values in \[0, 1000\], outside \[0, 1000\)"),
+    (dict(t=torch.tensor([-1, 3])), ValueError, "outside"),
+    (dict(t=torch.tensor([1, 2, 3])), ValueError, r"t must have shape \(2,\)"),
+    (dict(t=torch.tensor([1.0, 2.0])), TypeError, "t must be an integer tensor"),
+    (dict(t=1000), ValueError, r"t=1000 is out of range"),
+    (dict(noise=torch.randn(2, 3, 4, 5)), ValueError, "noise must have the shape of x0"),
+    (dict(noise=torch.randn(2, 3, 4, 4), seed=1), ValueError, "either noise or seed"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(schedule="linear"), TypeError, "schedule must be a fastdiff.Schedule"),
+])
+def test_errors(kwargs, err, match, schedule):
+    args = dict(x0=torch.randn(2, 3, 4, 4), t=torch.tensor([1, 2]), schedule=schedule)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        fastdiff.q_sample(**args)
+
+
+def test_integer_x0_rejected(schedule):
+    with pytest.raises(TypeError, match="x0 must be a floating tensor"):
+        fastdiff.q_sample(torch.ones(2, 3, dtype=torch.int64), torch.tensor([1, 2]), schedule)
+
+
+def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
+    """With checks off (as inside a CUDA graph), an out-of-range t reads the schedule's ends."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "0")
+    x0 = torch.randn(2, 8, device=DEVICE)
+    noise = torch.randn_like(x0)
+    for backend in BACKENDS:
+        with fastdiff.use_backend(backend):
+            got, _ = fastdiff.q_sample(x0, torch.tensor([-5, 5000], device=DEVICE), schedule,
+                                       noise=noise)
+        want = _ref(x0, torch.tensor([0, 999]), schedule, noise)
+        assert_close(got, want, torch.float32, msg=backend)
