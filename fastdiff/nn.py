@@ -1,0 +1,192 @@
+"""Modules built on the fused ops (GroupNormSiLU, AttentionBlock, ...)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops.attention import HEAD_DIM_MAX, HEAD_DIM_MIN, attention
+from .ops.group_norm_silu import group_norm_silu
+
+
+class AttentionBlock(nn.Module):
+    """U-Net self-attention block: y = (x + to_out(attention(qkv(GroupNorm(x))))) / rescale.
+
+    Weight-compatible with diffusers' `Attention` as UNet2DModel builds it
+    (`_from_deprecated_attn_block=True, residual_connection=True, bias=True`): the state-dict keys
+    are group_norm.{weight,bias}, to_q/to_k/to_v.{weight,bias}, to_out.0.{weight,bias}, so
+    `block.load_state_dict(diffusers_attention.state_dict())` works (or use `from_diffusers`).
+
+    Args (as diffusers names them):
+        channels: C of the (B, C, H, W) input (diffusers' query_dim).
+        heads, dim_head: number and size of the heads (inner dim = heads · dim_head). Give either
+            (the other is C // it) or both; neither means one head of C channels.
+        attention_head_dim: alias of dim_head (UNet2DModel's name).
+        norm_num_groups: GroupNorm groups; None means no norm.
+        eps: GroupNorm eps.
+        rescale_output_factor: the output is divided by it.
+        residual_connection: add x to the projection output.
+        bias: biases on to_q/to_k/to_v; out_bias: bias on to_out.0.
+
+    Forward: one GEMM computes q, k and v (the three weights concatenated, cached until a
+    parameter changes); the attention kernel reads q/k/v as strided views of that packed output
+    and writes (B, L, heads, dim_head), which the output projection reads without a transpose;
+    the residual is added to the projection's output in place. channels_last input is the fast
+    path (no layout copies, channels_last output); a contiguous NCHW input is converted on the
+    way in and the output is returned contiguous NCHW. Head dims outside the attention kernel's
+    range [32, 256] (e.g. UNet2DModel's default attention_head_dim=8) use
+    torch.nn.functional.scaled_dot_product_attention on the same views.
+    """
+
+    def __init__(self, channels: int, heads: Optional[int] = None, dim_head: Optional[int] = None,
+                 norm_num_groups: Optional[int] = 32, eps: float = 1e-5,
+                 rescale_output_factor: float = 1.0, residual_connection: bool = True,
+                 bias: bool = True, out_bias: bool = True, *,
+                 attention_head_dim: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        if None not in (dim_head, attention_head_dim) and dim_head != attention_head_dim:
+            raise ValueError(f"dim_head={dim_head} and attention_head_dim={attention_head_dim} "
+                             "disagree (they are the same setting)")
+        dim_head = dim_head if dim_head is not None else attention_head_dim
+        if heads is None and dim_head is None:
+            heads, dim_head = 1, channels
+        elif heads is None or dim_head is None:
+            given, name = (dim_head, "dim_head") if heads is None else (heads, "heads")
+            if given <= 0 or channels % given != 0:
+                raise ValueError(f"{name}={given} must divide channels={channels} when only "
+                                 f"{name} is given")
+            heads, dim_head = (channels // given, given) if heads is None else (given,
+                                                                                channels // given)
+        if heads <= 0 or dim_head <= 0:
+            raise ValueError(f"heads and dim_head must be positive, got {heads} and {dim_head}")
+        if rescale_output_factor == 0:
+            raise ValueError("rescale_output_factor must be non-zero (the output is divided by it)")
+        kw = {"device": device, "dtype": dtype}
+        self.channels, self.heads, self.dim_head = channels, heads, dim_head
+        self.inner_dim = heads * dim_head
+        self.scale = dim_head ** -0.5
+        self.rescale_output_factor = float(rescale_output_factor)
+        self.residual_connection = bool(residual_connection)
+        self.group_norm = (None if norm_num_groups is None else
+                           nn.GroupNorm(norm_num_groups, channels, eps=eps, affine=True, **kw))
+        self.to_q = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
+        self.to_k = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
+        self.to_v = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, channels, bias=out_bias, **kw)])
+        self._qkv_key = None
+        self._qkv_cache = None
+
+    @classmethod
+    def from_diffusers(cls, attn: nn.Module) -> "AttentionBlock":
+        """An AttentionBlock with the configuration and weights of a diffusers `Attention`
+        (self-attention over (B, C, H, W) maps, as in UNet2DModel)."""
+        gn = attn.group_norm
+        p = attn.to_q.weight
+        block = cls(attn.query_dim, heads=attn.heads, dim_head=attn.inner_dim // attn.heads,
+                    norm_num_groups=None if gn is None else gn.num_groups,
+                    eps=1e-5 if gn is None else gn.eps,
+                    rescale_output_factor=attn.rescale_output_factor,
+                    residual_connection=attn.residual_connection,
+                    bias=attn.to_q.bias is not None, out_bias=attn.to_out[0].bias is not None,
+                    device=p.device, dtype=p.dtype)
+        block.load_state_dict(attn.state_dict(), strict=True)
+        return block
+
+    def _qkv_params(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The (3·inner, C) weight and (3·inner,) bias of the fused q/k/v GEMM."""
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        bs = (self.to_q.bias, self.to_k.bias, self.to_v.bias)
+        params = ws + tuple(b for b in bs if b is not None)
+
+        def build():
+            return torch.cat(ws), (None if bs[0] is None else torch.cat(bs))
+        # Training needs the cat inside the autograd graph (gradients reach to_q/to_k/to_v);
+        # under torch.compile the cat is traced (a mutable cache would break the graph).
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or \
+                torch.compiler.is_compiling():
+            return build()
+        try:
+            # Any in-place update (optimizer step, load_state_dict's copy_) bumps _version;
+            # .to()/.half() make new storage (data_ptr) — either rebuilds the cache.
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        except RuntimeError:  # inference-mode tensors keep no version counter: do not cache
+            return build()
+        if key != self._qkv_key:
+            with torch.no_grad():
+                self._qkv_cache = build()
+            self._qkv_key = key
+        return self._qkv_cache
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be (B, {self.channels}, H, W), got shape {tuple(x.shape)}")
+        B, C, Hs, Ws = x.shape
+        L = Hs * Ws
+        nchw = not x.is_contiguous(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last) if nchw else x
+        if self.group_norm is None:
+            h = xc
+        else:
+            gn = self.group_norm
+            h = group_norm_silu(xc, gn.weight, gn.bias, gn.num_groups, gn.eps, activation=None)
+        # channels_last (B, C, H, W) is (B, H, W, C) in memory: a (B·L, C) matrix, no copy
+        h = h.permute(0, 2, 3, 1).reshape(B * L, C)
+        w_qkv, b_qkv = self._qkv_params()
+        qkv = F.linear(h, w_qkv, b_qkv).view(B, L, 3, self.heads, self.dim_head)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, L, dh) strided views
+        if HEAD_DIM_MIN <= self.dim_head <= HEAD_DIM_MAX:
+            o = attention(q, k, v, self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        o = o.transpose(1, 2).reshape(B * L, self.inner_dim)  # a view for attention()'s layout
+        out_proj = self.to_out[0]
+        y = F.linear(o, out_proj.weight, out_proj.bias)
+        if self.residual_connection:
+            y = y.add_(xc.permute(0, 2, 3, 1).reshape(B * L, C))
+        if self.rescale_output_factor != 1.0:
+            y = y.div_(self.rescale_output_factor)
+        y = y.view(B, Hs, Ws, C).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
+        return y.contiguous() if nchw else y
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, heads={self.heads}, dim_head={self.dim_head}, "
+                f"rescale_output_factor={self.rescale_output_factor}, "
+                f"residual_connection={self.residual_connection}")
+
+
+class GroupNormSiLU(nn.Module):
+    """act(GroupNorm(x + add)) as one fused op (fastdiff.ops.group_norm_silu).
+
+    Same parameters and state-dict keys as `torch.nn.GroupNorm` (weight, bias when affine), so
+    `m.load_state_dict(group_norm.state_dict())` works. `activation="silu"` (default) or None
+    (plain GroupNorm). `forward(x, add=None)`: add is an optional (B, C) per-channel bias (the
+    time embedding) added before the norm.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: Optional[str] = "silu", device=None, dtype=None):
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
+        if activation not in ("silu", None):
+            raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.eps, self.affine, self.activation = eps, affine, activation
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, add=add,
+                               activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"activation={self.activation!r}")
