@@ -1,5 +1,6 @@
 // Forward noising on the CPU: one pass over memory, noise drawn in place (fastdiff::normal4).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 

@@ -1,6 +1,7 @@
 // Forward noising on the GPU: one thread per Philox group of 4 consecutive elements, so each
 // normal is drawn exactly once; grid-stride over groups with 64-bit indices (> 2^31 elements).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <ATen/Dispatch.h>

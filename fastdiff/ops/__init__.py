@@ -1,3 +1,4 @@
 """The four fused ops. Each module holds the public op, its plain-PyTorch reference `<op>_ref`,
 its argument checks and the call into the backend that fastdiff.backends picks."""
 from .q_sample import q_sample, q_sample_ref  # noqa: F401
+from .attention import attention, attention_ref  # noqa: F401

@@ -1,0 +1,80 @@
+"""`python -m fastdiff <command>`: info, bench (sample and train arrive with the U-Net)."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _versions() -> list[tuple[str, str]]:
+    import torch
+    rows = [("fastdiff", __import__("fastdiff").__version__), ("python", platform.python_version()),
+            ("torch", torch.__version__), ("torch CUDA", str(torch.version.cuda))]
+    try:
+        import triton
+        rows.append(("triton", triton.__version__))
+    except Exception as e:  # noqa: BLE001 - report whatever stops it
+        rows.append(("triton", f"not importable ({e.__class__.__name__})"))
+    return rows
+
+
+def info(args=None) -> int:
+    """Versions, device, and for each backend whether it is active here and why not."""
+    import torch
+    from . import backends
+    for k, v in _versions():
+        print(f"{k:<12} {v}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"{'device':<12} cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+                  f"{p.multi_processor_count} SMs, sm_{p.major}{p.minor}")
+    else:
+        print(f"{'device':<12} cpu only (torch sees no CUDA device)")
+    env = {k: os.environ[k] for k in ("FASTDIFF_BACKEND", "TRITON_INTERPRET") if k in os.environ}
+    if env:
+        print(f"{'env':<12} " + " ".join(f"{k}={v}" for k, v in env.items()))
+    print("\nbackends:")
+    for name, (ok, why) in backends.backend_status().items():
+        print(f"  {name:<7} {'active  ' if ok else 'inactive'}  {why}")
+    print("\nauto choice per op on CUDA tensors (first available):")
+    for op, order in backends.AUTO_CUDA_ORDER.items():
+        print(f"  {op:<16} {' > '.join(order)}")
+    print(f"  on CPU tensors: {'cpu (C++)' if backends.available('cpu') else 'torch (reference)'}")
+    print(f"\nrequested now: {backends.requested()}")
+    return 0
+
+
+def bench(argv) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "run.py")
+    if not os.path.exists(path):
+        print("the benchmark suite lives in the source tree (benchmarks/run.py); run this from a "
+              "checkout of fastdiff", file=sys.stderr)
+        return 2
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fastdiff_benchmarks_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return int(mod.main(argv) or 0)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m fastdiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, and which backends are active and why")
+    sub.add_parser("bench", help="the GPU benchmark suite (benchmarks/run.py; its flags follow)",
+                   add_help=False)
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
