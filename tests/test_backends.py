@@ -1,0 +1,100 @@
+"""Backend status, forcing and the dispatch rule."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import backends
+
+
+def test_status_reports_every_backend_with_reason():
+    st = fastdiff.backend_status()
+    assert set(st) == set(backends.BACKENDS)
+    assert st["torch"][0]
+    for name, (ok, why) in st.items():
+        assert isinstance(why, str) and why, name
+
+
+def test_use_backend_unknown_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastdiff.use_backend("cudnn"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_use_backend_unavailable_raises_with_reason():
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on this machine: "):
+        with fastdiff.use_backend("cuda"):
+            pass
+
+
+def test_use_backend_nests_and_restores():
+    assert backends.requested() in backends.BACKENDS + ("auto",)
+    before = backends.requested()
+    with fastdiff.use_backend("torch"):
+        assert backends.requested() == "torch"
+        with fastdiff.use_backend("auto"):
+            assert backends.requested() == "auto"
+        assert backends.requested() == "torch"
+    assert backends.requested() == before
+
+
+def test_env_variable(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    assert backends.requested() == "torch"
+    assert backends.pick("q_sample", ("torch", "cpu"), "cpu") == "torch"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND must be one of"):
+        backends.requested()
+
+
+def test_auto_on_cpu_prefers_cpp_then_reference(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    want = "cpu" if backends.available("cpu") else "torch"
+    assert backends.pick("q_sample", ("torch", "triton", "cuda", "cpu"), "cpu") == want
+    assert backends.pick("attention", ("torch", "triton"), "cpu") == "torch"
+
+
+def test_forced_backend_the_op_lacks_falls_back_to_auto(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    if not backends.available("cpu"):
+        pytest.skip("extension not built")
+    with fastdiff.use_backend("cpu"):
+        assert backends.pick("attention", ("torch", "triton"), "cpu") == "torch"
+
+
+@pytest.mark.skipif(not backends.available("cpu"), reason="extension not built")
+def test_forced_backend_on_wrong_device_raises():
+    with fastdiff.use_backend("cpu"):
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run q_sample on meta tensors"):
+            backends.pick("q_sample", ("torch", "cpu"), "meta")
+
+
+def test_import_without_triton_and_extension():
+    """A missing backend is never an import error."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"
+        "sys.modules['fastdiff._C'] = None\n"
+        "import torch, fastdiff\n"
+        "st = fastdiff.backend_status()\n"
+        "assert not st['triton'][0] and 'triton not importable' in st['triton'][1], st\n"
+        "assert not st['cpu'][0] and 'not built' in st['cpu'][1], st\n"
+        "s = fastdiff.Schedule()\n"
+        "x, e = fastdiff.q_sample(torch.randn(2, 3), torch.tensor([1, 2]), s, seed=0)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_cli_info_runs():
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in backends.BACKENDS:
+        assert f"  {name}" in r.stdout
+    assert "torch " in r.stdout and "device" in r.stdout
