@@ -1,0 +1,175 @@
+"""GroupNorm (+ per-channel time-embedding bias before it) (+ SiLU after it) in one kernel.
+
+    y = act(GroupNorm(x + add[:, :, None, None]; num_groups, weight, bias, eps))
+
+Floor: read x once and write y once (x read twice when a group does not fit on chip: the second
+read then mostly hits L2), against eager's add pass + group_norm (2 reads, 1 write) + silu pass.
+Statistics are fp32, taken relative to one element of the group (shifted), so inputs with mean
+1e4 and std 1 lose nothing to cancellation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+from . import _checks
+
+IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
+ACTIVATIONS = ("silu", None)
+
+
+def _channels_last_flag(x: Tensor) -> Optional[bool]:
+    """False if x's memory is dense in (B, C, *spatial) order, True if dense in (B, *spatial, C)
+    order (channels_last, for any number of spatial dims), None if neither. Size-1 dims are
+    ignored: their strides do not matter for addressing."""
+    def dense_in(order) -> bool:
+        expected = 1
+        for d in reversed(order):
+            if x.shape[d] != 1 and x.stride(d) != expected:
+                return False
+            expected *= x.shape[d]
+        return True
+
+    n = x.dim()
+    if dense_in(list(range(n))):
+        return False
+    if dense_in([0] + list(range(2, n)) + [1]):
+        return True
+    return None
+
+
+def dense_layout(x: Tensor) -> tuple[Tensor, bool]:
+    """(x or a contiguous copy of it, channels_last flag): the kernels address a dense tensor
+    in either order without copying it."""
+    cl = _channels_last_flag(x)
+    if cl is None:
+        return x.contiguous(), False
+    return x, cl
+
+
+def _out_like(xd: Tensor) -> Tensor:
+    # empty_like keeps the exact strides of a dense tensor, so y has x's memory format
+    return _checks.empty_like(xd)
+
+
+def group_norm_silu_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        num_groups: int, eps: float = 1e-5, add: Optional[Tensor] = None,
+                        activation: Optional[str] = "silu") -> Tensor:
+    """Plain PyTorch: act(F.group_norm(x + add[:, :, None...])). Math in float32 for
+    float16/bfloat16/float32 inputs (float64 for float64), result in x's dtype. Differentiable."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(dt)
+    a = None if add is None else add.to(dt)
+    if dt == torch.float32 and h.numel() > 0:
+        # GroupNorm is invariant to a per-group shift: subtracting each group's first element
+        # (of x and of add, before they are summed) keeps fp32 statistics from cancelling when
+        # |mean| >> std (torch's CPU channels_last kernel loses every digit at mean 1e4, std 1)
+        Cg = h.shape[1] // num_groups
+        sp = (1,) * (h.dim() - 2)
+        first = h[(slice(None), slice(None, None, Cg)) + (0,) * (h.dim() - 2)].detach()
+        h = h - first.repeat_interleave(Cg, dim=1).view(h.shape[0], h.shape[1], *sp)
+        if a is not None:
+            a = a - a[:, ::Cg].detach().repeat_interleave(Cg, dim=1)
+    if a is not None:
+        h = h + a.view(a.shape[0], a.shape[1], *([1] * (x.dim() - 2)))
+    y = F.group_norm(h, num_groups, None if weight is None else weight.to(dt),
+                     None if bias is None else bias.to(dt), eps)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def _params_f32(*ts):
+    # the extension kernels take the small per-channel tensors as contiguous float32
+    return [None if t is None else t.to(torch.float32).contiguous() for t in ts]
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        add: Optional[Tensor], num_groups: int, eps: float,
+                        silu: bool) -> Tensor:
+    """Inputs are checked; x is dense (contiguous or channels_last in any spatial rank)."""
+    xd, cl = dense_layout(x)
+    out = _out_like(xd)
+    backend = backends.pick("group_norm_silu", IMPLEMENTED, x.device)
+    act = "silu" if silu else None
+    if backend == "torch" or x.dtype == torch.float64 or x.numel() == 0:
+        out.copy_(group_norm_silu_ref(xd, weight, bias, num_groups, eps, add, act))
+    elif backend == "triton":
+        from ..kernels.group_norm_silu import group_norm_silu_triton
+        group_norm_silu_triton(xd, weight, bias, add, num_groups, eps, act, out,
+                               channels_last=cl)
+    else:
+        w, b, a = _params_f32(weight, bias, add)
+        torch.ops.fastdiff_ext.group_norm_silu(xd, w, b, a, num_groups, eps, silu, out)
+    return out
+
+
+@_group_norm_silu_op.register_fake
+def _(x, weight, bias, add, num_groups, eps, silu):
+    return torch.empty_like(dense_layout(x)[0])
+
+
+def _check(x, weight, bias, num_groups, eps, add, activation):
+    _checks.float_tensor("x", x, ndim_min=3)
+    if x.dim() > 5:
+        raise ValueError(f"x must be (B, C, *spatial) with 1 to 3 spatial dims, "
+                         f"got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    C = x.shape[1]
+    if num_groups <= 0 or C % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} must be positive and divide the number of "
+                         f"channels C={C} (x.shape[1])")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
+                           ("add", add, (x.shape[0], C))):
+        if t is None:
+            continue
+        _checks.float_tensor(name, t)
+        if tuple(t.shape) != shape:
+            what = "(B, C), the per-channel bias added before the norm" if name == "add" else "(C,)"
+            raise ValueError(f"{name} must have shape {shape} = {what}, got {tuple(t.shape)}")
+    _checks.same_device("x", x, weight=weight, bias=bias, add=add)
+
+
+def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+                    eps: float = 1e-5, *, add: Optional[Tensor] = None,
+                    activation: Optional[str] = "silu") -> Tensor:
+    """act(GroupNorm(x + add)) in one kernel.
+
+    Args:
+        x: (B, C, *spatial), 1 to 3 spatial dims; float32/float16/bfloat16 (float64 runs the
+            reference). Contiguous or channels_last; y has x's memory format (other layouts
+            are copied to contiguous first).
+        weight, bias: (C,) affine parameters, or None.
+        num_groups: G, must divide C (G = 1 and G = C both work).
+        eps: added to the group variance.
+        add: optional (B, C) per-channel bias added to x before the norm (time embedding).
+        activation: "silu" (y = h * sigmoid(h)) or None (plain GroupNorm).
+
+    Statistics are float32 whatever the input dtype. The backend is chosen by
+    fastdiff.backends (torch, triton, cuda, cpu).
+
+    Autograd: the kernels are forward-only. When grad mode is on and any input requires grad,
+    the call runs the plain-PyTorch reference instead, so gradients come from autograd of
+    ordinary torch ops (correct, but not fused).
+    """
+    _check(x, weight, bias, num_groups, eps, add, activation)
+    eps = float(eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, add)):
+        y = group_norm_silu_ref(x, weight, bias, num_groups, eps, add, activation)
+        xd = dense_layout(x)[0]
+        if y.stride() != xd.stride():  # x's memory format, as the kernels give (copy_ is tracked)
+            y = torch.empty_like(xd).copy_(y)
+        return y
+    return _group_norm_silu_op(x, weight, bias, add, num_groups, eps, activation == "silu")
+

@@ -1,0 +1,294 @@
+"""group_norm_silu: every backend on this machine against the float64 reference.
+
+Without a GPU the Triton kernels run through the interpreter: shapes stay small, and the looped /
+split paths (which need groups larger than a tile at real sizes) are forced with the launcher's
+`block` / `split` overrides. On a GPU the `gpu` cases add SD-sized shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, HAS_CUDA, assert_close, backends_for
+from fastdiff import backends
+from fastdiff.ops.group_norm_silu import IMPLEMENTED, group_norm_silu, group_norm_silu_ref
+
+BACKENDS = backends_for("group_norm_silu", IMPLEMENTED)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (shape, num_groups): batch 1, odd H·W, G = 1, G = C, C/G = 1, 1-D and 3-D spatial,
+# H·W larger than one 1-D block of the CPU kernel (1024) and than the fused tile
+CASES = [
+    ((2, 8, 5, 7), 4),
+    ((1, 6, 3, 5), 1),
+    ((2, 6, 4, 4), 6),
+    ((1, 12, 9), 3),
+    ((2, 4, 2, 3, 5), 2),
+    ((1, 4, 33, 37), 2),
+]
+
+
+def _inputs(shape, G, dtype, *, add=True, affine=True, mean=0.0, device=DEVICE):
+    B, C = shape[:2]
+    x = (torch.randn(shape, device=device) * 1.5 + mean).to(dtype)
+    w = (torch.randn(C, device=device) * 0.5 + 1.0) if affine else None
+    b = torch.randn(C, device=device) if affine else None
+    a = torch.randn(B, C, device=device) if add else None
+    return x, w, b, a
+
+
+def _ref64(x, w, b, G, eps=1e-5, add=None, activation="silu"):
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return group_norm_silu_ref(d(x), d(w), d(b), G, eps, d(add), activation)
+
+
+def _run(backend, x, w, b, G, eps=1e-5, add=None, activation="silu"):
+    with backends.use_backend(backend):
+        return group_norm_silu(x, w, b, G, eps, add=add, activation=activation)
+
+
+def _channels_last(x):
+    if x.dim() == 4:
+        return x.to(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.to(memory_format=torch.channels_last_3d)
+    return x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, C) memory, (B, C, L) view
+
+
+def _is_channels_last(t):
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,G", CASES, ids=[f"{s}-G{g}" for s, g in CASES])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference(backend, dtype, shape, G, layout, seed):
+    x, w, b, a = _inputs(shape, G, dtype)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    y = _run(backend, x, w, b, G, add=a)
+    assert y.dtype == dtype and y.stride() == x.stride(), "output must keep x's memory format"
+    assert_close(y, _ref64(x, w, b, G, add=a), dtype, scale=4.0, msg=f"{backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add,affine,activation", [
+    (False, False, None), (False, True, "silu"), (True, False, "silu"), (True, True, None)])
+def test_options(backend, add, affine, activation, seed):
+    x, w, b, a = _inputs((2, 8, 6, 5), 2, torch.float32, add=add, affine=affine)
+    y = _run(backend, x, w, b, 2, add=a, activation=activation)
+    ref = _ref64(x, w, b, 2, add=a, activation=activation)
+    assert_close(y, ref, torch.float32, scale=4.0, msg=backend)
+    if activation is None and not add:  # and it is torch's GroupNorm
+        assert_close(y, F.group_norm(x.double(), 2, None if w is None else w.double(),
+                                     None if b is None else b.double()), torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_no_cancellation(backend, layout, seed):
+    """Inputs with mean 1e4 and std 1 (and a large add): fp32 statistics must not cancel."""
+    x, w, b, a = _inputs((2, 8, 40, 40), 2, torch.float32, mean=1e4)
+    a = a + 3e3
+    if layout == "channels_last":
+        x = _channels_last(x)
+    y = _run(backend, x, w, b, 2, add=a)
+    # the fp32 rounding of x itself is in the reference too; what is left is the kernels'
+    assert_close(y, _ref64(x, w, b, 2, add=a), torch.float32, scale=4.0, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, seed):
+    x, w, b, a = _inputs((2, 8, 10, 14), 4, torch.float32)
+    xs = x[:, :, ::2, 1::2]                          # strided view: copied to contiguous
+    y = _run(backend, xs, w, b, 4, add=a)
+    assert y.is_contiguous()
+    assert_close(y, _ref64(xs, w, b, 4, add=a), torch.float32, scale=4.0, msg=backend)
+    xp = x.permute(0, 1, 3, 2)                       # transposed spatial dims
+    assert_close(_run(backend, xp, w, b, 4, add=a), _ref64(xp, w, b, 4, add=a), torch.float32,
+                 scale=4.0, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_params(backend, seed):
+    x, w, b, a = _inputs((2, 8, 5, 5), 4, torch.float32)
+    w2, b2 = torch.randn(16, device=DEVICE)[::2], torch.randn(8, 2, device=DEVICE)[:, 1]
+    a2 = torch.randn(8, 2, device=DEVICE).t()
+    y = _run(backend, x, w2, b2, 4, add=a2)
+    assert_close(y, _ref64(x, w2, b2, 4, add=a2), torch.float32, scale=4.0, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_param_dtypes(backend, seed):
+    """bf16 activations with fp32 parameters (autocast-style) and an fp16 add."""
+    x, w, b, a = _inputs((2, 8, 5, 6), 4, torch.bfloat16)
+    a = a.half()
+    y = _run(backend, x, w, b, 4, add=a)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, _ref64(x, w, b, 4, add=a), torch.bfloat16, scale=4.0, msg=backend)
+
+
+# -- the Triton launcher's looped and split paths, forced on small shapes -----------------------
+TRITON_PATHS = [  # (shape, G, block (BC, BS), split)
+    ((2, 8, 5, 7), 4, (2, 8), 1),      # one program per group, looping over 3x... tiles
+    ((2, 8, 5, 7), 4, (1, 16), 3),     # split: 3 chunks, last one short
+    ((1, 6, 9, 11), 1, (4, 32), 2),    # G = 1, tiles straddle channel blocks
+    ((1, 6, 7, 9), 6, (1, 16), 4),     # C/G = 1
+    ((2, 6, 3, 3, 3), 3, (2, 8), 2),   # 3-D
+]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available")
+@pytest.mark.parametrize("shape,G,block,split", TRITON_PATHS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_looped_and_split_paths(shape, G, block, split, layout, seed):
+    from fastdiff.kernels.group_norm_silu import group_norm_silu_triton
+    x, w, b, a = _inputs(shape, G, torch.float32, mean=50.0)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    out = torch.full_like(x, float("nan"))
+    group_norm_silu_triton(x, w, b, a, G, 1e-5, "silu", out, block=block, split=split)
+    assert_close(out, _ref64(x, w, b, G, add=a), torch.float32, scale=4.0, msg=f"{block} {split}")
+    out2 = torch.full_like(x, float("nan"))
+    group_norm_silu_triton(x, w, b, a, G, 1e-5, "silu", out2, block=block, split=split)
+    assert torch.equal(out, out2), "split reduction must be deterministic"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available")
+def test_triton_plan_splits_small_batches():
+    """The heuristic itself: SD-size groups at batch 2 are split, at batch 16 they are not, and
+    a group that fits one tile is read once."""
+    from fastdiff.kernels.group_norm_silu import _plan
+    dev = torch.device(DEVICE)
+    single, BC, BS, K = _plan(2, 32, 10, 64 * 64, False, dev)
+    assert not single and K > 1 and BC * BS <= 4096
+    assert _plan(64, 32, 10, 64 * 64, False, dev)[3] == 1
+    assert _plan(2, 32, 40, 8 * 8, True, dev)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("shape,G", [((2, 320, 64, 64), 32), ((1, 1280, 8, 8), 32),
+                                     ((16, 640, 32, 32), 32), ((1, 64, 257, 129), 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_sd_shapes(backend, shape, G, layout, dtype, seed):
+    x, w, b, a = _inputs(shape, G, dtype)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    y = _run(backend, x, w, b, G, add=a)
+    assert y.stride() == x.stride()
+    assert_close(y, _ref64(x, w, b, G, add=a), dtype, scale=4.0, msg=backend)
+    assert torch.equal(y, _run(backend, x, w, b, G, add=a)), "must be deterministic"
+
+
+# -- autograd, module, op registration ----------------------------------------------------------
+def test_gradcheck(seed):
+    x, w, b, a = (t.double().requires_grad_() for t in _inputs((2, 4, 3, 3), 2, torch.float32))
+    f = lambda x, w, b, a: group_norm_silu(x, w, b, 2, add=a)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b, a))
+
+
+def test_grad_path_fp32_channels_last(seed):
+    """With grad required the reference runs; grads match autograd of the float64 reference
+    and the output keeps x's layout."""
+    x, w, b, a = _inputs((2, 8, 4, 5), 4, torch.float32)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    w.requires_grad_()
+    y = group_norm_silu(x, w, b, 4, add=a)
+    assert y.stride() == x.stride()
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    r = _ref64(x64, w64, b, 4, add=a)
+    rx, rw = torch.autograd.grad(r, (x64, w64), g.double())
+    assert_close(gx, rx, torch.float32, scale=10.0)
+    assert_close(gw, rw, torch.float32, scale=10.0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_module_loads_groupnorm_state_dict(affine, activation, seed):
+    from fastdiff.nn import GroupNormSiLU
+    gn = torch.nn.GroupNorm(4, 8, eps=1e-6, affine=affine).to(DEVICE)
+    if affine:
+        with torch.no_grad():
+            gn.weight.normal_()
+            gn.bias.normal_()
+    m = GroupNormSiLU(4, 8, eps=1e-6, affine=affine, activation=activation).to(DEVICE)
+    m.load_state_dict(gn.state_dict())  # strict: same keys
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        p64 = [None if t is None else t.double() for t in (gn.weight, gn.bias)]
+        ref = F.group_norm(x.double(), 4, *p64, eps=1e-6)
+        ref = F.silu(ref) if activation == "silu" else ref
+        assert_close(m(x), ref, torch.float32, scale=4.0)
+        a = torch.randn(2, 8, device=DEVICE)
+        ref_a = F.group_norm((x + a[:, :, None, None]).double(), 4, *p64, eps=1e-6)
+        ref_a = F.silu(ref_a) if activation == "silu" else ref_a
+        assert_close(m(x, a), ref_a, torch.float32, scale=10.0)
+
+
+def test_module_rejects_bad_config():
+    from fastdiff.nn import GroupNormSiLU
+    with pytest.raises(ValueError, match="num_groups"):
+        GroupNormSiLU(3, 8)
+    with pytest.raises(ValueError, match="activation"):
+        GroupNormSiLU(4, 8, activation="gelu")
+
+
+def test_opcheck(seed):
+    x, w, b, a = _inputs((2, 8, 3, 4), 4, torch.float32)
+    op = torch.ops.fastdiff.group_norm_silu.default
+    torch.library.opcheck(op, (x, w, b, a, 4, 1e-5, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, (_channels_last(x), None, None, None, 2, 1e-5, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_float64_runs_reference(seed):
+    x, w, b, a = _inputs((2, 8, 3, 4), 4, torch.float64)
+    assert_close(group_norm_silu(x, w, b, 4, add=a), _ref64(x, w, b, 4, add=a), torch.float64)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 8, 3, 4, device=DEVICE)
+    assert group_norm_silu(x, None, None, 4).shape == x.shape
+
+
+# -- every documented error ---------------------------------------------------------------------
+def test_errors():
+    x = torch.randn(2, 8, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="num_groups=3 .*divide"):
+        group_norm_silu(x, None, None, 3)
+    with pytest.raises(ValueError, match="num_groups"):
+        group_norm_silu(x, None, None, 0)
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        group_norm_silu(x, None, None, 4.0)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        group_norm_silu(x, torch.ones(4, device=DEVICE), None, 4)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        group_norm_silu(x, None, torch.ones(8, 1, device=DEVICE), 4)
+    with pytest.raises(ValueError, match="add must have shape"):
+        group_norm_silu(x, None, None, 4, add=torch.ones(2, 8, 1, device=DEVICE))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        group_norm_silu(x.to(torch.int32), None, None, 4)
+    with pytest.raises(TypeError, match="weight must be a floating tensor"):
+        group_norm_silu(x, torch.ones(8, dtype=torch.int64, device=DEVICE), None, 4)
+    with pytest.raises(TypeError, match="add must be a floating tensor"):
+        group_norm_silu(x, None, None, 4, add=torch.ones(2, 8, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        group_norm_silu(x.tolist(), None, None, 4)
+    with pytest.raises(ValueError, match="x must have at least 3 dims"):
+        group_norm_silu(torch.randn(2, 8, device=DEVICE), None, None, 4)
+    with pytest.raises(ValueError, match="1 to 3 spatial dims"):
+        group_norm_silu(torch.randn(1, 8, 2, 2, 2, 2, device=DEVICE), None, None, 4)
+    with pytest.raises(ValueError, match="activation must be"):
+        group_norm_silu(x, None, None, 4, activation="gelu")
+    with pytest.raises(ValueError, match="eps"):
+        group_norm_silu(x, None, None, 4, eps=-1.0)
+    other = "meta"
+    with pytest.raises(ValueError, match="weight is on meta"):
+        group_norm_silu(x, torch.ones(8, device=other), None, 4)
+    with pytest.raises(ValueError, match="add is on meta"):
+        group_norm_silu(x, None, None, 4, add=torch.ones(2, 8, device=other))
