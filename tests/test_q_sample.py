@@ -185,3 +185,23 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
                                        noise=noise)
         want = _ref(x0, torch.tensor([0, 999]), schedule, noise)
         assert_close(got, want, torch.float32, msg=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_inside_cuda_graph_same_noise(backend, schedule):
+    """Captured and replayed: no host sync, and the noise equals an eager call's."""
+    if not fastdiff.backends.available(backend):
+        pytest.skip(f"{backend} not available")
+    x0 = torch.randn(8, 3, 32, 32, device="cuda")
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    with fastdiff.use_backend(backend):
+        eager = fastdiff.q_sample(x0, t, schedule, seed=3)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fastdiff.q_sample(x0, t, schedule, seed=3)
+        g.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
