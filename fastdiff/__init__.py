@@ -4,4 +4,5 @@ __version__ = "0.1.0"
 from .backends import use_backend, backend_status  # noqa: F401
 from .schedule import Schedule  # noqa: F401
 from . import ops  # noqa: F401
-from .ops import q_sample, attention  # noqa: F401
+from .ops import q_sample, sampler_step, group_norm_silu, attention  # noqa: F401
+from . import nn  # noqa: F401

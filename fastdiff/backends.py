@@ -137,6 +137,13 @@ def use_backend(name: str):
         stack.pop()
 
 
+@functools.lru_cache(maxsize=None)
+def _extension_has(op: str) -> bool:
+    """An extension built from older sources may lack an op: then it is not offered for it."""
+    import torch
+    return extension()[0] is not None and hasattr(torch.ops.fastdiff_ext, op)
+
+
 def _runs_on(name: str, device_type: str) -> bool:
     if name == "torch":
         return True
@@ -159,6 +166,8 @@ def pick(op: str, implemented, device) -> str:
     want = requested()
     if want != "auto" and want in implemented:
         ok, why = backend_status()[want]
+        if ok and want in ("cpu", "cuda") and not _extension_has(op):
+            ok, why = False, f"the installed fastdiff._C has no {op} kernel (rebuild the extension)"
         if not ok:
             raise RuntimeError(f"backend {want!r} was requested for {op} but is not available: {why}")
         if not _runs_on(want, device_type):
@@ -171,6 +180,7 @@ def pick(op: str, implemented, device) -> str:
     else:
         order = ("torch",)
     for name in order:
-        if name in implemented and available(name) and _runs_on(name, device_type):
+        if name in implemented and available(name) and _runs_on(name, device_type) and (
+                name not in ("cpu", "cuda") or _extension_has(op)):
             return name
     return "torch"
