@@ -1,0 +1,2 @@
+"""fastdiff benchmarks: the GPU suite (`python benchmarks/run.py`) and the pytest-benchmark
+microbenchmarks (`pytest benchmarks --benchmark-only`)."""

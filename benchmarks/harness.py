@@ -1,0 +1,477 @@
+"""Timing, floors, result rows and the JSON / markdown / PNG writers the suites share.
+
+Timing (CUDA): `triton.testing.do_bench(..., return_mode="median")` -- warm-up, then one CUDA-event
+pair around each call, with do_bench's 256 MB memset before each call -- or, without Triton, the
+same scheme written out with CUDA events. On top of that each case rotates through several input
+sets when its working set is under twice the L2, so no call finds its inputs L2-hot. On CPU:
+perf_counter around each call, median. Every implementation of a case runs on the same inputs
+in the same process, so the ratios are same-run ratios.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32",
+           "float": "fp32"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_dtypes(s: Optional[str]):
+    """'fp16,bf16' -> [torch.float16, torch.bfloat16]; None -> None (each suite's own dtypes)."""
+    if not s:
+        return None
+    out = []
+    for name in s.split(","):
+        name = ALIASES.get(name.strip().lower(), name.strip().lower())
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; use some of {', '.join(DTYPES)}")
+        out.append(DTYPES[name])
+    return out
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def reason(e: BaseException) -> str:
+    """One line saying why something failed."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:240] if msg else ''}"
+
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation of a case: fn(*inputs) runs it; context() is entered around its
+    warm-up and timing (e.g. fastdiff.use_backend, torch's sdpa_kernel)."""
+    name: str
+    fn: Callable
+    kind: str = "other"  # eager | compile | fastdiff | other
+    context: Callable = contextlib.nullcontext
+
+
+@dataclasses.dataclass
+class Case:
+    suite: str
+    variant: str
+    shape: tuple
+    dtype: torch.dtype
+    layout: str
+    bytes: int = 0  # minimal traffic of the op, the same for every implementation
+    flops: int = 0  # FLOPs of the op (matmul-shaped work), 0 for the elementwise ops
+
+    @property
+    def label(self) -> str:
+        return f"{self.suite} {self.variant} {shape_str(self.shape)} {DTYPE_NAMES[self.dtype]} " \
+               f"{self.layout}".replace("  ", " ")
+
+
+def floor_ms(case_bytes: int, flops: int, bandwidth: float, matmul_rate: float) -> float:
+    """The least time the case can take at this run's measured rates (roofline): the larger of
+    minimal bytes / copy bandwidth and FLOPs / matmul rate. Rates in bytes/s and FLOP/s; ms."""
+    return max(case_bytes / bandwidth, flops / matmul_rate) * 1e3
+
+
+def make_row(case: Case, impl: Impl, ms: float, base: dict, bandwidth: float,
+             matmul_rate: float, extra: Optional[dict] = None) -> dict:
+    """The result row of one implementation of one case. base: {'eager': ms, 'compile': ms}."""
+    fl = floor_ms(case.bytes, case.flops, bandwidth, matmul_rate)
+    row = dict(suite=case.suite, variant=case.variant, shape=list(case.shape),
+               dtype=DTYPE_NAMES[case.dtype], layout=case.layout, impl=impl.name, kind=impl.kind,
+               ms=ms, bytes=case.bytes, flops=case.flops,
+               gbps=case.bytes / ms / 1e6 if case.bytes else None,
+               tflops=case.flops / ms / 1e9 if case.flops else None,
+               pct_floor=100.0 * fl / ms,
+               x_eager=base["eager"] / ms if base.get("eager") else None,
+               x_compile=base["compile"] / ms if base.get("compile") else None)
+    row.update(extra or {})
+    return row
+
+
+class Ctx:
+    """What a suite needs: the device, the shape set to use, the timer, the floors, and a place
+    to record what was skipped and why."""
+
+    def __init__(self, device="cuda", quick=False, compile=True, dtypes=None, only=None,
+                 compile_backend="inductor", log=print):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.size = ("quick" if quick else "full") if self.cuda else "tiny"
+        self.quick = quick
+        self.compile = compile
+        self.compile_backend = compile_backend
+        self.dtypes = dtypes
+        self.only = only
+        self.log = log
+        self.t0 = time.perf_counter()
+        # do_bench's budget per measurement (ms of warm-up, ms of timed calls)
+        self.warmup_ms, self.rep_ms = (10, 40) if quick else (25, 100)
+        if not self.cuda:
+            self.warmup_ms, self.rep_ms = (2, 20)
+        props = torch.cuda.get_device_properties(self.device) if self.cuda else None
+        self.l2_bytes = 32 * 2 ** 20  # CPU: a typical last-level cache
+        if self.cuda:
+            self.l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2 ** 20
+        self.bandwidth = None  # bytes/s, device copy (read + write)
+        self.matmul_rate = None  # FLOP/s
+        self.floors_info = {}
+        self.skipped = []  # dicts: suite, case, impl, reason
+
+    # -- helpers for suites -----------------------------------------------------------------
+    def shapes(self, table: dict):
+        return table[self.size]
+
+    def dtypes_for(self, default):
+        return self.dtypes or default
+
+    def skip(self, suite: str, case: str, impl: str, why: str):
+        self.skipped.append(dict(suite=suite, case=case, impl=impl, reason=why))
+        self.log(f"    skip {impl}: {why}")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- timing -----------------------------------------------------------------------------
+    def time_ms(self, fn: Callable, sets: list) -> float:
+        """Median ms of fn(*sets[i]), cycling through the input sets."""
+        n, i = len(sets), [0]
+
+        def call():
+            args = sets[i[0] % n]
+            i[0] += 1
+            fn(*args)
+
+        if not self.cuda:
+            return _cpu_median(call, self.warmup_ms, self.rep_ms)
+        try:
+            from triton.testing import do_bench
+        except Exception:  # noqa: BLE001 -- no (working) Triton: the same scheme by hand
+            return _events_median(call, self.warmup_ms, self.rep_ms, self.device)
+        return float(do_bench(call, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+
+    def n_sets(self, working_set_bytes: int) -> int:
+        """Input sets to rotate through: enough that they fill twice the L2, at most 16."""
+        return max(1, min(16, math.ceil(2 * self.l2_bytes / max(working_set_bytes, 1))))
+
+    def measure_floors(self):
+        """Device copy bandwidth (bytes read + written per second) and matmul rate, this run."""
+        if self.cuda:
+            nbytes, N, mdt = 2 ** 30, 8192, torch.bfloat16
+        else:
+            nbytes, N, mdt = 2 ** 26, 1024, torch.float32
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device).random_()
+        dst = torch.empty_like(src)
+        ms = self.time_ms(lambda: dst.copy_(src), [()])
+        self.bandwidth = 2 * nbytes / (ms * 1e-3)
+        del src, dst
+        a = torch.randn(N, N, device=self.device, dtype=mdt)
+        b = torch.randn(N, N, device=self.device, dtype=mdt)
+        ms_mm = self.time_ms(lambda: torch.mm(a, b), [()])
+        self.matmul_rate = 2 * N ** 3 / (ms_mm * 1e-3)
+        del a, b
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.floors_info = dict(
+            copy=f"{nbytes / 2 ** 20:.0f} MiB device-to-device copy, read + write counted",
+            copy_GBps=self.bandwidth / 1e9,
+            matmul=f"{DTYPE_NAMES[mdt]} GEMM {N}x{N}x{N}", matmul_TFLOPs=self.matmul_rate / 1e12)
+        return self.floors_info
+
+    # -- running a case ---------------------------------------------------------------------
+    def compiled(self, case: Case, eager: Callable, args: tuple):
+        """Impl for torch.compile(eager), compiled and run once here; None (with the reason
+        recorded) if compiling fails."""
+        try:
+            torch._dynamo.reset()  # one shape per compile: no recompile limits, no dynamic shapes
+            cfn = torch.compile(eager, dynamic=False, backend=self.compile_backend)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfn(*args)
+            self.sync()
+        except Exception as e:  # noqa: BLE001 -- any compile failure skips the row
+            self.skip(case.suite, case.label, "compile", reason(e))
+            return None, None
+        return Impl("compile", cfn, "compile"), time.perf_counter() - t0
+
+    def run_case(self, case: Case, make_inputs: Callable, impls: list,
+                 eager: Optional[Callable] = None):
+        """Times eager, torch.compile(eager) and each impl on the same input sets and yields one
+        row per implementation that ran (skipped ones are recorded with their reason)."""
+        if self.only and self.only not in case.label:
+            return
+        self.log(f"[{time.perf_counter() - self.t0:7.1f}s]   {case.label}")
+        try:
+            sets = [make_inputs() for _ in range(self.n_sets(case.bytes or 1))]
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: skip the case
+            self.skip(case.suite, case.label, "(inputs)", reason(e))
+            return
+        todo = ([Impl("eager", eager, "eager")] if eager else []) + list(impls)
+        compile_s = None
+        if eager and self.compile:
+            cimpl, compile_s = self.compiled(case, eager, sets[0])
+            if cimpl:
+                todo.insert(1, cimpl)
+        times = {}
+        for impl in todo:
+            try:
+                with impl.context(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    impl.fn(*sets[0])
+                    self.sync()
+                    times[impl.name] = self.time_ms(impl.fn, sets)
+            except Exception as e:  # noqa: BLE001 -- a failing impl skips its row, not the run
+                self.skip(case.suite, case.label, impl.name, reason(e))
+                continue
+            self.log(f"    {impl.name:<34} {times[impl.name]:10.4f} ms")
+        base = {"eager": times.get("eager"), "compile": times.get("compile")}
+        for impl in todo:
+            if impl.name in times:
+                extra = {"compile_s": compile_s} if impl.kind == "compile" else {}
+                yield make_row(case, impl, times[impl.name], base, self.bandwidth,
+                               self.matmul_rate, extra)
+        del sets
+
+
+def _cpu_median(call, warmup_ms, rep_ms, max_calls=1000):
+    t_end = time.perf_counter() + warmup_ms / 1e3
+    call()
+    while time.perf_counter() < t_end:
+        call()
+    ts, t_end = [], time.perf_counter() + rep_ms / 1e3
+    while len(ts) < 10 or (time.perf_counter() < t_end and len(ts) < max_calls):
+        t0 = time.perf_counter()
+        call()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _events_median(call, warmup_ms, rep_ms, device):
+    """do_bench's scheme with CUDA events: flush L2 (256 MB memset) before each timed call."""
+    flush = torch.empty(2 ** 28, dtype=torch.uint8, device=device)
+    call()
+    torch.cuda.synchronize(device)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(5):
+        flush.zero_()
+        call()
+    e.record()
+    torch.cuda.synchronize(device)
+    est = max(s.elapsed_time(e) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        call()
+    n = max(1, int(rep_ms / est))
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(n)]
+    for a, b in ev:
+        flush.zero_()
+        a.record()
+        call()
+        b.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(a.elapsed_time(b) for a, b in ev)
+
+
+# -- environment ----------------------------------------------------------------------------
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def git_commit() -> str:
+    """Short commit of the checkout (+ '-dirty'); FASTDIFF_GIT_COMMIT when there is no .git
+    (e.g. a copied working tree)."""
+    if os.environ.get("FASTDIFF_GIT_COMMIT"):
+        return os.environ["FASTDIFF_GIT_COMMIT"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(ctx: Ctx) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001 -- not installed or broken
+            return None
+
+    import fastdiff
+    from fastdiff import backend_status, backends
+    env = dict(device=device_name(ctx.device), device_type=ctx.device.type,
+               torch=torch.__version__, cuda=torch.version.cuda, triton=version("triton"),
+               diffusers=version("diffusers"), fastdiff=fastdiff.__version__,
+               git_commit=git_commit(), python=platform.python_version(),
+               date=datetime.date.today().isoformat(), quick=ctx.quick, size=ctx.size,
+               compile=ctx.compile, compile_backend=ctx.compile_backend,
+               fastdiff_checks=os.environ.get("FASTDIFF_CHECKS", "1"),
+               backends={k: dict(available=v[0], note=v[1]) for k, v in backend_status().items()})
+    env["auto"] = {}
+    for op in ("q_sample", "sampler_step", "group_norm_silu", "attention"):
+        try:
+            implemented = __import__(f"fastdiff.ops.{op}", fromlist=["IMPLEMENTED"]).IMPLEMENTED
+            env["auto"][op] = backends.pick(op, implemented, ctx.device)
+        except Exception as e:  # noqa: BLE001 -- op not there yet
+            env["auto"][op] = f"n/a ({reason(e)})"
+    if ctx.cuda:
+        p = torch.cuda.get_device_properties(ctx.device)
+        env.update(sm_count=p.multi_processor_count, l2_MiB=ctx.l2_bytes / 2 ** 20,
+                   cudnn=torch.backends.cudnn.version(),
+                   timing="triton.testing.do_bench median (L2 flushed before each call) "
+                          "+ input rotation when the working set < 2x L2")
+    else:
+        env.update(timing="time.perf_counter median per call (CPU)")
+    return env
+
+
+# -- writers --------------------------------------------------------------------------------
+COLUMNS = ("shape", "dtype", "layout", "impl", "ms", "rate", "% of floor", "× eager", "× compile")
+
+
+def _fmt(v, spec, suffix=""):
+    return "" if v is None else f"{v:{spec}}{suffix}"
+
+
+def format_table(rows: list, metric: str = "GB/s") -> str:
+    """Markdown table of result rows (one suite-variant)."""
+    head = [c if c != "rate" else metric for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        rate = r["tflops"] if metric == "TFLOP/s" else r["gbps"]
+        ms = r["ms"]
+        lines.append("| " + " | ".join([
+            shape_str(r["shape"]), r["dtype"], r["layout"], r["impl"],
+            f"{ms:.4f}" if ms < 1 else f"{ms:.3f}", _fmt(rate, ".1f"), _fmt(r["pct_floor"], ".1f"),
+            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×")]) + " |")
+    return "\n".join(lines)
+
+
+def _groups(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["suite"], r["variant"]), []).append(r)
+    return out
+
+
+def format_markdown(result: dict, suites: dict) -> str:
+    env, floors = result["env"], result["floors"]
+    lines = [f"# fastdiff benchmarks — {env['device']}", "",
+             f"{env['date']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+             f"diffusers {env['diffusers']}; fastdiff {env['fastdiff']} at git {env['git_commit']}"
+             f"{' (--quick)' if env['quick'] else ''}.",
+             "",
+             f"Measured in this run: device copy bandwidth **{floors['copy_GBps']:.0f} GB/s** "
+             f"({floors['copy']}); matmul rate **{floors['matmul_TFLOPs']:.3g} TFLOP/s** "
+             f"({floors['matmul']}).",
+             "",
+             f"Timing: {env['timing']}. ms = median. GB/s = the case's minimal bytes ÷ time (the "
+             "same bytes for every implementation, so it is proportional to speed); TFLOP/s = "
+             "the case's FLOPs ÷ time. % of floor = max(minimal bytes ÷ copy bandwidth, FLOPs ÷ "
+             "matmul rate) ÷ time. × eager / × compile = that row's speed-up over the eager and "
+             "torch.compile rows of the same case, measured in the same run. fastdiff backends "
+             "marked (auto) are the ones `auto` picks; the `torch` backend is the reference "
+             "(timed only when auto picks it). FASTDIFF_CHECKS="
+             f"{env['fastdiff_checks']}.", "",
+             f"fastdiff `auto` picks on {env['device_type']} tensors: "
+             + ", ".join(f"{op} → {b}" for op, b in env.get("auto", {}).items()) + ".", ""]
+    skipped = result["skipped"]
+    by_suite = {}
+    for (suite, variant), rows in _groups(result["rows"]).items():
+        by_suite.setdefault(suite, []).append((variant, rows))
+    for suite, groups in by_suite.items():
+        s = suites.get(suite)
+        lines += [f"## {s.title if s else suite}", ""]
+        if s and s.floor:
+            lines += [f"Floor: {s.floor}", ""]
+        for variant, rows in groups:
+            if variant:
+                lines += [f"### {variant}", ""]
+            lines += [format_table(rows, s.metric if s else "GB/s"), ""]
+        notes = _skip_notes([k for k in skipped if k["suite"] == suite])
+        if notes:
+            lines += ["Skipped:", ""] + notes + [""]
+    other = _skip_notes([k for k in skipped if k["suite"] not in by_suite])
+    if other:
+        lines += ["## Not run", ""] + other + [""]
+    return "\n".join(lines)
+
+
+def _skip_notes(skipped):
+    seen = {}
+    for k in skipped:
+        seen.setdefault((k["impl"], k["reason"]), []).append(k["case"])
+    return [f"- {impl}: {why} ({len(cases)} case{'s' if len(cases) > 1 else ''}"
+            f"{', e.g. ' + cases[0] if cases[0] else ''})" for (impl, why), cases in seen.items()]
+
+
+def plot(result: dict, path: Path) -> Optional[Path]:
+    """Bar chart of each fastdiff row's speed-up over eager and compile; None without
+    matplotlib or without fastdiff rows."""
+    rows = [r for r in result["rows"] if r["kind"] == "fastdiff" and r["x_eager"]]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 -- optional
+        return None
+    if not rows:
+        return None
+    labels = [" ".join(str(p) for p in (r["suite"], r["variant"], shape_str(r["shape"]),
+                                         r["dtype"], r["layout"], r["impl"]) if p) for r in rows]
+    y = range(len(rows))
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.5))
+    ax.barh([i - 0.2 for i in y], [r["x_eager"] for r in rows], height=0.4, label="× eager")
+    comp = [(i + 0.2, r["x_compile"]) for i, r in zip(y, rows) if r["x_compile"]]
+    if comp:
+        ax.barh(*zip(*comp), height=0.4, label="× torch.compile")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up (log scale)")
+    ax.set_title(f"fastdiff speed-ups — {result['env']['device']} {result['env']['date']}")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(result: dict, suites: dict, out_dir) -> list:
+    """<out>/<device-slug>_<date>[_quick].{json,md,png}; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = result["env"]
+    stem = f"{slug(env['device'])}_{env['date']}{'_quick' if env['quick'] else ''}"
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths[1].write_text(format_markdown(result, suites) + "\n")
+    png = plot(result, out / f"{stem}.png")
+    return paths + ([png] if png else [])

@@ -1,0 +1,135 @@
+"""fastdiff benchmark suite: fastdiff against PyTorch eager, torch.compile and diffusers.
+
+    python benchmarks/run.py                         # every suite, every anchor shape (< 10 min, H100)
+    python benchmarks/run.py --quick --ops attention
+    python benchmarks/run.py --only NHWC --dtypes bf16 --no-compile
+    python -m fastdiff bench [same options]
+
+On a CUDA device: measures the copy bandwidth and matmul rate, then each case of each suite, and
+writes benchmarks/results/<gpu>_<date>[_quick].{json,md,png}. Without one: says so and runs the
+CPU microbenchmarks (`pytest benchmarks --benchmark-only`) instead. `--device cpu` runs the
+suites themselves on CPU at tiny shapes (a check of the harness, not a measurement to keep).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `python benchmarks/run.py` from anywhere
+    sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import Ctx, environment, parse_dtypes, reason, write_results  # noqa: E402
+from benchmarks.suites import SUITES, SuiteSkip  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="fastdiff bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(SUITES),
+                   help=f"comma-separated suites (default: all of {', '.join(SUITES)})")
+    p.add_argument("--only", metavar="NAME", default=None,
+                   help="run only the cases whose label contains NAME, e.g. '2x320x64x64', "
+                        "'NHWC', 'DDIM', 'bf16' (labels: '<suite> <variant> <shape> <dtype> "
+                        "<layout>')")
+    p.add_argument("--quick", action="store_true", help="fewer shapes, fewer repetitions")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated, of fp16,bf16,fp32 (default: each suite's anchor dtypes)")
+    p.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available, else the CPU microbenchmarks")
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in args.ops if o not in SUITES]
+    if unknown:
+        p.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+    try:
+        args.dtype_list = parse_dtypes(args.dtypes)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def _pytest_main(args: list) -> int:
+    import pytest
+    return int(pytest.main(args))
+
+
+def cpu_microbenchmarks(args) -> int:
+    """The pytest-benchmark microbenchmarks of the selected ops, in this process."""
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError as e:
+        print(f"pytest-benchmark is not installed ({e}): nothing to run on CPU. "
+              "`pip install pytest-benchmark`, or run on a CUDA machine.")
+        return 0
+    files = [str(f) for op in args.ops if (f := HERE / f"test_bench_{op}.py").exists()]
+    if not files:
+        print(f"no microbenchmarks for {args.ops}")
+        return 0
+    extra = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.05",
+             "--benchmark-warmup=off"] if args.quick else []
+    if args.only:
+        extra += ["-k", args.only]
+    rc = _pytest_main(files + ["--benchmark-only", "-q", "-p", "no:cacheprovider",
+                               "--rootdir", str(HERE.parent)] + extra)
+    return 0 if rc in (0, 5) else rc  # 5: nothing collected (e.g. every op missing)
+
+
+def run_suite(ctx: Ctx, s) -> list:
+    ctx.log(f"[{time.perf_counter() - ctx.t0:7.1f}s] {s.name}: {s.title}")
+    rows = []
+    try:
+        for row in s.fn(ctx):
+            rows.append(row)
+    except SuiteSkip as e:
+        ctx.skip(s.name, "", "(suite)", str(e))
+    except Exception as e:  # noqa: BLE001 -- a broken suite must not lose the others' results
+        traceback.print_exc()
+        ctx.skip(s.name, "", "(suite)", f"stopped by an error: {reason(e)}")
+    return rows
+
+
+def run(args) -> dict:
+    ctx = Ctx(args.device, quick=args.quick, compile=not args.no_compile, dtypes=args.dtype_list,
+              only=args.only, compile_backend=args.compile_backend)
+    ctx.t0 = time.perf_counter()
+    env = environment(ctx)
+    print(f"fastdiff bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+          f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}")
+    floors = ctx.measure_floors()
+    print(f"copy bandwidth {floors['copy_GBps']:.0f} GB/s ({floors['copy']}); "
+          f"matmul {floors['matmul_TFLOPs']:.3g} TFLOP/s ({floors['matmul']})")
+    rows = []
+    with torch.no_grad():
+        for name in args.ops:
+            rows += run_suite(ctx, SUITES[name])
+    env["wall_s"] = time.perf_counter() - ctx.t0
+    return dict(env=env, floors=floors, rows=rows, skipped=ctx.skipped, argv=vars(args))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else None
+    if args.device is None or (args.device == "cuda" and not torch.cuda.is_available()):
+        print("The GPU benchmark suite needs a CUDA device and none is visible: running the CPU "
+              "microbenchmarks instead (pytest benchmarks --benchmark-only; `--device cpu` runs "
+              "the suites at tiny shapes).", flush=True)
+        return cpu_microbenchmarks(args)
+    result = run(args)
+    paths = write_results(result, SUITES, args.out)
+    print(f"{len(result['rows'])} rows, {len(result['skipped'])} skipped, "
+          f"{result['env']['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

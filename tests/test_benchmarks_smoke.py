@@ -1,0 +1,149 @@
+"""Smoke test of benchmarks/: every microbenchmark body once at a tiny size, and the GPU suite's
+machinery (suites, timing loop, floors, rows, JSON/markdown/PNG writers, the no-GPU fallback)
+run on CPU. No timing assertions: the numbers only have to exist and be consistent."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, run  # noqa: E402
+from benchmarks.suites import SUITES  # noqa: E402
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "FASTDIFF_POISON", "FASTDIFF_BACKEND")}
+    env["FASTDIFF_BENCH_TINY"] = "1"
+    return env
+
+
+def test_microbenchmarks_run_once():
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable",
+                        "-q", "-p", "no:cacheprovider"], cwd=ROOT, env=_clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "error" not in r.stdout.lower()
+
+
+def test_no_gpu_falls_back_to_microbenchmarks(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run, "_pytest_main", lambda args: calls.append(args) or 0)
+    assert run.main(["--quick", "--ops", "q_sample,attention"]) == 0
+    assert "needs a CUDA device" in capsys.readouterr().out
+    (args,) = calls
+    assert "--benchmark-only" in args and "--benchmark-max-time=0.05" in args
+    assert [Path(a).name for a in args if a.endswith(".py")] == ["test_bench_q_sample.py",
+                                                                 "test_bench_attention.py"]
+    monkeypatch.setattr(run, "_pytest_main", lambda args: 5)  # nothing collected is not a failure
+    assert run.main([]) == 0
+
+
+def test_suites_on_cpu_write_results(tmp_path, capsys):
+    assert run.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    stems = {p.suffix: p for p in tmp_path.iterdir()}
+    assert ".json" in stems and ".md" in stems
+    result = json.loads(stems[".json"].read_text())
+    assert result["floors"]["copy_GBps"] > 0 and result["floors"]["matmul_TFLOPs"] > 0
+    assert result["env"]["device_type"] == "cpu" and result["env"]["git_commit"]
+    rows = result["rows"]
+    for name in SUITES:
+        mine = [r for r in rows if r["suite"] == name]
+        skipped = [k["reason"] for k in result["skipped"] if k["suite"] == name]
+        assert mine, f"suite {name} produced no rows: {skipped}"
+        assert any(r["kind"] == "eager" for r in mine), name
+        assert any(r["kind"] == "fastdiff" for r in mine), (name, skipped)
+    for r in rows:
+        assert r["ms"] > 0 and r["pct_floor"] > 0 and r["x_eager"] > 0 and r["x_compile"] is None
+        assert (r["gbps"] if r["bytes"] else r["tflops"]) > 0
+        if r["kind"] == "eager":
+            assert r["x_eager"] == pytest.approx(1.0)
+    layouts = {r["layout"] for r in rows if r["suite"] == "group_norm_silu"}
+    assert layouts == {"NCHW", "NHWC"}
+    assert any(r["impl"].endswith("(auto)") for r in rows if r["suite"] == "group_norm_silu")
+    assert any(r["impl"].startswith("sdpa:") for r in rows if r["suite"] == "attention")
+    md = stems[".md"].read_text()
+    assert "| shape | dtype | layout | impl | ms | GB/s | % of floor | × eager | × compile |" in md
+    assert "TFLOP/s" in md and "## group_norm_silu" in md and "copy bandwidth" in md
+    try:
+        import matplotlib  # noqa: F401
+        assert ".png" in stems and stems[".png"].stat().st_size > 0
+    except ImportError:
+        pass
+    assert "attention_block" in out  # progress is printed per case
+
+
+def test_compile_rows_and_compile_failure(tmp_path, monkeypatch):
+    argv = ["--device", "cpu", "--ops", "q_sample", "--only", "eps given 2x3x8x8 fp32",
+            "--compile-backend", "eager", "--out", str(tmp_path)]
+    result = run.run(run.parse_args(argv))
+    by_impl = {r["impl"]: r for r in result["rows"]}
+    assert by_impl["compile"]["x_compile"] == pytest.approx(1.0)
+    assert by_impl["compile"]["compile_s"] > 0 and by_impl["eager"]["x_compile"] > 0
+
+    def broken(*a, **k):
+        raise RuntimeError("inductor exploded\nsecond line")
+    monkeypatch.setattr(torch, "compile", broken)
+    result = run.run(run.parse_args(argv))
+    impls = {r["impl"] for r in result["rows"]}
+    assert "compile" not in impls and "eager" in impls
+    assert {"impl": "compile", "reason": "RuntimeError: inductor exploded"}.items() <= \
+        result["skipped"][0].items()
+
+
+def test_floor_math_rows_and_tables():
+    case = harness.Case("q_sample", "eps given", (2, 3), torch.float16, "NCHW", bytes=3_000_000)
+    impl = harness.Impl("fastdiff:cuda", None, "fastdiff")
+    # 3 MB in 1 µs at a 3e12 B/s copy bandwidth: exactly the floor
+    r = harness.make_row(case, impl, 1e-3, {"eager": 4e-3, "compile": 2e-3}, 3e12, 1e15)
+    assert r["gbps"] == pytest.approx(3000.0) and r["pct_floor"] == pytest.approx(100.0)
+    assert r["x_eager"] == pytest.approx(4.0) and r["x_compile"] == pytest.approx(2.0)
+    assert r["tflops"] is None and r["dtype"] == "fp16"
+    # roofline: the floor is the larger of the bytes and FLOPs times
+    assert harness.floor_ms(3_000_000, 2 * 10 ** 12, 3e12, 1e15) == pytest.approx(2.0)
+    assert harness.floor_ms(3_000_000_000, 10 ** 9, 3e12, 1e15) == pytest.approx(1.0)
+    att = harness.Case("attention", "", (1, 1, 4, 32), torch.float16, "BHLD", bytes=1,
+                       flops=10 ** 12)
+    ra = harness.make_row(att, harness.Impl("sdpa:MATH", None), 2.0, {"eager": 1.0}, 3e12, 1e15)
+    assert ra["tflops"] == pytest.approx(500.0) and ra["pct_floor"] == pytest.approx(50.0)
+    assert ra["x_eager"] == pytest.approx(0.5) and ra["x_compile"] is None
+    table = harness.format_table([r, ra], "GB/s").splitlines()
+    assert table[0].startswith("| shape | dtype | layout | impl | ms | GB/s |")
+    assert table[2] == "| 2x3 | fp16 | NCHW | fastdiff:cuda | 0.0010 | 3000.0 | 100.0 | 4.00× | 2.00× |"
+    assert table[3].endswith("| 0.50× |  |")
+    assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert harness.parse_dtypes("fp16, bfloat16,fp32") == [torch.float16, torch.bfloat16,
+                                                           torch.float32]
+    assert harness.parse_dtypes(None) is None
+    with pytest.raises(ValueError):
+        harness.parse_dtypes("fp8")
+    notes = harness._skip_notes([dict(impl="x", reason="why", case="a"),
+                                 dict(impl="x", reason="why", case="b")])
+    assert notes == ["- x: why (2 cases, e.g. a)"]
+
+
+def test_timer_and_rotation():
+    ctx = harness.Ctx("cpu")
+    assert ctx.size == "tiny" and ctx.n_sets(10) == 16 and ctx.n_sets(10 ** 12) == 1
+    seen = []
+    ms = ctx.time_ms(lambda i: seen.append(i), [(0,), (1,), (2,)])
+    assert ms > 0 and set(seen) == {0, 1, 2}  # every input set is used
+    with pytest.raises(SystemExit):
+        run.parse_args(["--ops", "nope"])
+
+
+def test_cli_bench_wiring(tmp_path):
+    cli = pytest.importorskip("fastdiff.cli")
+    if not hasattr(cli, "bench"):
+        pytest.skip("fastdiff.cli has no bench subcommand yet")
+    assert cli.main(["bench", "--device", "cpu", "--ops", "attention", "--no-compile",
+                     "--only", "2x1x16x32", "--out", str(tmp_path)]) == 0
+    assert any(p.suffix == ".md" for p in tmp_path.iterdir())
