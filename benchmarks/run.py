@@ -13,6 +13,7 @@ suites themselves on CPU at tiny shapes (a check of the harness, not a measureme
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -124,6 +125,10 @@ def main(argv=None) -> int:
               "microbenchmarks instead (pytest benchmarks --benchmark-only; `--device cpu` runs "
               "the suites at tiny shapes).", flush=True)
         return cpu_microbenchmarks(args)
+    # Time the kernels as a CUDA-graph-captured sampling or training step runs them: without the
+    # timestep value check, which costs a host sync per call on a CUDA t (recorded in the header;
+    # FASTDIFF_CHECKS=1 in the environment times it with the check).
+    os.environ.setdefault("FASTDIFF_CHECKS", "0")
     result = run(args)
     paths = write_results(result, SUITES, args.out)
     print(f"{len(result['rows'])} rows, {len(result['skipped'])} skipped, "
