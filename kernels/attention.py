@@ -130,7 +130,8 @@ def _pow2_at_least(n: int, lo: int) -> int:
 def attention_config(D: int, Lq: int, Lk: int, elem_bytes: int = 2):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for Hopper, from a fixed table.
 
-    D ≤ 64: 128×64 tiles, 4 warps (the fp32 accumulator is small; more warps would idle);
+    D ≤ 64: 128×64 tiles, 4 warps (the fp32 accumulator is small; more warps would idle), 8 for
+    a padded D (40);
     D ≤ 128: 128×64, 8 warps, 3 stages (the FlashAttention-2 shape for hdim 128);
     D ≤ 256: 128×32, 8 warps, 2 stages: a 128×256 fp32 accumulator already takes 128 registers
     per thread, and two stages of 32-key K/V tiles keep shared memory under 228 KB.
@@ -139,7 +140,9 @@ def attention_config(D: int, Lq: int, Lk: int, elem_bytes: int = 2):
     """
     BLOCK_D = _pow2_at_least(D, 16)
     if BLOCK_D <= 64:
-        bm, bn, warps, stages = 128, 64, 4, 3
+        # a padded D (40) needs masks along D: with 4 warps that spills ~2 KB per thread
+        # (ptxas -v, sm_90a), with 8 it fits
+        bm, bn, warps, stages = 128, 64, 4 if D == BLOCK_D else 8, 3
     elif BLOCK_D <= 128:
         bm, bn, warps, stages = 128, 64, 8, 3
     else:

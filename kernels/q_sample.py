@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .philox import normal4, normal_at
 
-STREAM = 0  # fastdiff.reference.STREAM_Q_SAMPLE
+STREAM = tl.constexpr(0)  # fastdiff.reference.STREAM_Q_SAMPLE
 
 
 @triton.jit
