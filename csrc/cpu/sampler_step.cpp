@@ -1,0 +1,143 @@
+// One DDPM / DDIM reverse step on the CPU: coefficients once per sample, then one pass over
+// memory with the noise drawn in place (fastdiff::normal4, one Philox block per group of 4).
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "sampler_step.h"
+
+namespace fastdiff {
+namespace {
+
+struct MoLayout { int64_t bs, inner, rs, var_off; };  // see fastdiff/ops/sampler_step.py
+
+template <typename scalar_t>
+void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
+                           const c10::optional<at::Tensor>& noise, const float* thr,
+                           const std::vector<SamplerStepCoef>& coef, const int64_t* tp,
+                           int64_t num_t, uint64_t seed, bool draw, const SamplerStepConfig& cfg,
+                           MoLayout L, at::Tensor& x_prev, at::Tensor& x0) {
+  const int64_t numel = x_t.numel(), B = x_t.size(0), per_sample = numel / B;
+  const scalar_t* xp = x_t.data_ptr<scalar_t>();
+  const scalar_t* mp = mo.data_ptr<scalar_t>();
+  const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = x_prev.data_ptr<scalar_t>();
+  scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
+  const bool learned = cfg.kind == kDDPM && cfg.var == kLearnedRange;
+  const bool split = L.inner != per_sample;
+  const float clip_range = static_cast<float>(cfg.clip_range);
+  const int64_t groups = (numel + 3) / 4;
+  at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {
+    Normal4 n{};
+    int64_t drawn_b = -1, drawn_g = -1;  // (sample, group) that `n` was drawn for
+    const int64_t end = std::min<int64_t>(4 * g1, numel);
+    for (int64_t i = 4 * g0; i < end; ++i) {
+      const int64_t b = i / per_sample, j = i - b * per_sample;
+      const SamplerStepCoef& c = coef[b];
+      const int64_t mo_off = split ? b * L.bs + (j / L.inner) * L.rs + j % L.inner : b * L.bs + j;
+      const float x = static_cast<float>(xp[i]), m = static_cast<float>(mp[mo_off]);
+      const float x0c = sampler_step_x0(c, cfg.clip, clip_range, thr ? thr[b] : 1.0f, x, m);
+      float out = sampler_step_mean(c, x0c, x, m);
+      if ((np || draw) && c.noise_on) {
+        float z;
+        if (np) {
+          z = static_cast<float>(np[i]);
+        } else {
+          const int64_t g = i >> 2;
+          if (g != drawn_g || b != drawn_b) {  // a group straddling two samples draws with each t
+            n = normal4(seed, static_cast<uint64_t>(g),
+                        static_cast<uint32_t>(clamp_index(tp[b], num_t)), kStreamSamplerStep);
+            drawn_g = g;
+            drawn_b = b;
+          }
+          z = n.v[i & 3];
+        }
+        const float v = learned ? static_cast<float>(mp[mo_off + L.var_off]) : 0.0f;
+        out += sampler_step_std(c, learned, v) * z;
+      }
+      op[i] = static_cast<scalar_t>(out);
+      if (x0p) x0p[i] = static_cast<scalar_t>(x0c);
+    }
+  });
+}
+
+void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
+                      const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                      const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& thresh,
+                      int64_t seed, bool needs_noise, int64_t kind, int64_t prediction_type,
+                      int64_t variance_type, double eta, int64_t clip_mode,
+                      double clip_sample_range, bool set_alpha_to_one,
+                      bool use_clipped_model_output, int64_t mo_batch_stride, int64_t mo_inner,
+                      int64_t mo_row_stride, int64_t var_offset, at::Tensor x_prev, at::Tensor x0) {
+  FD_CHECK(x_t.device().is_cpu() && model_output.device().is_cpu() && t.device().is_cpu() &&
+           t_prev.device().is_cpu() && alphas_cumprod.device().is_cpu(),
+           "sampler_step (cpu): tensors must be on the CPU");
+  const int64_t B = x_t.dim() ? x_t.size(0) : 0;
+  FD_CHECK(t.scalar_type() == at::kLong && t.numel() == B && t_prev.scalar_type() == at::kLong &&
+           t_prev.numel() == B, "sampler_step: t and t_prev must be int64 of shape (B,)");
+  FD_CHECK(alphas_cumprod.scalar_type() == at::kDouble && alphas_cumprod.numel() > 0,
+           "sampler_step: alphas_cumprod must be a non-empty float64 table");
+  FD_CHECK(model_output.scalar_type() == x_t.scalar_type(),
+           "sampler_step: model_output must have x_t's dtype");
+  FD_CHECK(x_prev.strides() == x_t.strides() && x_prev.scalar_type() == x_t.scalar_type(),
+           "sampler_step: x_prev must be laid out like x_t");
+  FD_CHECK(x0.numel() == 0 || x0.strides() == x_t.strides(), "sampler_step: x0 must be laid out like x_t");
+  FD_CHECK(!noise || (noise->strides() == x_t.strides() && noise->scalar_type() == x_t.scalar_type()),
+           "sampler_step: noise must be laid out like x_t, in its dtype");
+  FD_CHECK(kind == kDDPM || kind == kDDIM, "sampler_step: bad kind ", kind);
+  FD_CHECK(prediction_type >= 0 && prediction_type <= 2, "sampler_step: bad prediction_type");
+  FD_CHECK(variance_type >= 0 && variance_type <= 4, "sampler_step: bad variance_type");
+  FD_CHECK(clip_mode >= 0 && clip_mode <= 2, "sampler_step: bad clip_mode");
+  FD_CHECK(clip_mode != kClipThreshold ||
+           (thresh && thresh->scalar_type() == at::kFloat && thresh->numel() == B &&
+            thresh->device().is_cpu()),
+           "sampler_step: thresholding needs thresh, float32 of shape (B,)");
+  const int64_t numel = x_t.numel();
+  if (numel == 0) return;
+  const int64_t per_sample = numel / B;
+  FD_CHECK(mo_inner > 0 && per_sample % mo_inner == 0, "sampler_step: bad model_output layout");
+  const bool learned = kind == kDDPM && variance_type == kLearnedRange;
+  // the last element any sample reads must lie inside model_output
+  const int64_t last = (B - 1) * mo_batch_stride + (per_sample / mo_inner - 1) * mo_row_stride +
+                       mo_inner - 1 + (learned ? var_offset : 0);
+  FD_CHECK(mo_batch_stride >= 0 && mo_row_stride >= 0 && var_offset >= 0 &&
+           last < model_output.numel(), "sampler_step: model_output layout reads out of bounds");
+
+  SamplerStepConfig cfg{static_cast<int>(kind), static_cast<int>(prediction_type),
+                        static_cast<int>(variance_type), static_cast<int>(clip_mode), eta,
+                        clip_sample_range, kind == kDDIM && !set_alpha_to_one,
+                        use_clipped_model_output};
+  const at::Tensor tc = t.contiguous(), tpc = t_prev.contiguous(), abc = alphas_cumprod.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  const int64_t* tpp = tpc.data_ptr<int64_t>();
+  const int64_t num_t = abc.numel();
+  std::vector<SamplerStepCoef> coef(B);
+  for (int64_t b = 0; b < B; ++b) coef[b] = sampler_step_coef(abc.data_ptr<double>(), num_t, tp[b], tpp[b], cfg);
+  at::Tensor thr_c;
+  if (clip_mode == kClipThreshold) thr_c = thresh->contiguous();
+  const float* thr = clip_mode == kClipThreshold ? thr_c.data_ptr<float>() : nullptr;
+  const bool draw = !noise && needs_noise;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cpu", [&] {
+    sampler_step_cpu_impl<scalar_t>(x_t, model_output, needs_noise ? noise : c10::nullopt, thr,
+                                    coef, tp, num_t, static_cast<uint64_t>(seed), draw, cfg,
+                                    MoLayout{mo_batch_stride, mo_inner, mo_row_stride, var_offset},
+                                    x_prev, x0);
+  });
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
+  m.def("sampler_step(Tensor x_t, Tensor model_output, Tensor t, Tensor t_prev, "
+        "Tensor alphas_cumprod, Tensor? noise, Tensor? thresh, int seed, bool needs_noise, "
+        "int kind, int prediction_type, int variance_type, float eta, int clip_mode, "
+        "float clip_sample_range, bool set_alpha_to_one, bool use_clipped_model_output, "
+        "int mo_batch_stride, int mo_inner, int mo_row_stride, int var_offset, "
+        "Tensor(a!) x_prev, Tensor(b!) x0) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) { m.impl("sampler_step", &fastdiff::sampler_step_cpu); }

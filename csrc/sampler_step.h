@@ -1,0 +1,110 @@
+// One DDPM / DDIM reverse step: per-sample coefficients (float64 from the float64 alphas_cumprod
+// table) and the per-element update (float32), shared by the CPU and CUDA kernels. The same
+// algebra as kernels/sampler_step.py:
+//   x0   = cx x + cm m                  (m: the model's prediction)
+//   x0c  = clamp(x0, -r, r)  or  clamp(x0, -s, s) / s     (clip / dynamic threshold)
+//   mean = k0 x0c + kx x + km m         (ddim's epsilon folded in: no per-element division)
+//   x_prev = mean + std z               (std = exp(l0 + l1 v) for learned_range)
+#pragma once
+#include "common.h"
+
+namespace fastdiff {
+
+// Enums: the order of fastdiff/ops/sampler_step.py KINDS, PREDICTION_TYPES, VARIANCE_TYPES.
+enum SamplerKind : int { kDDPM = 0, kDDIM = 1 };
+enum PredictionType : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
+enum VarianceType : int {
+  kFixedSmall = 0, kFixedSmallLog = 1, kFixedLarge = 2, kFixedLargeLog = 3, kLearnedRange = 4
+};
+enum ClipMode : int { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
+
+constexpr uint32_t kStreamSamplerStep = 1;  // fastdiff.reference.STREAM_SAMPLER_STEP
+
+struct SamplerStepConfig {
+  int kind, pred, var, clip;
+  double eta, clip_range;
+  bool final_from_table;  // ddim with set_alpha_to_one=False: t_prev < 0 -> alphas_cumprod[0]
+  bool use_clipped;       // ddim: epsilon re-derived from the clipped x0
+};
+
+struct SamplerStepCoef {
+  float cx, cm, k0, kx, km, std, l0, l1;
+  bool noise_on;  // ddpm: t > 0; ddim: eta > 0
+};
+
+FD_HD int64_t clamp_index(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
+
+// Coefficients of sample with timesteps (t, t_prev); t is clamped to [0, T), t_prev < 0 is the
+// final step (alpha_cumprod_prev = 1, or alphas_cumprod[0] for final_from_table).
+FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t t,
+                                        int64_t t_prev, const SamplerStepConfig& cfg) {
+  t = clamp_index(t, num_t);
+  const double at = ab[t];
+  const double ap = t_prev >= 0 ? ab[clamp_index(t_prev, num_t)]
+                                : (cfg.final_from_table ? ab[0] : 1.0);
+  const double bt = 1.0 - at, bp = 1.0 - ap;
+  const double sa = sqrt(at), sb = sqrt(bt);
+  double cx, cm;
+  if (cfg.pred == kEpsilon) { cx = 1.0 / sa; cm = -sb / sa; }
+  else if (cfg.pred == kSample) { cx = 0.0; cm = 1.0; }
+  else { cx = sa; cm = -sb; }
+  double k0, kx, km = 0.0, sd = 0.0, l0 = 0.0, l1 = 0.0;
+  bool noise_on;
+  if (cfg.kind == kDDPM) {
+    const double cur_alpha = at / ap, cur_beta = 1.0 - cur_alpha;
+    k0 = sqrt(ap) * cur_beta / bt;
+    kx = sqrt(cur_alpha) * bp / bt;
+    double var = bp / bt * cur_beta;
+    var = var < 1e-20 ? 1e-20 : var;  // diffusers clamps before taking logs
+    if (cfg.var == kFixedSmall || cfg.var == kFixedSmallLog) {
+      sd = sqrt(var);  // exp(0.5 log var)
+    } else if (cfg.var == kFixedLarge || cfg.var == kFixedLargeLog) {
+      sd = sqrt(cur_beta);
+    } else {  // learned_range: exp(0.5 (frac max_log + (1 - frac) min_log)), frac = (v + 1) / 2
+      const double min_log = log(var), d = log(cur_beta) - min_log;
+      l0 = 0.5 * min_log + 0.25 * d;
+      l1 = 0.25 * d;
+    }
+    noise_on = t > 0;
+  } else {
+    const double var = bp / bt * (1.0 - at / ap);
+    sd = cfg.eta * sqrt(var);
+    const double rest = bp - sd * sd;  // >= 0 up to rounding for eta <= 1
+    const double dir = sqrt(rest > 0.0 ? rest : 0.0);
+    double ex, em, e0 = 0.0;
+    if (cfg.pred == kEpsilon) { ex = 0.0; em = 1.0; }
+    else if (cfg.pred == kSample) { ex = 1.0 / sb; em = -sa / sb; }
+    else { ex = sb; em = sa; }
+    if (cfg.use_clipped) { ex = 1.0 / sb; em = 0.0; e0 = -sa / sb; }
+    k0 = sqrt(ap) + dir * e0;
+    kx = dir * ex;
+    km = dir * em;
+    noise_on = cfg.eta > 0.0;
+  }
+  return {static_cast<float>(cx), static_cast<float>(cm), static_cast<float>(k0),
+          static_cast<float>(kx), static_cast<float>(km), static_cast<float>(sd),
+          static_cast<float>(l0), static_cast<float>(l1), noise_on};
+}
+
+// x0 after clipping: clip_range for kClipRange, thresh (the sample's s) for kClipThreshold.
+FD_HD float sampler_step_x0(const SamplerStepCoef& c, int clip, float clip_range, float thresh,
+                            float x, float m) {
+  float x0 = c.cx * x + c.cm * m;
+  if (clip == kClipRange) {
+    x0 = fminf(fmaxf(x0, -clip_range), clip_range);
+  } else if (clip == kClipThreshold) {
+    x0 = fminf(fmaxf(x0, -thresh), thresh) / thresh;
+  }
+  return x0;
+}
+
+FD_HD float sampler_step_mean(const SamplerStepCoef& c, float x0c, float x, float m) {
+  return c.k0 * x0c + c.kx * x + c.km * m;
+}
+
+// sigma of the element: per sample, or from the predicted variance v for learned_range.
+FD_HD float sampler_step_std(const SamplerStepCoef& c, bool learned, float v) {
+  return learned ? expf(c.l0 + c.l1 * v) : c.std;
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,360 @@
+"""One reverse-diffusion step: the DDPM posterior or the DDIM update, in one pass over memory.
+
+From the model output (epsilon, sample or v prediction) and x_t, per element: x0, clip or dynamic
+threshold, the posterior mean, and + sigma z with z given or drawn in the kernel (stream
+STREAM_SAMPLER_STEP, step = the sample's t, element index = memory position, as q_sample).
+
+Floor: read x_t and model_out (2x model_out for learned_range, + noise when given), write x_prev
+(+ x0 when asked). Dynamic thresholding adds a per-sample quantile pass over x0 (torch ops).
+
+Per-sample coefficients are computed in float64 from the float64 alphas_cumprod table (once per
+program in the kernels), per-element math in float32: diffusers' float32 `1 - ab_t / ab_prev`
+loses ~1e-3 relative at small t, this does not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import STREAM_SAMPLER_STEP, philox_normal
+from ..schedule import Schedule
+from . import _checks
+from .q_sample import draw_seed
+
+IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
+
+# The kernels take these as ints; csrc/sampler_step.h and kernels/sampler_step.py use the same.
+KINDS = ("ddpm", "ddim")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+                  "learned_range")
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+
+
+def _math_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _alphas(alphas_cumprod: Tensor, t: Tensor, t_prev: Tensor, final_from_table: bool):
+    """Per-sample (ab_t, ab_prev) in float64, gathered on the device with clamped indices;
+    t_prev < 0 gives the final value: alphas_cumprod[0] if final_from_table else 1."""
+    n = alphas_cumprod.numel()
+    ab = alphas_cumprod.to(torch.float64)
+    at = ab[t.clamp(0, n - 1)]
+    final = ab[0] if final_from_table else ab.new_ones(())
+    ap = torch.where(t_prev >= 0, ab[t_prev.clamp(0, n - 1)], final)
+    return at, ap
+
+
+def _predict_x0(x: Tensor, m: Tensor, at: Tensor, prediction_type: str) -> Tensor:
+    """x0 from the model prediction m (diffusers' formulas), in the dtype of x and m."""
+    bt = 1.0 - at
+    view = (-1,) + (1,) * (x.dim() - 1)
+    sa, sb = at.sqrt().to(x.dtype).view(view), bt.sqrt().to(x.dtype).view(view)
+    if prediction_type == "epsilon":
+        return (x - sb * m) / sa
+    if prediction_type == "sample":
+        return m
+    return sa * x - sb * m
+
+
+def _quantile_rows(a: Tensor, q: float) -> Tensor:
+    """torch.quantile(a, q, dim=1) (linear interpolation) by a sort: torch.quantile refuses
+    inputs of more than 2^24 elements."""
+    n = a.shape[1]
+    s = a.sort(dim=1).values
+    rank = q * (n - 1)
+    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    return torch.lerp(s[:, lo], s[:, hi], rank - lo)
+
+
+def threshold_scale(x0: Tensor, ratio: float, sample_max_value: float) -> Tensor:
+    """Dynamic thresholding's per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value)
+    (Saharia et al. 2022, diffusers' _threshold_sample), shape (B,), in x0's dtype. Device ops
+    only: no host sync."""
+    a = x0.reshape(x0.shape[0], -1).abs()
+    return _quantile_rows(a, ratio).clamp(min=1.0, max=sample_max_value)
+
+
+def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tensor,
+                     alphas_cumprod: Tensor, *, kind: str = "ddpm",
+                     prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+                     eta: float = 0.0, clip_sample: bool = False, clip_sample_range: float = 1.0,
+                     thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                     sample_max_value: float = 1.0, set_alpha_to_one: bool = True,
+                     use_clipped_model_output: bool = False, noise: Optional[Tensor] = None,
+                     return_x0: bool = False):
+    """Plain PyTorch, following diffusers' DDPMScheduler.step / DDIMScheduler.step line by line
+    with per-sample t and t_prev (B,). Coefficients in float64; elements in float64 for float64
+    inputs, else float32. `noise`: the z of `+ sigma z` (None: no noise term). Returns x_prev,
+    or (x_prev, x0) with x0 after clipping/thresholding, both in x_t's dtype."""
+    mdt = _math_dtype(x_t)
+    view = (-1,) + (1,) * (x_t.dim() - 1)
+    x = x_t.to(mdt)
+    m = model_output.to(mdt)
+    v = None
+    if kind == "ddpm" and variance_type == "learned_range":
+        m, v = torch.split(m, x.shape[1], dim=1)
+    at, ap = _alphas(alphas_cumprod, t, t_prev, kind == "ddim" and not set_alpha_to_one)
+    bt, bp = 1.0 - at, 1.0 - ap
+
+    def per_sample(c):  # float64 (B,) -> broadcastable, in the element math dtype
+        return c.to(mdt).view(view)
+
+    x0 = _predict_x0(x, m, at, prediction_type)
+    if thresholding:
+        s = threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value).view(view)
+        x0c = torch.minimum(torch.maximum(x0, -s), s) / s
+    elif clip_sample:
+        x0c = x0.clamp(-clip_sample_range, clip_sample_range)
+    else:
+        x0c = x0
+
+    if kind == "ddpm":
+        cur_alpha = at / ap
+        cur_beta = 1.0 - cur_alpha
+        mean = per_sample(ap.sqrt() * cur_beta / bt) * x0c + per_sample(cur_alpha.sqrt() * bp / bt) * x
+        var = (bp / bt * cur_beta).clamp(min=1e-20)
+        if variance_type == "fixed_small":
+            std = per_sample(var.sqrt())
+        elif variance_type == "fixed_small_log":
+            std = per_sample(torch.exp(0.5 * torch.log(var)))
+        elif variance_type == "fixed_large":
+            std = per_sample(cur_beta.sqrt())
+        elif variance_type == "fixed_large_log":
+            # GLIDE's max_log: log-variance log(beta_t). diffusers takes sqrt of the log (NaN).
+            std = per_sample(torch.exp(0.5 * torch.log(cur_beta)))
+        else:  # learned_range: interpolate the log-variance between the two bounds
+            min_log, max_log = per_sample(torch.log(var)), per_sample(torch.log(cur_beta))
+            frac = (v + 1) / 2
+            std = torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
+        x_prev = mean
+        if noise is not None:
+            x_prev = mean + torch.where((t > 0).view(view), std * noise.to(mdt), 0.0)
+    else:
+        sa, sb = at.sqrt(), bt.sqrt()
+        if prediction_type == "epsilon":
+            eps = m
+        elif prediction_type == "sample":
+            eps = (x - per_sample(sa) * m) / per_sample(sb)
+        else:
+            eps = per_sample(sa) * m + per_sample(sb) * x
+        var = bp / bt * (1.0 - at / ap)
+        std = eta * var.sqrt()
+        if use_clipped_model_output:
+            eps = (x - per_sample(sa) * x0c) / per_sample(sb)
+        # clamp: rounding only for eta <= 1 (1 - ab_prev >= var); for eta > 1 diffusers gives NaN
+        direction = (bp - std * std).clamp(min=0.0).sqrt()
+        x_prev = per_sample(ap.sqrt()) * x0c + per_sample(direction) * eps
+        if eta > 0 and noise is not None:
+            x_prev = x_prev + per_sample(std) * noise.to(mdt)
+    x_prev = x_prev.to(x_t.dtype)
+    return (x_prev, x0c.to(x_t.dtype)) if return_x0 else x_prev
+
+
+def _model_output_layout(x_t: Tensor, model_output: Tensor, learned: bool):
+    """model_output laid out for the kernels, and how element j of a sample of x_t (its memory
+    index) finds its prediction: offset b*batch_stride + (j // inner)*row_stride + j % inner, and
+    its predicted variance var_offset further. A 2C-channel output is read in place (its first C
+    channels are a strided view): NCHW -> one row per sample, channels_last -> one row per pixel."""
+    B = x_t.shape[0]
+    ps = x_t.numel() // B if B else 0
+    if not learned:
+        return _checks.like(model_output, x_t), ps, ps, ps, 0
+    C = x_t.shape[1]
+    if x_t.is_contiguous():
+        return model_output.contiguous(), 2 * ps, ps, 2 * ps, ps
+    fmt = torch.channels_last if x_t.dim() == 4 else torch.channels_last_3d
+    return model_output.contiguous(memory_format=fmt), 2 * ps, C, 2 * C, C
+
+
+@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
+def _sampler_step_op(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tensor,
+                     alphas_cumprod: Tensor, noise: Optional[Tensor], seed: int, kind: str,
+                     prediction_type: str, variance_type: str, eta: float, clip_sample: bool,
+                     clip_sample_range: float, thresholding: bool,
+                     dynamic_thresholding_ratio: float, sample_max_value: float,
+                     set_alpha_to_one: bool, use_clipped_model_output: bool,
+                     want_x0: bool) -> tuple[Tensor, Tensor]:
+    """Returns (x_prev, x0 or empty). Inputs are checked; x_t and noise dense alike."""
+    x_prev = _checks.empty_like(x_t)
+    x0 = _checks.empty_like(x_t) if want_x0 else x_t.new_empty(0)
+    needs_noise = kind == "ddpm" or eta > 0
+    learned = kind == "ddpm" and variance_type == "learned_range"
+    opts = dict(kind=kind, prediction_type=prediction_type, variance_type=variance_type, eta=eta,
+                clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                sample_max_value=sample_max_value, set_alpha_to_one=set_alpha_to_one,
+                use_clipped_model_output=use_clipped_model_output)
+    backend = backends.pick("sampler_step", IMPLEMENTED, x_t.device)
+    if backend == "torch" or x_t.dtype == torch.float64 or x_t.numel() == 0:
+        if noise is None and needs_noise and x_t.numel():
+            n = x_t.numel()
+            flat = philox_normal(seed, t.clamp(0, alphas_cumprod.numel() - 1), STREAM_SAMPLER_STEP,
+                                 n, per_sample=n // x_t.shape[0], dtype=_math_dtype(x_t),
+                                 device=x_t.device)
+            noise = torch.as_strided(flat, x_t.shape, x_t.stride())
+        out = sampler_step_ref(x_t, model_output, t, t_prev, alphas_cumprod, noise=noise,
+                               return_x0=want_x0, **opts)
+        x_prev.copy_(out[0] if want_x0 else out)
+        if want_x0:
+            x0.copy_(out[1])
+        return x_prev, x0
+
+    clip_mode = CLIP_THRESHOLD if thresholding else (CLIP_RANGE if clip_sample else CLIP_NONE)
+    thresh = None
+    if thresholding:  # the quantile needs all of x0 first: a separate reduction, on the device
+        m = model_output[:, :x_t.shape[1]] if learned else model_output
+        at = alphas_cumprod.to(torch.float64)[t.clamp(0, alphas_cumprod.numel() - 1)]
+        x0f = _predict_x0(x_t.float(), m.float(), at, prediction_type)
+        thresh = threshold_scale(x0f, dynamic_thresholding_ratio, sample_max_value).contiguous()
+    mo, bs, inner, rs, var_off = _model_output_layout(x_t, model_output, learned)
+    if not needs_noise:
+        noise = None
+    args = (KINDS.index(kind), PREDICTION_TYPES.index(prediction_type),
+            VARIANCE_TYPES.index(variance_type) if kind == "ddpm" else 0, float(eta), clip_mode,
+            float(clip_sample_range), bool(set_alpha_to_one), bool(use_clipped_model_output),
+            bs, inner, rs, var_off)
+    if backend == "triton":
+        from ..kernels.sampler_step import sampler_step_triton
+        sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
+                            needs_noise, *args, x_prev, x0)
+    else:
+        torch.ops.fastdiff_ext.sampler_step(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh,
+                                            seed, needs_noise, *args, x_prev, x0)
+    return x_prev, x0
+
+
+@_sampler_step_op.register_fake
+def _(x_t, model_output, t, t_prev, alphas_cumprod, noise, seed, kind, prediction_type,
+      variance_type, eta, clip_sample, clip_sample_range, thresholding,
+      dynamic_thresholding_ratio, sample_max_value, set_alpha_to_one, use_clipped_model_output,
+      want_x0):
+    return torch.empty_like(x_t), torch.empty_like(x_t) if want_x0 else x_t.new_empty(0)
+
+
+def _choice(name, value, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def _number(name, value, *, low=None, low_open=False, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+            or (high is not None and value > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name} must be finite{' and ' + lo if lo else ''}"
+                         f"{' and ' + hi if hi else ''}, got {value!r}")
+    return value
+
+
+def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedule, *,
+                 kind: str = "ddpm", prediction_type: str = "epsilon",
+                 variance_type: str = "fixed_small", eta: float = 0.0,
+                 clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, set_alpha_to_one: bool = True,
+                 use_clipped_model_output: bool = False, noise: Optional[Tensor] = None,
+                 seed: Optional[int] = None, return_x0: bool = False):
+    """One DDPM or DDIM reverse step, t -> t_prev, fused into one kernel.
+
+    The math is diffusers' DDPMScheduler.step (kind="ddpm") / DDIMScheduler.step (kind="ddim"),
+    with the previous timestep given instead of derived from num_inference_steps.
+
+    Args:
+        x_t: (B, C, ...) current samples, float32/float16/bfloat16 (float64 runs the reference);
+            contiguous or channels_last (x_prev keeps x_t's memory format).
+        model_output: the model's prediction, x_t's shape and dtype; for
+            variance_type="learned_range" 2C channels (prediction, then predicted variance in
+            [-1, 1]), read in place in NCHW or channels_last.
+        t, t_prev: per-sample timesteps, int tensors (B,) or ints; t in [0, T), t_prev in
+            [-1, T) where -1 is the final step (alpha_cumprod_prev = 1 for ddpm; for ddim 1 if
+            set_alpha_to_one else alphas_cumprod[0]).
+        schedule: a fastdiff.Schedule.
+        kind: "ddpm" or "ddim".
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        variance_type: ddpm only: "fixed_small", "fixed_small_log", "fixed_large",
+            "fixed_large_log" (GLIDE's log(beta_t) log-variance, i.e. std sqrt(beta_t);
+            diffusers' own step returns NaN there) or "learned_range". Ignored by ddim.
+        eta: ddim only, >= 0: sigma = eta * sqrt(DDIM variance); noise is added only if eta > 0.
+        clip_sample, clip_sample_range: clamp x0 to [-range, range].
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
+            (per-sample quantile of |x0|, clamped to [1, sample_max_value]); exclusive with clip.
+        set_alpha_to_one: ddim's final alpha_cumprod (see t_prev).
+        use_clipped_model_output: ddim only: re-derive epsilon from the clipped x0.
+        noise: z of `+ sigma z`, x_t's shape; None draws it in the kernel from the counter-based
+            stream fastdiff.reference.STREAM_SAMPLER_STEP (step = the sample's t, element =
+            memory position). ddpm adds noise only to samples with t > 0.
+        seed: int seed of the in-kernel noise (None: drawn from torch's CPU generator).
+        return_x0: also return x0 after clipping/thresholding (diffusers' pred_original_sample).
+
+    Returns:
+        x_prev, or (x_prev, x0) with return_x0.
+    """
+    _checks.float_tensor("x_t", x_t, ndim_min=1)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    _choice("kind", kind, KINDS)
+    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _choice("variance_type", variance_type, VARIANCE_TYPES)
+    learned = variance_type == "learned_range"
+    if learned and kind == "ddim":
+        raise ValueError("variance_type='learned_range' needs kind='ddpm': DDIM's variance is "
+                         "fixed by eta")
+    eta = _number("eta", eta, low=0.0)
+    clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
+    dynamic_thresholding_ratio = _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
+                                         low=0.0, high=1.0)
+    sample_max_value = _number("sample_max_value", sample_max_value, low=0.0, low_open=True)
+    if clip_sample and thresholding:
+        raise ValueError("clip_sample and thresholding are exclusive: choose one")
+    _checks.float_tensor("model_output", model_output)
+    _checks.same_device("x_t", x_t, model_output=model_output)
+    _checks.same_dtype("x_t", x_t, model_output=model_output)
+    if learned:
+        if x_t.dim() < 2:
+            raise ValueError(f"variance_type='learned_range' needs x_t with a channel dim, got "
+                             f"shape {tuple(x_t.shape)}")
+        want = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:])
+        if tuple(model_output.shape) != want:
+            raise ValueError(f"model_output must have 2*C = {2 * x_t.shape[1]} channels "
+                             f"(prediction, then variance) for variance_type='learned_range': "
+                             f"expected shape {want}, got {tuple(model_output.shape)}")
+    elif model_output.shape != x_t.shape:
+        raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)} for "
+                         f"variance_type={variance_type!r}, got {tuple(model_output.shape)}")
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("give either noise or seed, not both: seed only drives the noise "
+                             "drawn in the kernel when noise is None")
+        _checks.float_tensor("noise", noise)
+        _checks.same_device("x_t", x_t, noise=noise)
+        _checks.same_shape("x_t", x_t, noise=noise)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if x_t.shape[0] > 65535:
+        raise ValueError(f"x_t batch size must be at most 65535, got {x_t.shape[0]}")
+    T = schedule.num_train_timesteps
+    t = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device)
+    t_prev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device, allow_negative=True)
+    x_t = _checks.dense(x_t)
+    if noise is not None:
+        noise = _checks.like(noise.to(x_t.dtype), x_t)
+    needs_noise = kind == "ddpm" or eta > 0
+    seed = _checks.seed64(draw_seed() if (noise is None and seed is None and needs_noise)
+                          else (seed or 0))
+    ab = schedule.table("alphas_cumprod", x_t.device, torch.float64)
+    x_prev, x0 = _sampler_step_op(x_t, model_output, t, t_prev, ab, noise, seed, kind,
+                                  prediction_type, variance_type, eta, bool(clip_sample),
+                                  clip_sample_range, bool(thresholding),
+                                  dynamic_thresholding_ratio, sample_max_value,
+                                  bool(set_alpha_to_one), bool(use_clipped_model_output),
+                                  bool(return_x0))
+    return (x_prev, x0) if return_x0 else x_prev

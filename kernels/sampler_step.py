@@ -1,0 +1,202 @@
+"""One DDPM / DDIM reverse step in one pass: x0 from the model output, clip or dynamic threshold,
+posterior mean, + sigma z with z given or drawn in the kernel (Philox stream 1).
+
+Bytes per element (e = element size): read x_t and model_out (2e; +e for the learned variance,
++e for given noise), write x_prev (e; +e for x0).
+
+Grid: (chunks of one sample, B). A program never straddles two samples, so the per-sample
+coefficients are computed once per program, in float64 from the float64 alphas_cumprod table
+(t and t_prev clamped: an unchecked value never reads outside the table); per-element math is
+float32. The same coefficient algebra as csrc/sampler_step.h:
+    x0   = cx x + cm m                    (m: model prediction)
+    x0c  = clamp(x0)  or  clamp(x0, -s, s) / s
+    mean = k0 x0c + kx x + km m           (ddim's epsilon folded in: no per-element division)
+    x_prev = mean + std z                 (std = exp(l0 + l1 v) for learned_range)
+"""
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .philox import USE_LIBDEVICE, normal4, normal_at
+
+# Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
+STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
+# enums: fastdiff/ops/sampler_step.py KINDS / PREDICTION_TYPES / VARIANCE_TYPES / CLIP_*
+DDPM, DDIM = tl.constexpr(0), tl.constexpr(1)
+EPSILON, SAMPLE, V_PREDICTION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FIXED_SMALL, FIXED_SMALL_LOG = tl.constexpr(0), tl.constexpr(1)
+FIXED_LARGE, FIXED_LARGE_LOG, LEARNED_RANGE = tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+NOISE_NONE, NOISE_GIVEN, NOISE_DRAWN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+# float64 log/sqrt: libdevice on the GPU (LLVM's f64 log has no NVPTX lowering); numpy in the
+# interpreter.
+@triton.jit
+def _log64(x):
+    if USE_LIBDEVICE:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _sqrt64(x):
+    if USE_LIBDEVICE:
+        return libdevice.sqrt(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
+          VAR: tl.constexpr, FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr):
+    """Per-sample coefficients in float64 (see the module docstring); returns float32 scalars
+    cx, cm, k0, kx, km, std, l0, l1. tb is already clamped; tpb < 0 means the final step."""
+    at = tl.load(ab_ptr + tb).to(tl.float64)
+    ap = tl.load(ab_ptr + tl.minimum(tl.maximum(tpb, 0), num_t - 1)).to(tl.float64)
+    if FINAL_FROM_TABLE:
+        final = tl.load(ab_ptr).to(tl.float64)
+    else:
+        final = at * 0.0 + 1.0
+    ap = tl.where(tpb >= 0, ap, final)
+    bt = 1.0 - at
+    bp = 1.0 - ap
+    sa = _sqrt64(at)
+    sb = _sqrt64(bt)
+    if PRED == EPSILON:
+        cx = 1.0 / sa
+        cm = -sb / sa
+    elif PRED == SAMPLE:
+        cx = at * 0.0
+        cm = at * 0.0 + 1.0
+    else:
+        cx = sa
+        cm = -sb
+    zero = at * 0.0
+    l0 = zero
+    l1 = zero
+    if KIND == DDPM:
+        cur_alpha = at / ap
+        cur_beta = 1.0 - cur_alpha
+        k0 = _sqrt64(ap) * cur_beta / bt
+        kx = _sqrt64(cur_alpha) * bp / bt
+        km = zero
+        var = tl.maximum(bp / bt * cur_beta, 1e-20)
+        if VAR == FIXED_SMALL or VAR == FIXED_SMALL_LOG:  # exp(0.5 log var) = sqrt(var)
+            std = _sqrt64(var)
+        elif VAR == FIXED_LARGE or VAR == FIXED_LARGE_LOG:
+            std = _sqrt64(cur_beta)
+        else:  # learned_range: std = exp(0.5 (frac max_log + (1 - frac) min_log)), frac = (v+1)/2
+            min_log = _log64(var)
+            d = _log64(cur_beta) - min_log
+            l0 = 0.5 * min_log + 0.25 * d
+            l1 = 0.25 * d
+            std = zero
+    else:
+        var = bp / bt * (1.0 - at / ap)
+        std = _sqrt64(var) * eta  # float32 eta promoted to float64
+        direction = _sqrt64(tl.maximum(bp - std * std, 0.0))
+        if PRED == EPSILON:
+            ex = zero
+            em = zero + 1.0
+        elif PRED == SAMPLE:
+            ex = 1.0 / sb
+            em = -sa / sb
+        else:
+            ex = sb
+            em = sa
+        e0 = zero
+        if USE_CLIPPED:  # epsilon re-derived from the clipped x0
+            ex = 1.0 / sb
+            em = zero
+            e0 = -sa / sb
+        k0 = _sqrt64(ap) + direction * e0
+        kx = direction * ex
+        km = direction * em
+    return (cx.to(tl.float32), cm.to(tl.float32), k0.to(tl.float32), kx.to(tl.float32),
+            km.to(tl.float32), std.to(tl.float32), l0.to(tl.float32), l1.to(tl.float32))
+
+
+@triton.jit
+def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_ptr,
+                         out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, num_t,
+                         seed_lo, seed_hi, eta, clip_range,
+                         KIND: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
+                         CLIP: tl.constexpr, NOISE: tl.constexpr,
+                         FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr,
+                         SPLIT: tl.constexpr, ALIGNED: tl.constexpr, WANT_X0: tl.constexpr,
+                         ROWS: tl.constexpr):
+    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row)
+    b = tl.program_id(1)
+    tb = tl.load(t_ptr + b)
+    tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
+    tpb = tl.load(tp_ptr + b)
+    cx, cm, k0, kx, km, std, l0, l1 = _coef(ab_ptr, num_t, tb, tpb, eta, KIND, PRED, VAR,
+                                            FINAL_FROM_TABLE, USE_CLIPPED)
+
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    lane = tl.arange(0, 4)
+    j = rows[:, None] * 4 + lane[None, :]            # index within the sample
+    mask = j < per_sample
+    i = b.to(tl.int64) * per_sample + j              # index in memory order
+    if SPLIT:  # learned_range, channels_last: rows of mo_inner predictions, mo_rs apart
+        mo = b.to(tl.int64) * mo_bs + (j // mo_inner) * mo_rs + j % mo_inner
+    else:
+        mo = b.to(tl.int64) * mo_bs + j
+    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(mo_ptr + mo, mask=mask, other=0.0).to(tl.float32)
+    x0 = cx * x + cm * m
+    if CLIP == CLIP_RANGE:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    elif CLIP == CLIP_THRESHOLD:
+        s = tl.load(thr_ptr + b).to(tl.float32)
+        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+    out = k0 * x0 + kx * x + km * m
+    if NOISE != NOISE_NONE:
+        if NOISE == NOISE_GIVEN:
+            z = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        elif ALIGNED:  # per_sample % 4 == 0: row r is exactly Philox group i // 4
+            g = b.to(tl.int64) * (per_sample // 4) + rows
+            n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, tb, STREAM)
+            z = tl.where(lane[None, :] == 0, n0[:, None],
+                tl.where(lane[None, :] == 1, n1[:, None],
+                tl.where(lane[None, :] == 2, n2[:, None], n3[:, None])))
+        else:  # groups straddle samples: each element draws its own lane
+            z = normal_at(seed_lo, seed_hi, i, tb, STREAM)
+        if VAR == LEARNED_RANGE:
+            v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
+            sd = tl.exp(l0 + l1 * v)
+        else:
+            sd = std
+        if KIND == DDPM:  # ddpm adds noise only where t > 0 (ddim: the host checked eta > 0)
+            out = tl.where(tb > 0, out + sd * z, out)
+        else:
+            out = out + sd * z
+    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if WANT_X0:
+        tl.store(x0_ptr + i, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise,
+                        kind, pred, var, eta, clip_mode, clip_range, set_alpha_to_one,
+                        use_clipped, mo_bs, mo_inner, mo_rs, var_off, x_prev, x0):
+    """Checked, laid-out tensors (fastdiff.ops.sampler_step): x_t, noise, x_prev, x0 share
+    strides; mo is read at b*mo_bs + (j // mo_inner)*mo_rs + j % mo_inner (+ var_off);
+    t, t_prev int64 (B,); alphas_cumprod float64; thresh float32 (B,) for clip_mode 2."""
+    B = x_t.shape[0]
+    per_sample = x_t.numel() // B
+    rows = 256 if per_sample >= 4096 else 64
+    grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), B)
+    useed = seed & 0xFFFFFFFFFFFFFFFF
+    noise_mode = (NOISE_GIVEN if noise is not None else
+                  (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
+    _sampler_step_kernel[grid](
+        x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
+        thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
+        per_sample, mo_bs, mo_inner, mo_rs, var_off, alphas_cumprod.numel(),
+        useed & 0xFFFFFFFF, useed >> 32, float(eta), float(clip_range),
+        KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
+        FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one, USE_CLIPPED=bool(use_clipped),
+        SPLIT=mo_inner != per_sample, ALIGNED=per_sample % 4 == 0, WANT_X0=x0.numel() > 0,
+        ROWS=rows, num_warps=4)

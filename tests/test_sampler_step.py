@@ -1,0 +1,463 @@
+"""sampler_step on every backend against the float64 reference and against diffusers' DDPM/DDIM
+step (run in float64), with given and in-kernel noise, and statistics of the in-kernel noise."""
+import math
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.ops.sampler_step import (IMPLEMENTED, PREDICTION_TYPES, VARIANCE_TYPES,
+                                       sampler_step_ref)
+from fastdiff.reference import STREAM_SAMPLER_STEP, memory_order_normal
+
+from conftest import DEVICE, assert_close, backends_for
+
+BACKENDS = backends_for("sampler_step", IMPLEMENTED)
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return fastdiff.Schedule("linear", T)
+
+
+def _inputs(shape, t, t_prev, learned=False, dtype=torch.float32, seed=0, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    mo_shape = (shape[0], 2 * shape[1]) + tuple(shape[2:]) if learned else shape
+    x = torch.randn(shape, generator=g)
+    mo = torch.randn(mo_shape, generator=g)
+    if learned:  # predicted variance in [-1, 1]
+        mo[:, shape[1]:] = torch.rand(mo[:, shape[1]:].shape, generator=g) * 2 - 1
+    noise = torch.randn(shape, generator=g)
+    x, mo, noise = (a.to(DEVICE, dtype) for a in (x, mo, noise))
+    if channels_last:
+        x, mo = x.to(memory_format=torch.channels_last), mo.to(memory_format=torch.channels_last)
+    tt = torch.tensor(t, device=DEVICE)
+    tp = torch.tensor(t_prev, device=DEVICE)
+    return x, mo, tt, tp, noise
+
+
+def _ref(schedule, x, mo, t, tp, noise, **opts):
+    ab = schedule.table("alphas_cumprod", "cpu", torch.float64)
+    return sampler_step_ref(x.double().cpu(), mo.double().cpu(), t.cpu(), tp.cpu(), ab,
+                            noise=None if noise is None else noise.double().cpu(), **opts)
+
+
+def _close(out, ref, tol, msg=""):
+    """Max error over max|ref| and ||out - ref|| / ||ref||, both <= tol."""
+    o, r = out.double().cpu(), ref.double().cpu()
+    assert o.shape == r.shape, msg
+    assert torch.isfinite(o).all(), f"{msg}: non-finite output"
+    scale = r.abs().max().clamp_min(1e-30)
+    elem = ((o - r).abs().max() / scale).item()
+    nrm = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+    assert elem <= tol and nrm <= tol, f"{msg}: max err / max|ref| {elem:.3g}, norm rel {nrm:.3g} > {tol}"
+    return elem, nrm
+
+
+# t = 0 (ddpm: no noise), t_prev = -1 (final step), small and large t, in one batch
+T_PAIRS = ([0, 3, 500, 999], [-1, 2, 480, 979])
+SHAPE = (4, 3, 5, 4)  # 60 elements per sample: whole Philox groups
+SHAPE_ODD = (4, 3, 5, 3)  # 45 per sample: Philox groups straddle samples
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddpm_given_noise(backend, prediction_type, variance_type, schedule):
+    learned = variance_type == "learned_range"
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, learned=learned)
+    opts = dict(kind="ddpm", prediction_type=prediction_type, variance_type=variance_type)
+    with fastdiff.use_backend(backend):
+        out, x0 = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, return_x0=True, **opts)
+    ref, ref_x0 = _ref(schedule, x, mo, t, tp, noise, return_x0=True, **opts)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    _close(out, ref, 2e-6, f"{backend} x_prev")
+    _close(x0, ref_x0, 2e-6, f"{backend} x0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", ["clip", "threshold"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddpm_clip_threshold(backend, prediction_type, clip, schedule):
+    x, mo, t, tp, noise = _inputs(SHAPE_ODD, *T_PAIRS, seed=1)
+    opts = dict(kind="ddpm", prediction_type=prediction_type, variance_type="fixed_large")
+    if clip == "clip":
+        opts.update(clip_sample=True, clip_sample_range=1.5)
+    else:
+        opts.update(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
+    with fastdiff.use_backend(backend):
+        out, x0 = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, return_x0=True, **opts)
+    ref, ref_x0 = _ref(schedule, x, mo, t, tp, noise, return_x0=True, **opts)
+    bound = 1.5 if clip == "clip" else 1.0
+    assert ref_x0.abs().max() <= bound + 1e-12
+    assert (ref_x0.abs() >= bound - 1e-9).any(), "the case must actually clip"
+    _close(out, ref, 2e-6, f"{backend} x_prev")
+    _close(x0, ref_x0, 2e-6, f"{backend} x0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddim(backend, prediction_type, eta, clip, schedule):
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, seed=2)
+    # alternate the two ddim-only switches over the grid, so each meets every other option
+    flip = (PREDICTION_TYPES.index(prediction_type) + int(eta * 2)) % 2 == 1
+    opts = dict(kind="ddim", prediction_type=prediction_type, eta=eta,
+                use_clipped_model_output=flip, set_alpha_to_one=not flip)
+    if clip == "clip":
+        opts.update(clip_sample=True)
+    elif clip == "threshold":
+        opts.update(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=2.0)
+    with fastdiff.use_backend(backend):
+        out, x0 = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, return_x0=True, **opts)
+    ref, ref_x0 = _ref(schedule, x, mo, t, tp, noise, return_x0=True, **opts)
+    _close(out, ref, 2e-6, f"{backend} x_prev")
+    _close(x0, ref_x0, 2e-6, f"{backend} x0")
+    if eta == 0:  # deterministic: the noise is not used at all
+        with fastdiff.use_backend(backend):
+            again = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=7, **opts)
+        assert torch.equal(again.cpu(), out.cpu())
+
+
+def test_reference_options_matter(schedule):
+    """Each option changes the reference's result (so the tests above can fail)."""
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, seed=3)
+    base = dict(kind="ddim", eta=0.5)
+    r0 = _ref(schedule, x, mo, t, tp, noise, **base)
+    for extra in [dict(use_clipped_model_output=True, clip_sample=True), dict(set_alpha_to_one=False),
+                  dict(eta=1.0), dict(prediction_type="sample"), dict(clip_sample=True),
+                  dict(thresholding=True, sample_max_value=2.0)]:
+        r1 = _ref(schedule, x, mo, t, tp, noise, **{**base, **extra})
+        assert not torch.allclose(r0, r1), extra
+    outs = [_ref(schedule, x, mo, t, tp, noise, kind="ddpm", variance_type=v)
+            for v in ("fixed_small", "fixed_large")]
+    assert not torch.allclose(outs[0], outs[1])
+    # fixed_small_log is fixed_small; fixed_large_log (GLIDE's log(beta)) is fixed_large
+    for a, b in (("fixed_small", "fixed_small_log"), ("fixed_large", "fixed_large_log")):
+        ra, rb = (_ref(schedule, x, mo, t, tp, noise, kind="ddpm", variance_type=v) for v in (a, b))
+        assert torch.allclose(ra, rb, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    dict(kind="ddpm", prediction_type="epsilon", variance_type="learned_range"),
+    dict(kind="ddim", prediction_type="v_prediction", eta=0.5, thresholding=True,
+         sample_max_value=2.0),
+])
+def test_half_dtypes(backend, dtype, case, schedule):
+    learned = case.get("variance_type") == "learned_range"
+    x, mo, t, tp, noise = _inputs(SHAPE_ODD, [1, 200, 600, 999], [0, 150, 599, 900],
+                                  learned=learned, dtype=dtype, seed=4)
+    with fastdiff.use_backend(backend):
+        out = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, **case)
+    assert out.dtype == dtype
+    ref = _ref(schedule, x, mo, t, tp, noise, **case)
+    assert_close(out, ref, dtype, scale=float(ref.abs().max()), msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_learned_range_reads_in_place(backend, schedule):
+    x, mo, t, tp, noise = _inputs((2, 3, 5, 3), [700, 1], [600, -1], learned=True, seed=5,
+                                  channels_last=True)
+    assert not mo.is_contiguous()
+    opts = dict(kind="ddpm", variance_type="learned_range", prediction_type="v_prediction")
+    with fastdiff.use_backend(backend):
+        out = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, **opts)
+        drawn = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=11, **opts)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert drawn.is_contiguous(memory_format=torch.channels_last)
+    _close(out, _ref(schedule, x, mo, t, tp, noise, **opts), 2e-6, backend)
+    z = memory_order_normal(11, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
+    _close(drawn, _ref(schedule, x, mo, t, tp, z, **opts), 2e-6, f"{backend} drawn")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nchw_learned_range_and_mixed_layouts(backend, schedule):
+    """NCHW 2C output with a channels_last x_t (re-laid out), and a strided x_t view."""
+    x, mo, t, tp, noise = _inputs((2, 4, 3, 5), [999, 30], [979, 10], learned=True, seed=6)
+    opts = dict(kind="ddpm", variance_type="learned_range")
+    xc = x.to(memory_format=torch.channels_last)
+    with fastdiff.use_backend(backend):
+        a = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, **opts)
+        b = fastdiff.sampler_step(xc, mo, t, tp, schedule, noise=noise, **opts)
+    ref = _ref(schedule, x, mo, t, tp, noise, **opts)
+    _close(a, ref, 2e-6, backend)
+    _close(b, ref, 2e-6, f"{backend} channels_last x_t")
+    base = torch.randn(2, 3, 9, 8, device=DEVICE)
+    xs = base[:, :, ::2, 1:]
+    ms, ns = torch.randn_like(xs), torch.randn_like(xs)
+    with fastdiff.use_backend(backend):
+        c = fastdiff.sampler_step(xs, ms, t, tp, schedule, noise=ns, kind="ddim", eta=1.0)
+    _close(c, _ref(schedule, xs, ms, t, tp, ns, kind="ddim", eta=1.0), 2e-6, f"{backend} strided")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [SHAPE, SHAPE_ODD, (1, 2, 33, 33), (3, 5)])
+def test_drawn_noise_matches_reference_stream(backend, shape, schedule):
+    B = shape[0]
+    t, tp = [0, 7, 999, 640][:B], [-1, 3, 989, 600][:B]
+    x, mo, tt, tpp, _ = _inputs(shape, t, tp, seed=8)
+    for opts in (dict(kind="ddpm", variance_type="fixed_large"), dict(kind="ddim", eta=0.7)):
+        with fastdiff.use_backend(backend):
+            out = fastdiff.sampler_step(x, mo, tt, tpp, schedule, seed=2 ** 40 + 17, **opts)
+        z = memory_order_normal(2 ** 40 + 17, tt.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
+        _close(out, _ref(schedule, x, mo, tt, tpp, z, **opts), 2e-6, f"{backend} {opts['kind']}")
+
+
+def test_same_seed_same_result_on_every_backend(schedule):
+    x, mo, t, tp, _ = _inputs(SHAPE_ODD, *T_PAIRS, learned=True, seed=9)
+    outs = {}
+    for backend in BACKENDS:
+        with fastdiff.use_backend(backend):
+            outs[backend] = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=99,
+                                                  variance_type="learned_range").double().cpu()
+    first = outs[BACKENDS[0]]
+    for name, o in outs.items():
+        _close(o, first, 1e-6, f"{name} vs {BACKENDS[0]}")
+
+
+def test_seed_reproducible_t_changes_noise_and_ddpm_t0_noiseless(schedule):
+    x, mo, _, _, _ = _inputs((2, 3, 4, 4), [0, 0], [0, 0], seed=10)
+    run = lambda t, s: fastdiff.sampler_step(x, mo, torch.tensor(t), torch.tensor([-1, -1]),
+                                             schedule, seed=s, variance_type="fixed_large")
+    a, b, c, d = run([5, 5], 1), run([5, 5], 1), run([6, 5], 1), run([5, 5], 2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert not torch.equal(a, d)
+    e, f = run([0, 5], 1), run([0, 5], 2)  # t = 0 draws nothing: seed-independent
+    assert torch.equal(e[0], f[0]) and not torch.equal(e[1], f[1])
+
+
+def _noise_of(schedule, t, n, backend=None):
+    """The in-kernel normals of a step, recovered: x_t = model_output = 0 makes x_prev = std z."""
+    x = torch.zeros(1, n, device=DEVICE)
+    with fastdiff.use_backend(backend or "auto"):
+        out = fastdiff.sampler_step(x, x, t, -1, schedule, seed=123, variance_type="fixed_large")
+    ab = schedule.alphas_cumprod
+    return out.double().cpu().flatten() / math.sqrt(1.0 - float(ab[t]))
+
+
+def test_in_kernel_noise_statistics(schedule):
+    n = 10 ** 6
+    z = _noise_of(schedule, 500, n)
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    s = z.sort().values
+    cdf = 0.5 * (1 + torch.erf(s / math.sqrt(2)))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert ks < 1.63 / math.sqrt(n), f"KS statistic {ks:.3g} (1% level {1.63 / math.sqrt(n):.3g})"
+    # independence: another step's stream, and neighbouring elements within one stream
+    z2 = _noise_of(schedule, 501, n)
+    for a, b, what in ((z, z2, "t=500 vs t=501"), (z[:-1], z[1:], "lag 1"), (z[:-4], z[4:], "lag 4")):
+        r = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(n), f"{what}: correlation {r:.3g}"
+
+
+# -- parity with diffusers ------------------------------------------------------------------
+
+DDPM_CASES = [dict(prediction_type=p, variance_type=v) for p in PREDICTION_TYPES
+              for v in VARIANCE_TYPES] + \
+    [dict(prediction_type=p, variance_type="fixed_small", clip_sample=True) for p in PREDICTION_TYPES] + \
+    [dict(prediction_type=p, variance_type="fixed_small", thresholding=True,
+          dynamic_thresholding_ratio=0.9, sample_max_value=3.0) for p in PREDICTION_TYPES]
+DDIM_CASES = [dict(prediction_type=p, eta=e, **c) for p in PREDICTION_TYPES for e in (0.0, 0.5, 1.0)
+              for c in (dict(), dict(clip_sample=True),
+                        dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0))] + \
+    [dict(prediction_type=p, eta=0.5, clip_sample=True, use_clipped_model_output=True,
+          set_alpha_to_one=False) for p in PREDICTION_TYPES]
+
+
+def _case_id(c):
+    return "-".join(f"{k[:4]}={v}" for k, v in c.items())
+
+
+def _diffusers_ddpm(case, x, mo, t, tp, noise, double, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers import scheduling_ddpm
+    var = case["variance_type"]
+    # diffusers' fixed_large_log takes sqrt(log beta) = NaN; GLIDE's meaning is fixed_large's std
+    var = "fixed_large" if var == "fixed_large_log" else var
+    sched = diffusers.DDPMScheduler(
+        num_train_timesteps=T, beta_schedule="linear", variance_type=var,
+        prediction_type=case["prediction_type"], clip_sample=case.get("clip_sample", False),
+        thresholding=case.get("thresholding", False),
+        dynamic_thresholding_ratio=case.get("dynamic_thresholding_ratio", 0.995),
+        sample_max_value=case.get("sample_max_value", 1.0))
+    dt = torch.float64 if double else torch.float32
+    if double:
+        sched.alphas_cumprod = sched.alphas_cumprod.double()
+        sched.one = torch.tensor(1.0, dtype=torch.float64)
+    outs = []
+    for b in range(x.shape[0]):
+        tb, pb = int(t[b]), int(tp[b])
+        sched.set_timesteps(timesteps=[tb, pb] if pb >= 0 else [tb])
+        monkeypatch.setattr(scheduling_ddpm, "randn_tensor",
+                            lambda *a, _n=noise[b:b + 1].to(dt), **k: _n)
+        outs.append(sched.step(mo[b:b + 1].to(dt), tb, x[b:b + 1].to(dt)).prev_sample)
+    return sched, torch.cat(outs)
+
+
+def _diffusers_ddim(case, x, mo, t, step, noise, double):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(
+        num_train_timesteps=T, beta_schedule="linear", prediction_type=case["prediction_type"],
+        clip_sample=case.get("clip_sample", False), set_alpha_to_one=case.get("set_alpha_to_one", True),
+        thresholding=case.get("thresholding", False),
+        dynamic_thresholding_ratio=case.get("dynamic_thresholding_ratio", 0.995),
+        sample_max_value=case.get("sample_max_value", 1.0))
+    dt = torch.float64 if double else torch.float32
+    if double:
+        sched.alphas_cumprod = sched.alphas_cumprod.double()
+        sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
+    sched.set_timesteps(T // step)
+    outs = [sched.step(mo[b:b + 1].to(dt), int(t[b]), x[b:b + 1].to(dt), eta=case["eta"],
+                       use_clipped_model_output=case.get("use_clipped_model_output", False),
+                       variance_noise=noise[b:b + 1].to(dt)).prev_sample
+            for b in range(x.shape[0])]
+    return sched, torch.cat(outs)
+
+
+def _parity_inputs(learned=False, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    C = 3
+    x = torch.randn(4, C, 4, 5, generator=g)
+    mo = torch.randn(4, 2 * C if learned else C, 4, 5, generator=g)
+    if learned:
+        mo[:, C:] = torch.rand(4, C, 4, 5, generator=g) * 2 - 1
+    return x, mo, torch.randn(4, C, 4, 5, generator=g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DDPM_CASES, ids=_case_id)
+def test_ddpm_parity_with_diffusers(backend, case, monkeypatch):
+    x, mo, noise = _parity_inputs(case["variance_type"] == "learned_range")
+    t, tp = torch.tensor([0, 4, 501, 999]), torch.tensor([-1, 1, 500, 950])
+    sched, want = _diffusers_ddpm(case, x, mo, t, tp, noise.double(), True, monkeypatch)
+    ours = fastdiff.Schedule.from_alphas_cumprod(sched.alphas_cumprod)
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x.to(DEVICE), mo.to(DEVICE), t.to(DEVICE), tp.to(DEVICE), ours,
+                                    noise=noise.to(DEVICE), kind="ddpm", **case)
+    _close(got, want, 1e-6, f"{backend} vs diffusers float64")
+    # diffusers' own float32 step (measured 2e-5 off its float64 step on these cases)
+    _, want32 = _diffusers_ddpm(case, x, mo, t, tp, noise, False, monkeypatch)
+    _close(got, want32, 1e-4, f"{backend} vs diffusers float32")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DDIM_CASES, ids=_case_id)
+def test_ddim_parity_with_diffusers(backend, case):
+    x, mo, noise = _parity_inputs(seed=13)
+    step = 20  # T // num_inference_steps: diffusers derives t_prev = t - step
+    t = torch.tensor([999, 501, 21, 15])
+    tp = torch.where(t - step >= 0, t - step, -1)
+    sched, want = _diffusers_ddim(case, x, mo, t, step, noise.double(), True)
+    ours = fastdiff.Schedule.from_alphas_cumprod(sched.alphas_cumprod)
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x.to(DEVICE), mo.to(DEVICE), t.to(DEVICE), tp.to(DEVICE), ours,
+                                    noise=noise.to(DEVICE), kind="ddim", **case)
+    _close(got, want, 1e-6, f"{backend} vs diffusers float64")
+    _, want32 = _diffusers_ddim(case, x, mo, t, step, noise, False)
+    _close(got, want32, 1e-4, f"{backend} vs diffusers float32")
+
+
+def test_diffusers_fixed_large_log_is_nan():
+    """Why fixed_large_log is compared with diffusers' fixed_large above: diffusers' own step
+    returns sqrt(log(beta_t)) * noise, NaN for every beta_t < 1."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDPMScheduler(variance_type="fixed_large_log")
+    out = sched.step(torch.randn(1, 2, 3), 500, torch.randn(1, 2, 3)).prev_sample
+    assert torch.isnan(out).all()
+
+
+# -- the rest of the contract ---------------------------------------------------------------
+
+def test_float64_runs_reference(schedule):
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, dtype=torch.float64, seed=14)
+    out = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise)
+    assert out.dtype == torch.float64
+    ref = _ref(schedule, x, mo, t, tp, noise)
+    assert torch.allclose(out.cpu(), ref, rtol=0, atol=1e-13)
+
+
+def test_int_timesteps_broadcast(schedule):
+    x, mo, _, _, noise = _inputs((2, 3, 4), [0, 0], [0, 0], seed=15)
+    a = fastdiff.sampler_step(x, mo, 400, 380, schedule, noise=noise, kind="ddim", eta=0.3)
+    b = fastdiff.sampler_step(x, mo, torch.tensor([400, 400]), torch.tensor([380, 380]),
+                              schedule, noise=noise, kind="ddim", eta=0.3)
+    assert torch.equal(a, b)
+
+
+def test_compile_fullgraph_reference_backend(schedule):
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, seed=16)
+    f = torch.compile(lambda a, m, n, tt, pp: fastdiff.sampler_step(
+        a, m, tt, pp, schedule, noise=n, kind="ddim", eta=0.5, thresholding=True,
+        sample_max_value=2.0), fullgraph=True, backend="eager")
+    with fastdiff.use_backend("torch"):
+        got = f(x, mo, noise, t, tp)
+    _close(got, _ref(schedule, x, mo, t, tp, noise, kind="ddim", eta=0.5, thresholding=True,
+                     sample_max_value=2.0), 2e-6)
+
+
+def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
+    """With checks off (as inside a CUDA graph), out-of-range t / t_prev read the table's ends
+    (t_prev < 0 stays the final step)."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "0")
+    x, mo, _, _, noise = _inputs((2, 8), [0, 0], [0, 0], seed=17)
+    for backend in BACKENDS:
+        with fastdiff.use_backend(backend):
+            got = fastdiff.sampler_step(x, mo, torch.tensor([-5, 5000], device=DEVICE),
+                                        torch.tensor([-7, 4000], device=DEVICE), schedule,
+                                        noise=noise, kind="ddim", eta=0.5)
+        want = _ref(schedule, x, mo, torch.tensor([0, 999]), torch.tensor([-1, 999]), noise,
+                    kind="ddim", eta=0.5)
+        _close(got, want, 2e-6, backend)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(t=torch.tensor([0, 1000])), ValueError, r"t has values in \[0, 1000\], outside \[0, 1000\)"),
+    (dict(t=torch.tensor([-1, 3])), ValueError, "outside"),
+    (dict(t_prev=torch.tensor([-2, 3])), ValueError, r"t_prev has values in \[-2, 3\], outside \[-1, 1000\)"),
+    (dict(t_prev=1000), ValueError, r"t_prev=1000 is out of range"),
+    (dict(t=torch.tensor([1, 2, 3])), ValueError, r"t must have shape \(2,\)"),
+    (dict(t_prev=torch.tensor([1.0, 2.0])), TypeError, "t_prev must be an integer tensor"),
+    (dict(model_output=torch.randn(2, 3, 4, 5)), ValueError, "model_output must have the shape of x_t"),
+    (dict(variance_type="learned_range"), ValueError, r"model_output must have 2\*C = 6 channels"),
+    (dict(model_output=torch.randn(2, 6, 4, 4)), ValueError, "model_output must have the shape"),
+    (dict(model_output=torch.randn(2, 3, 4, 4, dtype=torch.float64)), TypeError,
+     "model_output must have the dtype of x_t"),
+    (dict(model_output=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError,
+     "model_output must be a floating tensor"),
+    (dict(noise=torch.randn(2, 3, 4, 5)), ValueError, "noise must have the shape of x_t"),
+    (dict(noise=torch.randn(2, 3, 4, 4), seed=1), ValueError, "either noise or seed"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(kind="euler"), ValueError, "kind must be one of"),
+    (dict(prediction_type="eps"), ValueError, "prediction_type must be one of"),
+    (dict(variance_type="learned"), ValueError, "variance_type must be one of"),
+    (dict(eta=-0.1, kind="ddim"), ValueError, "eta must be finite and >= 0"),
+    (dict(eta="1"), TypeError, "eta must be a number"),
+    (dict(clip_sample=True, thresholding=True), ValueError, "clip_sample and thresholding are exclusive"),
+    (dict(kind="ddim", variance_type="learned_range",
+          model_output=torch.randn(2, 6, 4, 4)), ValueError, "learned_range.*needs kind='ddpm'"),
+    (dict(dynamic_thresholding_ratio=1.5), ValueError, "dynamic_thresholding_ratio"),
+    (dict(clip_sample_range=0.0), ValueError, "clip_sample_range"),
+    (dict(schedule="linear"), TypeError, "schedule must be a fastdiff.Schedule"),
+    (dict(x_t=torch.ones(2, 3, dtype=torch.int64)), TypeError, "x_t must be a floating tensor"),
+])
+def test_errors(kwargs, err, match, schedule):
+    args = dict(x_t=torch.randn(2, 3, 4, 4), model_output=torch.randn(2, 3, 4, 4),
+                t=torch.tensor([1, 2]), t_prev=torch.tensor([0, 1]), schedule=schedule)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        fastdiff.sampler_step(**args)
+
+
+def test_device_mismatch(schedule):
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="model_output is on meta but x_t is on cpu"):
+        fastdiff.sampler_step(x, torch.randn(2, 3, device="meta"), 5, 4, schedule)
+    with pytest.raises(ValueError, match="noise is on meta"):
+        fastdiff.sampler_step(x, x, 5, 4, schedule, noise=torch.randn(2, 3, device="meta"))
