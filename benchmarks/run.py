@@ -128,8 +128,13 @@ def main(argv=None) -> int:
     # Time the kernels as a CUDA-graph-captured sampling or training step runs them: without the
     # timestep value check, which costs a host sync per call on a CUDA t (recorded in the header;
     # FASTDIFF_CHECKS=1 in the environment times it with the check).
+    prev = os.environ.get("FASTDIFF_CHECKS")
     os.environ.setdefault("FASTDIFF_CHECKS", "0")
-    result = run(args)
+    try:
+        result = run(args)
+    finally:  # main() also runs in-process (tests, `python -m fastdiff bench`): leave env as found
+        if prev is None:
+            os.environ.pop("FASTDIFF_CHECKS", None)
     paths = write_results(result, SUITES, args.out)
     print(f"{len(result['rows'])} rows, {len(result['skipped'])} skipped, "
           f"{result['env']['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
