@@ -91,17 +91,7 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
     _checks.float_tensor("x0", x0, ndim_min=1)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
-    if noise is not None:
-        if seed is not None:
-            raise ValueError("give either noise or seed, not both: seed only drives the noise "
-                             "drawn in the kernel when noise is None")
-        _checks.float_tensor("noise", noise)
-        _checks.same_device("x0", x0, noise=noise)
-        _checks.same_shape("x0", x0, noise=noise)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if x0.shape[0] > 65535:
-        raise ValueError(f"x0 batch size must be at most 65535, got {x0.shape[0]}")
+    _checks.noise_and_seed("x0", x0, noise, seed)
     t = _checks.timesteps("t", t, x0.shape[0], schedule.num_train_timesteps, x0.device)
     x0 = _checks.dense(x0)
     if noise is not None:

@@ -330,17 +330,7 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     elif model_output.shape != x_t.shape:
         raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)} for "
                          f"variance_type={variance_type!r}, got {tuple(model_output.shape)}")
-    if noise is not None:
-        if seed is not None:
-            raise ValueError("give either noise or seed, not both: seed only drives the noise "
-                             "drawn in the kernel when noise is None")
-        _checks.float_tensor("noise", noise)
-        _checks.same_device("x_t", x_t, noise=noise)
-        _checks.same_shape("x_t", x_t, noise=noise)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if x_t.shape[0] > 65535:
-        raise ValueError(f"x_t batch size must be at most 65535, got {x_t.shape[0]}")
+    _checks.noise_and_seed("x_t", x_t, noise, seed)
     T = schedule.num_train_timesteps
     t = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device)
     t_prev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device, allow_negative=True)
