@@ -72,10 +72,12 @@ def _tile(t, n_c_tiles, n_s_tiles, C, S, Cg,
     cl = ct * BC + tl.arange(0, BC)
     s = st * BS + tl.arange(0, BS)
     mask = (cl[:, None] < Cg) & (s[None, :] < S)
+    # int64: within one sample (channels_last) or one group (NCHW) the offset reaches C·S or
+    # Cg·S, which can pass 2^31 (e.g. a VAE decoder at 4096² with C = 128)
     if CL:
-        offs = s[None, :] * C + cl[:, None]
+        offs = s[None, :].to(tl.int64) * C + cl[:, None]
     else:
-        offs = cl[:, None] * S + s[None, :]
+        offs = cl[:, None].to(tl.int64) * S + s[None, :]
     nvalid = (tl.minimum(Cg - ct * BC, BC) * tl.minimum(S - st * BS, BS)).to(tl.float32)
     return offs, mask, cl, nvalid
 

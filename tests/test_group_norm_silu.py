@@ -182,6 +182,35 @@ def test_gpu_sd_shapes(backend, shape, G, layout, dtype, seed):
     assert torch.equal(y, _run(backend, x, w, b, G, add=a)), "must be deterministic"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs ~20 GB of GPU memory")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_sample_over_2_31_elements(backend, layout, seed):
+    # one sample (one group, G = 1) of 32 x 8200 x 8200 > 2^31 elements: offsets within a group
+    # (NCHW) or a sample (channels_last) pass int32 (the Triton tiles once computed them in int32)
+    C, H = 32, 8200
+    x = torch.randn(1, C, H, H, device="cuda", dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    assert x.numel() > 2 ** 31
+    w = torch.randn(C, device="cuda") * 0.5 + 1.0
+    b = torch.randn(C, device="cuda")
+    y = _run(backend, x, w, b, 1)
+    n = x.numel()
+    mean = sum(x[0, c].double().sum() for c in range(C)) / n
+    var = sum(((x[0, c].double() - mean) ** 2).sum() for c in range(C)) / n
+    rstd = 1.0 / torch.sqrt(var + 1e-5)
+    for c in (0, C // 2, C - 1):  # the first, a middle and the last channel: head and tail pixels
+        for sl in (slice(0, 4096), slice(H * H - 4096, H * H)):
+            xs = x[0, c].flatten()[sl].double()
+            ref = F.silu((xs - mean) * rstd * w[c].double() + b[c].double())
+            assert_close(y[0, c].flatten()[sl], ref, torch.float16, scale=4.0,
+                         msg=f"{backend} {layout} c={c}")
+
+
 # -- autograd, module, op registration ----------------------------------------------------------
 def test_gradcheck(seed):
     x, w, b, a = (t.double().requires_grad_() for t in _inputs((2, 4, 3, 3), 2, torch.float32))
