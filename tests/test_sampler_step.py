@@ -402,6 +402,29 @@ def test_compile_fullgraph_reference_backend(schedule):
                      sample_max_value=2.0), 2e-6)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
+@pytest.mark.parametrize("learned", [False, True])
+def test_ext_op_needs_noise_false_means_no_noise_term(backend, learned, schedule):
+    """The extension op's contract, on every device it is built for: needs_noise=False gives no
+    noise term, whether noise is given or not (the CUDA kernel once added a given noise anyway,
+    and drew noise for learned_range)."""
+    x, mo, t, tp, noise = _inputs(SHAPE_ODD, [3, 500, 999, 10], [2, 480, 979, 9], learned=learned)
+    ps = x[0].numel()
+    bs, inner, rs, var_off = (2 * ps, ps, 2 * ps, ps) if learned else (ps, ps, ps, 0)
+    ab = schedule.table("alphas_cumprod", x.device, torch.float64)
+    args = (0, 0, 4 if learned else 0, 0.0, 0, 1.0, True, False, bs, inner, rs, var_off)
+
+    def run(nz, needs_noise):
+        out, x0 = torch.empty_like(x), x.new_empty(0)
+        torch.ops.fastdiff_ext.sampler_step(x, mo, t, tp, ab, nz, None, 7, needs_noise, *args,
+                                            out, x0)
+        return out
+
+    mean = run(torch.zeros_like(x), True)  # + std * 0
+    assert torch.equal(run(noise, False), mean)
+    assert torch.equal(run(None, False), mean)
+
+
 def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
     """With checks off (as inside a CUDA graph), out-of-range t / t_prev read the table's ends
     (t_prev < 0 stays the final step)."""

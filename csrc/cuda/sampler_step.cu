@@ -113,7 +113,8 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
                   static_cast<unsigned>(B));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int noise_mode = noise ? kNoiseGiven : (needs_noise ? kNoiseDrawn : kNoiseNone);
+  // as the CPU kernel: no noise term at all unless needs_noise (a given noise is then ignored)
+  const int noise_mode = !needs_noise ? kNoiseNone : (noise ? kNoiseGiven : kNoiseDrawn);
   const bool split = mo_inner != per_sample;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cuda", [&] {
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
@@ -126,8 +127,9 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
           x_prev.data_ptr<scalar_t>(), x0p, per_sample, mo_batch_stride, mo_inner, mo_row_stride,
           var_offset, alphas_cumprod.numel(), static_cast<uint64_t>(seed), cfg);
     };
-    // learned_range always reads the variance: its noise is never absent (ddpm draws or is given)
-    if (learned) {
+    // learned_range reads the variance only for the noise term; without one it is a plain mean
+    // (still read through the split model_output layout)
+    if (learned && noise_mode != kNoiseNone) {
       if (noise_mode == kNoiseGiven) {
         if (split) launch(sampler_step_kernel<scalar_t, kNoiseGiven, true, true>);
         else launch(sampler_step_kernel<scalar_t, kNoiseGiven, true, false>);
@@ -139,6 +141,8 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
       launch(sampler_step_kernel<scalar_t, kNoiseGiven, false, false>);
     } else if (noise_mode == kNoiseDrawn) {
       launch(sampler_step_kernel<scalar_t, kNoiseDrawn, false, false>);
+    } else if (split) {
+      launch(sampler_step_kernel<scalar_t, kNoiseNone, false, true>);
     } else {
       launch(sampler_step_kernel<scalar_t, kNoiseNone, false, false>);
     }
