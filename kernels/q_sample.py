@@ -23,8 +23,8 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
                      ROWS: tl.constexpr):
     # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row)
     b = tl.program_id(1)
-    tb = tl.load(t_ptr + b)
-    tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
+    t_raw = tl.load(t_ptr + b)  # the noise's step: t as given (reference, CPU and CUDA alike)
+    tb = tl.minimum(tl.maximum(t_raw, 0), num_t - 1)
     a = tl.load(sqrt_ab_ptr + tb).to(tl.float32)
     s = tl.load(sqrt_1mab_ptr + tb).to(tl.float32)
 
@@ -39,12 +39,12 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
     else:
         if ALIGNED:  # per_sample % 4 == 0: row r is exactly Philox group i // 4
             g = b.to(tl.int64) * (per_sample // 4) + rows
-            n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, tb, STREAM)
+            n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, t_raw, STREAM)
             eps = tl.where(lane[None, :] == 0, n0[:, None],
                   tl.where(lane[None, :] == 1, n1[:, None],
                   tl.where(lane[None, :] == 2, n2[:, None], n3[:, None])))
         else:  # groups straddle samples: each element draws its own lane
-            eps = normal_at(seed_lo, seed_hi, i, tb, STREAM)
+            eps = normal_at(seed_lo, seed_hi, i, t_raw, STREAM)
         tl.store(eps_ptr + i, eps.to(eps_ptr.dtype.element_ty), mask=mask)
     tl.store(xt_ptr + i, (a * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
     if WANT_V:

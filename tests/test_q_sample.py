@@ -187,6 +187,20 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
         assert_close(got, want, torch.float32, msg=backend)
 
 
+def test_unchecked_t_draws_noise_with_t_as_given(schedule, monkeypatch):
+    """With checks off, an out-of-range t clamps the schedule index, but the noise is drawn with
+    t as given (fastdiff.reference), on every backend: Triton once drew it with the clamped t."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "0")
+    for shape in ((2, 8), (2, 5)):  # whole Philox groups per sample, and groups straddling two
+        x0 = torch.randn(shape, device=DEVICE)
+        t = torch.tensor([-5, 5000], device=DEVICE)
+        want = memory_order_normal(9, t, STREAM_Q_SAMPLE, x0)
+        for backend in BACKENDS:
+            with fastdiff.use_backend(backend):
+                _, eps = fastdiff.q_sample(x0, t, schedule, seed=9)
+            assert_close(eps, want.double(), torch.float32, msg=f"{backend} {shape}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
