@@ -187,6 +187,26 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
         assert_close(got, want, torch.float32, msg=backend)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
+def test_ext_op_rejects_noise_laid_out_unlike_x0(backend, schedule):
+    """The kernels index noise/eps/v by x0's memory position: other strides (or, on CUDA, a
+    CPU tensor) must be refused, not read out of order or out of bounds."""
+    x0 = torch.randn(2, 3, 4, 5, device=DEVICE)
+    t = torch.tensor([1, 2], device=DEVICE)
+    ab = schedule.table("sqrt_alphas_cumprod", DEVICE, torch.float32)
+    s1 = schedule.table("sqrt_one_minus_alphas_cumprod", DEVICE, torch.float32)
+    x_t, empty = torch.empty_like(x0), x0.new_empty(0)
+    bad = torch.randn(2, 5, 4, 3, device=DEVICE).transpose(1, 3)  # x0's shape, other strides
+    with pytest.raises(ValueError, match="laid out like x0"):
+        torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, bad, 0, x_t, empty, empty)
+    with pytest.raises(ValueError, match="laid out like x0"):
+        torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, None, 0, x_t, bad, empty)
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="laid out like x0"):
+            torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, torch.randn(2, 3, 4, 5), 0, x_t,
+                                            empty, empty)
+
+
 def test_unchecked_t_draws_noise_with_t_as_given(schedule, monkeypatch):
     """With checks off, an out-of-range t clamps the schedule index, but the noise is drawn with
     t as given (fastdiff.reference), on every backend: Triton once drew it with the clamped t."""

@@ -61,6 +61,12 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& s
   FD_CHECK(sqrt_ab.scalar_type() == at::kFloat && sqrt_1mab.scalar_type() == at::kFloat,
            "q_sample: schedule tables must be float32");
   FD_CHECK(x_t.strides() == x0.strides(), "q_sample: x_t must be laid out like x0");
+  // the kernel indexes noise, eps and v by x0's memory position, on x0's device
+  FD_CHECK(x_t.device() == x0.device() &&
+           (!noise || (noise->strides() == x0.strides() && noise->device() == x0.device())) &&
+           (noise || (eps.strides() == x0.strides() && eps.device() == x0.device())) &&
+           (v.numel() == 0 || (v.strides() == x0.strides() && v.device() == x0.device())),
+           "q_sample: noise, x_t, eps and v must be laid out like x0, on its device");
   if (x0.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
     q_sample_cpu_impl<scalar_t>(x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(),

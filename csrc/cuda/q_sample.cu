@@ -57,6 +57,12 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
   FD_CHECK(sqrt_ab.scalar_type() == at::kFloat && sqrt_1mab.scalar_type() == at::kFloat,
            "q_sample: schedule tables must be float32");
   FD_CHECK(x_t.strides() == x0.strides(), "q_sample: x_t must be laid out like x0");
+  // the kernel indexes noise, eps and v by x0's memory position, on x0's device
+  FD_CHECK(x_t.device() == x0.device() &&
+           (!noise || (noise->strides() == x0.strides() && noise->device() == x0.device())) &&
+           (noise || (eps.strides() == x0.strides() && eps.device() == x0.device())) &&
+           (v.numel() == 0 || (v.strides() == x0.strides() && v.device() == x0.device())),
+           "q_sample: noise, x_t, eps and v must be laid out like x0, on its device");
   const int64_t numel = x0.numel();
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(x0.device());
