@@ -191,7 +191,7 @@ def _ok():
     (lambda q, k, v: (q.to(torch.int32), k.to(torch.int32), v.to(torch.int32)), TypeError,
      "q must be a floating tensor"),
     (lambda q, k, v: (q, k.to(torch.int64), v), TypeError, "k must be a floating tensor"),
-    (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q.cpu().numpy(), k, v), TypeError, "q must be a torch.Tensor"),
     (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
     (lambda q, k, v: (q, k, v[None]), ValueError, "v must have 4 dims"),
     (lambda q, k, v: (q, torch.cat([k, k]), v), ValueError, "k must have the batch size of q"),
@@ -233,12 +233,29 @@ def test_mixed_devices():
 
 # ------------------------------------------------------------------------------- GPU full sweep
 
+SWEEP_DTYPES = LOWP + (torch.float32,)
+SWEEP_LENGTHS = [(1000, 1000), (1000, 77), (4096, 77), (1, 1000), (1024, 1024), (257, 4096)]
+
+
+def _sweep_cases():
+    # Nearly every case is its own Triton compile (~1-2 s each on the GPU machine's host: the
+    # lengths and strides change the kernel's specialization), and 126 of them would take
+    # minutes. By default a diagonal runs: every head dim with 3 length pairs (one per dtype),
+    # every dtype with all 6 pairs; the rest of the grid is marked `slow`
+    # (`pytest -m slow -k gpu_sweep` runs it).
+    out = []
+    for i, dtype in enumerate(SWEEP_DTYPES):
+        for j, D in enumerate(HEAD_DIMS):
+            for k, (Lq, Lk) in enumerate(SWEEP_LENGTHS):
+                diag = k == (j + 2 * i) % len(SWEEP_LENGTHS)
+                out.append(pytest.param(dtype, D, Lq, Lk, marks=() if diag else pytest.mark.slow,
+                                        id=f"{str(dtype)[6:]}-D{D}-{Lq}x{Lk}"))
+    return out
+
+
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", LOWP + (torch.float32,))
-@pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize("Lq, Lk", [(1000, 1000), (1000, 77), (4096, 77), (1, 1000),
-                                    (1024, 1024), (257, 4096)])
+@pytest.mark.parametrize("dtype, D, Lq, Lk", _sweep_cases())
 def test_gpu_sweep(seed, dtype, D, Lq, Lk):
     q, k, v = make(2, 8, Lq, Lk, D, dtype)
     assert_close(run("triton", q, k, v), ref64(q, k, v), msg=f"D={D} {Lq}x{Lk}")
