@@ -132,6 +132,7 @@ class Ctx:
         self.matmul_rate = None  # FLOP/s
         self.floors_info = {}
         self.skipped = []  # dicts: suite, case, impl, reason
+        self.deadline = None  # perf_counter time after which no new case starts (--budget-s)
 
     # -- helpers for suites -----------------------------------------------------------------
     def shapes(self, table: dict):
@@ -217,6 +218,9 @@ class Ctx:
         row per implementation that ran (skipped ones are recorded with their reason)."""
         if self.only and self.only not in case.label:
             return
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.skip(case.suite, case.label, "(case)", "time budget (--budget-s) spent")
+            return
         self.log(f"[{time.perf_counter() - self.t0:7.1f}s]   {case.label}")
         try:
             sets = [make_inputs() for _ in range(self.n_sets(case.bytes or 1))]
@@ -240,7 +244,8 @@ class Ctx:
             except Exception as e:  # noqa: BLE001 -- a failing impl skips its row, not the run
                 self.skip(case.suite, case.label, impl.name, reason(e))
                 continue
-            self.log(f"    {impl.name:<34} {times[impl.name]:10.4f} ms")
+            self.log(f"    {impl.name:<34} {times[impl.name]:10.4f} ms"
+                     + (f"  (compiled in {compile_s:.1f} s)" if impl.kind == "compile" else ""))
         base = {"eager": times.get("eager"), "compile": times.get("compile")}
         for impl in todo:
             if impl.name in times:
@@ -344,8 +349,10 @@ def environment(ctx: Ctx) -> dict:
         p = torch.cuda.get_device_properties(ctx.device)
         env.update(sm_count=p.multi_processor_count, l2_MiB=ctx.l2_bytes / 2 ** 20,
                    cudnn=torch.backends.cudnn.version(),
-                   timing="triton.testing.do_bench median (L2 flushed before each call) "
-                          "+ input rotation when the working set < 2x L2")
+                   timing="triton.testing.do_bench median: CUDA events around each call, L2 "
+                          "flushed (256 MB memset) before each, + input rotation when the working "
+                          "set < 2x L2. Device time: an op's host overhead shows only where it "
+                          "exceeds the flush's ~0.1 ms")
     else:
         env.update(timing="time.perf_counter median per call (CPU)")
     return env
@@ -359,16 +366,22 @@ def _fmt(v, spec, suffix=""):
     return "" if v is None else f"{v:{spec}}{suffix}"
 
 
+SMALL_BYTES = 10 ** 7  # below ~10 MB a case is bound by launch latency, not bandwidth
+
+
 def format_table(rows: list, metric: str = "GB/s") -> str:
-    """Markdown table of result rows (one suite-variant)."""
+    """Markdown table of result rows (one suite-variant). A GB/s figure of a case under
+    SMALL_BYTES carries a † (launch-bound: its GB/s says little)."""
     head = [c if c != "rate" else metric for c in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rate = r["tflops"] if metric == "TFLOP/s" else r["gbps"]
+        small = metric != "TFLOP/s" and rate is not None and r["bytes"] < SMALL_BYTES
         ms = r["ms"]
         lines.append("| " + " | ".join([
             shape_str(r["shape"]), r["dtype"], r["layout"], r["impl"],
-            f"{ms:.4f}" if ms < 1 else f"{ms:.3f}", _fmt(rate, ".1f"), _fmt(r["pct_floor"], ".1f"),
+            f"{ms:.4f}" if ms < 1 else f"{ms:.3f}", _fmt(rate, ".1f", " †" if small else ""),
+            _fmt(r["pct_floor"], ".1f"),
             _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×")]) + " |")
     return "\n".join(lines)
 
@@ -386,14 +399,20 @@ def format_markdown(result: dict, suites: dict) -> str:
              f"{env['date']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
              f"diffusers {env['diffusers']}; fastdiff {env['fastdiff']} at git {env['git_commit']}"
              f"{' (--quick)' if env['quick'] else ''}.",
-             "",
+             ""]
+    if not env.get("complete", True):
+        lines += [f"**Partial results**: written {env.get('wall_s', 0):.0f} s into a run that "
+                  "had not finished (a later write replaces this file).", ""]
+    lines += [
              f"Measured in this run: device copy bandwidth **{floors['copy_GBps']:.0f} GB/s** "
              f"({floors['copy']}); matmul rate **{floors['matmul_TFLOPs']:.3g} TFLOP/s** "
              f"({floors['matmul']}).",
              "",
              f"Timing: {env['timing']}. ms = median. GB/s = the case's minimal bytes ÷ time (the "
-             "same bytes for every implementation, so it is proportional to speed); TFLOP/s = "
-             "the case's FLOPs ÷ time. % of floor = max(minimal bytes ÷ copy bandwidth, FLOPs ÷ "
+             "same bytes for every implementation, so it is proportional to speed; GB = 10⁹ "
+             "bytes, MiB = 2²⁰); † marks cases under 10 MB, bound by launch latency (a few µs), "
+             "whose GB/s says little; TFLOP/s = the case's FLOPs ÷ time (10¹² FLOP per s). "
+             "% of floor = max(minimal bytes ÷ copy bandwidth, FLOPs ÷ "
              "matmul rate) ÷ time. × eager / × compile = that row's speed-up over the eager and "
              "torch.compile rows of the same case, measured in the same run. fastdiff backends "
              "marked (auto) are the ones `auto` picks; the `torch` backend is the reference "
@@ -464,7 +483,7 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def write_results(result: dict, suites: dict, out_dir) -> list:
+def write_results(result: dict, suites: dict, out_dir, png: bool = True) -> list:
     """<out>/<device-slug>_<date>[_quick].{json,md,png}; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -473,5 +492,5 @@ def write_results(result: dict, suites: dict, out_dir) -> list:
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths[1].write_text(format_markdown(result, suites) + "\n")
-    png = plot(result, out / f"{stem}.png")
+    png = plot(result, out / f"{stem}.png") if png else None
     return paths + ([png] if png else [])

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else the CPU microbenchmarks")
+    p.add_argument("--budget-s", type=float, default=None, metavar="S",
+                   help="start no new case after S seconds (the cases left are listed as skipped); "
+                        "results are written as the run goes, so a killed run leaves them too")
     p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -84,12 +87,14 @@ def cpu_microbenchmarks(args) -> int:
     return 0 if rc in (0, 5) else rc  # 5: nothing collected (e.g. every op missing)
 
 
-def run_suite(ctx: Ctx, s) -> list:
+def run_suite(ctx: Ctx, s, checkpoint=None) -> list:
     ctx.log(f"[{time.perf_counter() - ctx.t0:7.1f}s] {s.name}: {s.title}")
     rows = []
     try:
         for row in s.fn(ctx):
             rows.append(row)
+            if checkpoint:
+                checkpoint(rows)
     except SuiteSkip as e:
         ctx.skip(s.name, "", "(suite)", str(e))
     except Exception as e:  # noqa: BLE001 -- a broken suite must not lose the others' results
@@ -102,18 +107,33 @@ def run(args) -> dict:
     ctx = Ctx(args.device, quick=args.quick, compile=not args.no_compile, dtypes=args.dtype_list,
               only=args.only, compile_backend=args.compile_backend)
     ctx.t0 = time.perf_counter()
+    if getattr(args, "budget_s", None) is not None:
+        ctx.deadline = ctx.t0 + args.budget_s
     env = environment(ctx)
     print(f"fastdiff bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}")
     floors = ctx.measure_floors()
     print(f"copy bandwidth {floors['copy_GBps']:.0f} GB/s ({floors['copy']}); "
           f"matmul {floors['matmul_TFLOPs']:.3g} TFLOP/s ({floors['matmul']})")
-    rows = []
+    rows, last = [], [0.0]
+
+    def result(more=(), complete=True):
+        env.update(wall_s=time.perf_counter() - ctx.t0, complete=complete)
+        return dict(env=env, floors=floors, rows=rows + list(more), skipped=ctx.skipped,
+                    argv=vars(args))
+
+    def checkpoint(suite_rows, force=False):
+        # what has been measured so far, on disk (no PNG), at most every 10 s: a run stopped
+        # by a time limit still leaves its results under --out
+        if getattr(args, "out", None) and (force or time.perf_counter() - last[0] > 10):
+            last[0] = time.perf_counter()
+            write_results(result(suite_rows, complete=False), SUITES, args.out, png=False)
+
     with torch.no_grad():
         for name in args.ops:
-            rows += run_suite(ctx, SUITES[name])
-    env["wall_s"] = time.perf_counter() - ctx.t0
-    return dict(env=env, floors=floors, rows=rows, skipped=ctx.skipped, argv=vars(args))
+            rows += run_suite(ctx, SUITES[name], checkpoint)
+            checkpoint([], force=True)
+    return result()
 
 
 def main(argv=None) -> int:

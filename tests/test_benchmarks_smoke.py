@@ -117,7 +117,10 @@ def test_floor_math_rows_and_tables():
     assert ra["x_eager"] == pytest.approx(0.5) and ra["x_compile"] is None
     table = harness.format_table([r, ra], "GB/s").splitlines()
     assert table[0].startswith("| shape | dtype | layout | impl | ms | GB/s |")
-    assert table[2] == "| 2x3 | fp16 | NCHW | fastdiff:cuda | 0.0010 | 3000.0 | 100.0 | 4.00× | 2.00× |"
+    # 3 MB: launch-bound, its GB/s is marked
+    assert table[2] == "| 2x3 | fp16 | NCHW | fastdiff:cuda | 0.0010 | 3000.0 † | 100.0 | 4.00× | 2.00× |"
+    big = dict(r, bytes=30_000_000, gbps=30000.0)
+    assert "| 30000.0 | 100.0 |" in harness.format_table([big], "GB/s")
     assert table[3].endswith("| 0.50× |  |")
     assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert harness.parse_dtypes("fp16, bfloat16,fp32") == [torch.float16, torch.bfloat16,
