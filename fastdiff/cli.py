@@ -40,10 +40,22 @@ def info(args=None) -> int:
         print(f"  {name:<7} {'active  ' if ok else 'inactive'}  {why}")
     print("\nauto choice per op on CUDA tensors (first available):")
     for op, order in backends.AUTO_CUDA_ORDER.items():
-        print(f"  {op:<16} {' > '.join(order)}")
+        print(f"  {op:<16} {' > '.join(order)}{_picked(backends, op)}")
     print(f"  on CPU tensors: {'cpu (C++)' if backends.available('cpu') else 'torch (reference)'}")
     print(f"\nrequested now: {backends.requested()}")
     return 0
+
+
+def _picked(backends, op: str) -> str:
+    """' -> <backend>': what auto runs for op on this machine's GPU ('' without one)."""
+    import torch
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        implemented = __import__(f"fastdiff.ops.{op}", fromlist=["IMPLEMENTED"]).IMPLEMENTED
+        return f"   -> {backends.pick(op, implemented, 'cuda')} here"
+    except Exception as e:  # noqa: BLE001 - report, never fail `info`
+        return f"   -> ? ({e.__class__.__name__}: {e})"
 
 
 def bench(argv) -> int:
