@@ -72,8 +72,16 @@ FD_HD Normal4 normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream)
   return n;
 }
 
+// Lane k of a Normal4 without indexing the array at run time: a dynamic index would put the
+// four floats in local memory (a 48-byte stack frame per thread in ptxas -v); selects stay in
+// registers.
+FD_HD float lane(const Normal4& n, uint64_t k) {
+  k &= 3;
+  return k == 0 ? n.v[0] : (k == 1 ? n.v[1] : (k == 2 ? n.v[2] : n.v[3]));
+}
+
 FD_HD float normal_at(uint64_t seed, uint64_t i, uint32_t step, uint32_t stream) {
-  return normal4(seed, i >> 2, step, stream).v[i & 3];
+  return lane(normal4(seed, i >> 2, step, stream), i);
 }
 
 }  // namespace fastdiff

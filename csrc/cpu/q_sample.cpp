@@ -41,7 +41,7 @@ void q_sample_cpu_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tens
             n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tp[b]), kStreamQSample);
             drawn_for = b;
           }
-          e = n.v[i & 3];
+          e = lane(n, i);
           ep[i] = static_cast<scalar_t>(e);
         }
         const float x = static_cast<float>(x0p[i]);

@@ -53,7 +53,7 @@ void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
             drawn_g = g;
             drawn_b = b;
           }
-          z = n.v[i & 3];
+          z = lane(n, i);
         }
         const float v = learned ? static_cast<float>(mp[mo_off + L.var_off]) : 0.0f;
         out += sampler_step_std(c, learned, v) * z;

@@ -37,7 +37,7 @@ __global__ void q_sample_kernel(const scalar_t* __restrict__ x0, const scalar_t*
           n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
           drawn_for = b;
         }
-        e = n.v[i & 3];
+        e = lane(n, i);
         eps[i] = static_cast<scalar_t>(e);
       }
       const float x = static_cast<float>(x0[i]);

@@ -47,7 +47,7 @@ __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scal
       const float x0c = sampler_step_x0(c, cfg.clip, clip_range, s, x, m);
       float out = sampler_step_mean(c, x0c, x, m);
       if (add_noise) {
-        const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : n.v[i & 3];
+        const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : lane(n, i);
         const float v = kLearned ? static_cast<float>(mo[mo_off + var_off]) : 0.0f;
         out += sampler_step_std(c, kLearned, v) * z;
       }
