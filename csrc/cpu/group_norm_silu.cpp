@@ -6,7 +6,9 @@
 // channels with per-channel accumulators. Both inner loops keep independent fp32 lanes, so they
 // vectorize without reassociating a reduction; blocks of at most kChunk elements are folded into
 // the group's statistics with Chan's formula (group_norm_silu.h).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 

@@ -10,7 +10,9 @@
 // row stride S; channels_last: S rows (pixels) of Cg channels, row stride C. Loads and stores
 // are vectors of V elements (16 bytes where the inner length, row stride and pointers allow).
 // Stream: the current one; no host syncs (graph-capturable).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
