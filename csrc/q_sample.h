@@ -1,4 +1,5 @@
-// Forward noising, per element: shared by the CPU and CUDA kernels.
+// Forward noising: the per-element math and the per-group body, shared by the CPU and CUDA
+// kernels, so the CPU tests run the exact code the GPU runs (only the loop over groups differs).
 #pragma once
 #include "common.h"
 
@@ -18,5 +19,38 @@ FD_HD float q_sample_xt(QSampleCoef c, float x0, float eps) { return c.a * x0 + 
 FD_HD float q_sample_v(QSampleCoef c, float x0, float eps) { return c.a * eps - c.s * x0; }
 
 constexpr uint32_t kStreamQSample = 0;  // fastdiff.reference.STREAM_Q_SAMPLE
+
+struct QSampleArgs {
+  int64_t numel, per_sample, num_t;
+  uint64_t seed;
+  const int64_t* t;
+  const float* sqrt_ab;
+  const float* sqrt_1mab;
+};
+
+// Elements 4g .. 4g+3 (Philox group g). The group's four normals are drawn once per sample it
+// touches: a group that straddles a sample boundary draws with each sample's own t, as
+// fastdiff.reference defines (t as given; only the schedule index is clamped).
+template <typename scalar_t, bool kHasNoise, bool kWantV>
+FD_HD void q_sample_group(int64_t g, const QSampleArgs& a, const scalar_t* x0,
+                          const scalar_t* noise, scalar_t* x_t, scalar_t* eps, scalar_t* v) {
+  const int64_t end = 4 * g + 4 < a.numel ? 4 * g + 4 : a.numel;
+  for (int64_t i0 = 4 * g; i0 < end;) {
+    const int64_t b = i0 / a.per_sample;
+    const int64_t i1 = (b + 1) * a.per_sample < end ? (b + 1) * a.per_sample : end;
+    const int64_t tb = a.t[b];
+    const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+    Normal4 n{};
+    if (!kHasNoise) n = normal4(a.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float e = kHasNoise ? static_cast<float>(noise[i]) : lane(n, i);
+      if (!kHasNoise) eps[i] = static_cast<scalar_t>(e);
+      const float x = static_cast<float>(x0[i]);
+      x_t[i] = static_cast<scalar_t>(q_sample_xt(c, x, e));
+      if (kWantV) v[i] = static_cast<scalar_t>(q_sample_v(c, x, e));
+    }
+    i0 = i1;
+  }
+}
 
 }  // namespace fastdiff

@@ -15,6 +15,8 @@ SHAPES = [  # (B, C, H, W)-like shapes that catch indexing bugs
     (4, 3, 5, 7),      # per-sample size 105: Philox groups straddle samples
     (3, 4, 33, 33),    # larger than one program
     (2, 5),            # 1-D per sample, not a multiple of 4
+    (7, 3),            # samples smaller than a Philox group: one group spans up to 3 samples
+    (5, 1),
 ]
 
 

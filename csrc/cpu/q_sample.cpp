@@ -13,43 +13,23 @@ template <typename scalar_t>
 void q_sample_cpu_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
                        const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
                        uint64_t seed, at::Tensor& x_t, at::Tensor& eps, at::Tensor& v) {
-  const int64_t numel = x0.numel(), B = x0.size(0), per_sample = numel / B;
-  const int64_t num_t = sqrt_ab.numel();
+  const QSampleArgs a{x0.numel(), x0.numel() / x0.size(0), sqrt_ab.numel(), seed,
+                      t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
   const scalar_t* x0p = x0.data_ptr<scalar_t>();
   const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
-  const int64_t* tp = t.data_ptr<int64_t>();
-  const float* ap = sqrt_ab.data_ptr<float>();
-  const float* sp = sqrt_1mab.data_ptr<float>();
   scalar_t* xtp = x_t.data_ptr<scalar_t>();
   scalar_t* ep = np ? nullptr : eps.data_ptr<scalar_t>();
   scalar_t* vp = v.numel() ? v.data_ptr<scalar_t>() : nullptr;
-  // Work in aligned Philox groups of 4 so each group's block is computed once.
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, groups, 2048, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      Normal4 n{};
-      int64_t drawn_for = -1;  // sample whose timestep `n` was drawn with
-      const int64_t end = std::min<int64_t>(4 * g + 4, numel);
-      for (int64_t i = 4 * g; i < end; ++i) {
-        const int64_t b = i / per_sample;
-        const QSampleCoef c = q_sample_coef(ap, sp, tp[b], num_t);
-        float e;
-        if (np) {
-          e = static_cast<float>(np[i]);
-        } else {
-          if (drawn_for != b) {  // a group that straddles two samples draws with each one's t
-            n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tp[b]), kStreamQSample);
-            drawn_for = b;
-          }
-          e = lane(n, i);
-          ep[i] = static_cast<scalar_t>(e);
-        }
-        const float x = static_cast<float>(x0p[i]);
-        xtp[i] = static_cast<scalar_t>(q_sample_xt(c, x, e));
-        if (vp) vp[i] = static_cast<scalar_t>(q_sample_v(c, x, e));
-      }
-    }
-  });
+  auto run = [&](auto group) {
+    at::parallel_for(0, (a.numel + 3) / 4, 2048, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) group(g, a, x0p, np, xtp, ep, vp);
+    });
+  };
+  if (np) {
+    if (vp) run(q_sample_group<scalar_t, true, true>); else run(q_sample_group<scalar_t, true, false>);
+  } else {
+    if (vp) run(q_sample_group<scalar_t, false, true>); else run(q_sample_group<scalar_t, false, false>);
+  }
 }
 
 void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,

@@ -12,38 +12,16 @@
 namespace fastdiff {
 namespace {
 
+// One thread per Philox group of 4 consecutive elements (each normal drawn once), grid-stride
+// with 64-bit indices; the group body is q_sample_group, shared with (and tested through) the CPU.
 template <typename scalar_t, bool kHasNoise, bool kWantV>
-__global__ void q_sample_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ noise,
-                                const int64_t* __restrict__ t, const float* __restrict__ sqrt_ab,
-                                const float* __restrict__ sqrt_1mab, scalar_t* __restrict__ x_t,
-                                scalar_t* __restrict__ eps, scalar_t* __restrict__ v,
-                                int64_t numel, int64_t per_sample, int64_t num_t, uint64_t seed) {
-  const int64_t groups = (numel + 3) / 4;
+__global__ void q_sample_kernel(QSampleArgs a, const scalar_t* __restrict__ x0,
+                                const scalar_t* __restrict__ noise, scalar_t* __restrict__ x_t,
+                                scalar_t* __restrict__ eps, scalar_t* __restrict__ v) {
+  const int64_t groups = (a.numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Normal4 n{};
-    int64_t drawn_for = -1;
-    const int64_t end = min(4 * g + 4, numel);
-#pragma unroll
-    for (int64_t i = 4 * g; i < end; ++i) {
-      const int64_t b = i / per_sample;
-      const int64_t tb = __ldg(t + b);
-      const QSampleCoef c = q_sample_coef(sqrt_ab, sqrt_1mab, tb, num_t);
-      float e;
-      if (kHasNoise) {
-        e = static_cast<float>(noise[i]);
-      } else {
-        if (drawn_for != b) {  // a group straddling two samples draws with each one's t
-          n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
-          drawn_for = b;
-        }
-        e = lane(n, i);
-        eps[i] = static_cast<scalar_t>(e);
-      }
-      const float x = static_cast<float>(x0[i]);
-      x_t[i] = static_cast<scalar_t>(q_sample_xt(c, x, e));
-      if (kWantV) v[i] = static_cast<scalar_t>(q_sample_v(c, x, e));
-    }
+    q_sample_group<scalar_t, kHasNoise, kWantV>(g, a, x0, noise, x_t, eps, v);
   }
 }
 
@@ -76,11 +54,11 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
     const scalar_t* np = has_noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* ep = has_noise ? nullptr : eps.data_ptr<scalar_t>();
     scalar_t* vp = want_v ? v.data_ptr<scalar_t>() : nullptr;
+    const QSampleArgs a{numel, numel / x0.size(0), sqrt_ab.numel(), static_cast<uint64_t>(seed),
+                        t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, threads, 0, stream>>>(
-          x0.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(),
-          sqrt_1mab.data_ptr<float>(), x_t.data_ptr<scalar_t>(), ep, vp, numel,
-          numel / x0.size(0), sqrt_ab.numel(), static_cast<uint64_t>(seed));
+      kernel<<<blocks, threads, 0, stream>>>(a, x0.data_ptr<scalar_t>(), np,
+                                             x_t.data_ptr<scalar_t>(), ep, vp);
     };
     if (has_noise) {
       if (want_v) launch(q_sample_kernel<scalar_t, true, true>);
