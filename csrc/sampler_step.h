@@ -8,6 +8,8 @@
 #pragma once
 #include "common.h"
 
+#include <type_traits>
+
 namespace fastdiff {
 
 // Enums: the order of fastdiff/ops/sampler_step.py KINDS, PREDICTION_TYPES, VARIANCE_TYPES.
@@ -105,6 +107,72 @@ FD_HD float sampler_step_mean(const SamplerStepCoef& c, float x0c, float x, floa
 // sigma of the element: per sample, or from the predicted variance v for learned_range.
 FD_HD float sampler_step_std(const SamplerStepCoef& c, bool learned, float v) {
   return learned ? expf(c.l0 + c.l1 * v) : c.std;
+}
+
+enum NoiseMode : int { kNoiseNone = 0, kNoiseGiven = 1, kNoiseDrawn = 2 };
+
+// Where sample b's model prediction for its element j lives (learned_range reads a (B, 2C, ...)
+// output in place: rows of `inner` elements every `rs`, the variance `var_off` further on).
+struct SamplerStepLayout {
+  int64_t per_sample, mo_bs, mo_inner, mo_rs, var_off;
+  uint64_t seed;
+};
+
+// Elements [i0, i1) of sample b, all inside Philox group g: the body shared by the CPU loop and
+// the CUDA kernel (the CPU tests run the GPU's element code). tb is the sample's clamped t, with
+// which the noise is drawn; thr its dynamic-threshold scale (1 when unused).
+template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
+FD_HD void sampler_step_part(int64_t g, int64_t i0, int64_t i1, int64_t b, int64_t tb,
+                             const SamplerStepCoef& c, float thr, int clip, float clip_range,
+                             const SamplerStepLayout& L, const scalar_t* x_t, const scalar_t* mo,
+                             const scalar_t* noise, scalar_t* x_prev, scalar_t* x0) {
+  const bool add_noise = kNoise != kNoiseNone && c.noise_on;
+  Normal4 n{};
+  if (kNoise == kNoiseDrawn && add_noise)
+    n = normal4(L.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamSamplerStep);
+  const int64_t first = b * L.per_sample;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t j = i - first;
+    const int64_t mo_off = kSplit ? b * L.mo_bs + (j / L.mo_inner) * L.mo_rs + j % L.mo_inner
+                                  : b * L.mo_bs + j;
+    const float x = static_cast<float>(x_t[i]), m = static_cast<float>(mo[mo_off]);
+    const float x0c = sampler_step_x0(c, clip, clip_range, thr, x, m);
+    float out = sampler_step_mean(c, x0c, x, m);
+    if (add_noise) {
+      const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : lane(n, i);
+      const float v = kLearned ? static_cast<float>(mo[mo_off + L.var_off]) : 0.0f;
+      out += sampler_step_std(c, kLearned, v) * z;
+    }
+    x_prev[i] = static_cast<scalar_t>(out);
+    if (x0 != nullptr) x0[i] = static_cast<scalar_t>(x0c);
+  }
+}
+
+// Calls f(NoiseMode, learned, split) with compile-time values: the one table of variants both
+// kernels instantiate. learned_range reads the variance only for the noise term; without one it
+// is a plain mean (still read through the split layout).
+template <typename F>
+void sampler_step_variants(int noise_mode, bool learned, bool split, F&& f) {
+  using kG = std::integral_constant<int, kNoiseGiven>;
+  using kD = std::integral_constant<int, kNoiseDrawn>;
+  using kN = std::integral_constant<int, kNoiseNone>;
+  using T = std::true_type;
+  using N = std::false_type;
+  if (learned && noise_mode != kNoiseNone) {
+    if (noise_mode == kNoiseGiven) {
+      if (split) f(kG{}, T{}, T{}); else f(kG{}, T{}, N{});
+    } else {
+      if (split) f(kD{}, T{}, T{}); else f(kD{}, T{}, N{});
+    }
+  } else if (noise_mode == kNoiseGiven) {
+    f(kG{}, N{}, N{});
+  } else if (noise_mode == kNoiseDrawn) {
+    f(kD{}, N{}, N{});
+  } else if (split) {
+    f(kN{}, N{}, T{});
+  } else {
+    f(kN{}, N{}, N{});
+  }
 }
 
 }  // namespace fastdiff

@@ -12,54 +12,32 @@
 namespace fastdiff {
 namespace {
 
-struct MoLayout { int64_t bs, inner, rs, var_off; };  // see fastdiff/ops/sampler_step.py
-
-template <typename scalar_t>
+// Parallel over Philox groups; each group is cut at sample boundaries and handed, part by part,
+// to sampler_step_part (the same body the CUDA kernel runs).
+template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
 void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
                            const c10::optional<at::Tensor>& noise, const float* thr,
                            const std::vector<SamplerStepCoef>& coef, const int64_t* tp,
-                           int64_t num_t, uint64_t seed, bool draw, const SamplerStepConfig& cfg,
-                           MoLayout L, at::Tensor& x_prev, at::Tensor& x0) {
-  const int64_t numel = x_t.numel(), B = x_t.size(0), per_sample = numel / B;
+                           int64_t num_t, const SamplerStepConfig& cfg, const SamplerStepLayout& L,
+                           at::Tensor& x_prev, at::Tensor& x0) {
+  const int64_t numel = x_t.numel();
   const scalar_t* xp = x_t.data_ptr<scalar_t>();
   const scalar_t* mp = mo.data_ptr<scalar_t>();
   const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = x_prev.data_ptr<scalar_t>();
   scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
-  const bool learned = cfg.kind == kDDPM && cfg.var == kLearnedRange;
-  const bool split = L.inner != per_sample;
   const float clip_range = static_cast<float>(cfg.clip_range);
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {
-    Normal4 n{};
-    int64_t drawn_b = -1, drawn_g = -1;  // (sample, group) that `n` was drawn for
-    const int64_t end = std::min<int64_t>(4 * g1, numel);
-    for (int64_t i = 4 * g0; i < end; ++i) {
-      const int64_t b = i / per_sample, j = i - b * per_sample;
-      const SamplerStepCoef& c = coef[b];
-      const int64_t mo_off = split ? b * L.bs + (j / L.inner) * L.rs + j % L.inner : b * L.bs + j;
-      const float x = static_cast<float>(xp[i]), m = static_cast<float>(mp[mo_off]);
-      const float x0c = sampler_step_x0(c, cfg.clip, clip_range, thr ? thr[b] : 1.0f, x, m);
-      float out = sampler_step_mean(c, x0c, x, m);
-      if ((np || draw) && c.noise_on) {
-        float z;
-        if (np) {
-          z = static_cast<float>(np[i]);
-        } else {
-          const int64_t g = i >> 2;
-          if (g != drawn_g || b != drawn_b) {  // a group straddling two samples draws with each t
-            n = normal4(seed, static_cast<uint64_t>(g),
-                        static_cast<uint32_t>(clamp_index(tp[b], num_t)), kStreamSamplerStep);
-            drawn_g = g;
-            drawn_b = b;
-          }
-          z = lane(n, i);
-        }
-        const float v = learned ? static_cast<float>(mp[mo_off + L.var_off]) : 0.0f;
-        out += sampler_step_std(c, learned, v) * z;
+  at::parallel_for(0, (numel + 3) / 4, 1024, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t end = std::min<int64_t>(4 * g + 4, numel);
+      for (int64_t i0 = 4 * g; i0 < end;) {
+        const int64_t b = i0 / L.per_sample;
+        const int64_t i1 = std::min<int64_t>((b + 1) * L.per_sample, end);
+        sampler_step_part<scalar_t, kNoise, kLearned, kSplit>(
+            g, i0, i1, b, clamp_index(tp[b], num_t), coef[b], thr ? thr[b] : 1.0f, cfg.clip,
+            clip_range, L, xp, mp, np, op, x0p);
+        i0 = i1;
       }
-      op[i] = static_cast<scalar_t>(out);
-      if (x0p) x0p[i] = static_cast<scalar_t>(x0c);
     }
   });
 }
@@ -100,6 +78,7 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
   const int64_t per_sample = numel / B;
   FD_CHECK(mo_inner > 0 && per_sample % mo_inner == 0, "sampler_step: bad model_output layout");
   const bool learned = kind == kDDPM && variance_type == kLearnedRange;
+  FD_CHECK(learned || mo_inner == per_sample, "sampler_step: split model_output layout is for learned_range only");
   // the last element any sample reads must lie inside model_output
   const int64_t last = (B - 1) * mo_batch_stride + (per_sample / mo_inner - 1) * mo_row_stride +
                        mo_inner - 1 + (learned ? var_offset : 0);
@@ -119,12 +98,17 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
   at::Tensor thr_c;
   if (clip_mode == kClipThreshold) thr_c = thresh->contiguous();
   const float* thr = clip_mode == kClipThreshold ? thr_c.data_ptr<float>() : nullptr;
-  const bool draw = !noise && needs_noise;
+  // no noise term at all unless needs_noise (a given noise is then ignored), as on the GPU
+  const int noise_mode = !needs_noise ? kNoiseNone : (noise ? kNoiseGiven : kNoiseDrawn);
+  const SamplerStepLayout L{per_sample, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
+                            static_cast<uint64_t>(seed)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cpu", [&] {
-    sampler_step_cpu_impl<scalar_t>(x_t, model_output, needs_noise ? noise : c10::nullopt, thr,
-                                    coef, tp, num_t, static_cast<uint64_t>(seed), draw, cfg,
-                                    MoLayout{mo_batch_stride, mo_inner, mo_row_stride, var_offset},
-                                    x_prev, x0);
+    sampler_step_variants(noise_mode, learned, mo_inner != per_sample,
+                          [&](auto kNoise, auto kLearned, auto kSplit) {
+      sampler_step_cpu_impl<scalar_t, decltype(kNoise)::value, decltype(kLearned)::value,
+                            decltype(kSplit)::value>(x_t, model_output, noise, thr, coef, tp,
+                                                     num_t, cfg, L, x_prev, x0);
+    });
   });
 }
 

@@ -15,45 +15,27 @@
 namespace fastdiff {
 namespace {
 
-enum NoiseMode : int { kNoiseNone = 0, kNoiseGiven = 1, kNoiseDrawn = 2 };
-
+// grid (chunks, B): a block works on one sample, so its coefficients are computed once per block;
+// a grid-stride loop over the Philox groups overlapping the sample, body in sampler_step_part.
 template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
 __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
                                     const scalar_t* __restrict__ noise, const int64_t* __restrict__ t,
                                     const int64_t* __restrict__ t_prev, const double* __restrict__ ab,
                                     const float* __restrict__ thresh, scalar_t* __restrict__ x_prev,
-                                    scalar_t* __restrict__ x0, int64_t per_sample, int64_t mo_bs,
-                                    int64_t mo_inner, int64_t mo_rs, int64_t var_off, int64_t num_t,
-                                    uint64_t seed, SamplerStepConfig cfg) {
+                                    scalar_t* __restrict__ x0, SamplerStepLayout L, int64_t num_t,
+                                    SamplerStepConfig cfg) {
   const int64_t b = blockIdx.y;
   const int64_t tb = clamp_index(__ldg(t + b), num_t);
   const SamplerStepCoef c = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
   const float s = cfg.clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
   const float clip_range = static_cast<float>(cfg.clip_range);
-  const bool add_noise = kNoise != kNoiseNone && c.noise_on;
-  const int64_t first = b * per_sample, last = first + per_sample;  // [first, last) of sample b
+  const int64_t first = b * L.per_sample, last = first + L.per_sample;  // [first, last) of sample b
   const int64_t g_first = first >> 2, g_end = ((last - 1) >> 2) + 1;
   for (int64_t g = g_first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < g_end;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Normal4 n{};
-    if (kNoise == kNoiseDrawn && add_noise)
-      n = normal4(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamSamplerStep);
     const int64_t i0 = max(4 * g, first), i1 = min(4 * g + 4, last);
-#pragma unroll 4
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t j = i - first;
-      const int64_t mo_off = kSplit ? b * mo_bs + (j / mo_inner) * mo_rs + j % mo_inner : b * mo_bs + j;
-      const float x = static_cast<float>(x_t[i]), m = static_cast<float>(mo[mo_off]);
-      const float x0c = sampler_step_x0(c, cfg.clip, clip_range, s, x, m);
-      float out = sampler_step_mean(c, x0c, x, m);
-      if (add_noise) {
-        const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : lane(n, i);
-        const float v = kLearned ? static_cast<float>(mo[mo_off + var_off]) : 0.0f;
-        out += sampler_step_std(c, kLearned, v) * z;
-      }
-      x_prev[i] = static_cast<scalar_t>(out);
-      if (x0 != nullptr) x0[i] = static_cast<scalar_t>(x0c);
-    }
+    sampler_step_part<scalar_t, kNoise, kLearned, kSplit>(g, i0, i1, b, tb, c, s, cfg.clip,
+                                                           clip_range, L, x_t, mo, noise, x_prev, x0);
   }
 }
 
@@ -120,32 +102,15 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
     const float* thr = clip_mode == kClipThreshold ? thresh->data_ptr<float>() : nullptr;
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, threads, 0, stream>>>(
+    const SamplerStepLayout L{per_sample, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
+                              static_cast<uint64_t>(seed)};
+    sampler_step_variants(noise_mode, learned, split, [&](auto kNoise, auto kLearned, auto kSplit) {
+      sampler_step_kernel<scalar_t, decltype(kNoise)::value, decltype(kLearned)::value,
+                          decltype(kSplit)::value><<<grid, threads, 0, stream>>>(
           x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(),
           t_prev.data_ptr<int64_t>(), alphas_cumprod.data_ptr<double>(), thr,
-          x_prev.data_ptr<scalar_t>(), x0p, per_sample, mo_batch_stride, mo_inner, mo_row_stride,
-          var_offset, alphas_cumprod.numel(), static_cast<uint64_t>(seed), cfg);
-    };
-    // learned_range reads the variance only for the noise term; without one it is a plain mean
-    // (still read through the split model_output layout)
-    if (learned && noise_mode != kNoiseNone) {
-      if (noise_mode == kNoiseGiven) {
-        if (split) launch(sampler_step_kernel<scalar_t, kNoiseGiven, true, true>);
-        else launch(sampler_step_kernel<scalar_t, kNoiseGiven, true, false>);
-      } else {
-        if (split) launch(sampler_step_kernel<scalar_t, kNoiseDrawn, true, true>);
-        else launch(sampler_step_kernel<scalar_t, kNoiseDrawn, true, false>);
-      }
-    } else if (noise_mode == kNoiseGiven) {
-      launch(sampler_step_kernel<scalar_t, kNoiseGiven, false, false>);
-    } else if (noise_mode == kNoiseDrawn) {
-      launch(sampler_step_kernel<scalar_t, kNoiseDrawn, false, false>);
-    } else if (split) {
-      launch(sampler_step_kernel<scalar_t, kNoiseNone, false, true>);
-    } else {
-      launch(sampler_step_kernel<scalar_t, kNoiseNone, false, false>);
-    }
+          x_prev.data_ptr<scalar_t>(), x0p, L, alphas_cumprod.numel(), cfg);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
