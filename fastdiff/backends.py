@@ -34,6 +34,13 @@ AUTO_CUDA_ORDER = {
     "attention": ("triton", "torch"),
 }
 
+# Per (op, dtype) exceptions to AUTO_CUDA_ORDER. fp32 attention: the Triton kernel's IEEE fp32
+# dots spill 30-70 KB per thread at D=128/256 (ptxas -v, sm_90a), so PyTorch's fused SDPA (the
+# `torch` backend on CUDA) goes first until a benchmark table says otherwise.
+AUTO_CUDA_ORDER_BY_DTYPE = {
+    ("attention", "float32"): ("torch", "triton"),
+}
+
 _state = threading.local()
 
 
@@ -156,8 +163,9 @@ def _runs_on(name: str, device_type: str) -> bool:
     return False
 
 
-def pick(op: str, implemented, device) -> str:
-    """Name of the backend that runs `op` on tensors on `device`.
+def pick(op: str, implemented, device, dtype=None) -> str:
+    """Name of the backend that runs `op` on tensors on `device` (of `dtype`, when the auto
+    order depends on it).
 
     `implemented`: the backends this op has. Raises ValueError/RuntimeError for a forced
     backend that is unavailable or cannot run on this device."""
@@ -174,7 +182,9 @@ def pick(op: str, implemented, device) -> str:
             raise ValueError(f"backend {want!r} cannot run {op} on {device_type} tensors")
         return want
     if device_type == "cuda":
-        order = AUTO_CUDA_ORDER.get(op, ("triton", "cuda", "torch"))
+        dname = str(dtype).replace("torch.", "") if dtype is not None else None
+        order = AUTO_CUDA_ORDER_BY_DTYPE.get((op, dname)) or \
+            AUTO_CUDA_ORDER.get(op, ("triton", "cuda", "torch"))
     elif device_type == "cpu":
         order = ("cpu", "torch")
     else:

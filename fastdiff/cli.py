@@ -41,6 +41,8 @@ def info(args=None) -> int:
     print("\nauto choice per op on CUDA tensors (first available):")
     for op, order in backends.AUTO_CUDA_ORDER.items():
         print(f"  {op:<16} {' > '.join(order)}{_picked(backends, op)}")
+    for (op, dtype), order in backends.AUTO_CUDA_ORDER_BY_DTYPE.items():
+        print(f"  {op:<16} {' > '.join(order)}   ({dtype} inputs)")
     print(f"  on CPU tensors: {'cpu (C++)' if backends.available('cpu') else 'torch (reference)'}")
     print(f"\nrequested now: {backends.requested()}")
     return 0

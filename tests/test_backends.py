@@ -98,3 +98,19 @@ def test_cli_info_runs():
     for name in backends.BACKENDS:
         assert f"  {name}" in r.stdout
     assert "torch " in r.stdout and "device" in r.stdout
+
+
+def test_auto_order_on_cuda_follows_the_tables(monkeypatch):
+    """The rule itself, with every backend pretended available: per-op order, per-dtype
+    exceptions (fp32 attention goes to torch's SDPA)."""
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "available", lambda name: True)
+    monkeypatch.setattr(backends, "_runs_on", lambda name, device_type: True)
+    monkeypatch.setattr(backends, "_extension_has", lambda op: True)
+    allb = ("torch", "triton", "cuda", "cpu")
+    assert backends.pick("q_sample", allb, "meta") == "torch"  # neither CPU nor CUDA
+    for op, order in backends.AUTO_CUDA_ORDER.items():
+        impl = allb if op != "attention" else ("torch", "triton")
+        assert backends.pick(op, impl, torch.device("cuda"), torch.float16) == order[0]
+    assert backends.pick("attention", ("torch", "triton"), torch.device("cuda"), torch.float32) == "torch"
+    assert backends.pick("attention", ("torch", "triton"), torch.device("cuda"), torch.bfloat16) == "triton"

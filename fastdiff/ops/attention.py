@@ -10,6 +10,7 @@ import numbers
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
@@ -31,6 +32,15 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None
     return torch.matmul(torch.softmax(s, dim=-1), v.to(dt)).to(q.dtype)
 
 
+def _attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The `torch` backend and the autograd path: PyTorch's fused SDPA on CUDA (flash,
+    memory-efficient or cuDNN kernels: no Lq×Lk matrix, differentiable), the reference elsewhere
+    and for float64."""
+    if q.is_cuda and q.dtype != torch.float64:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return attention_ref(q, k, v, scale)
+
+
 def _unit_last(x: Tensor) -> Tensor:
     # The kernel takes any batch/head/row strides (zero included: k/v broadcast over the batch)
     # but needs D contiguous; only then is a copy made.
@@ -43,9 +53,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     B, H, Lq, D = q.shape
     out = _checks.empty_like(q, shape=(B, Lq, H, D))
     o = out.transpose(1, 2)  # (B, H, Lq, D) view the backends write through
-    backend = backends.pick("attention", IMPLEMENTED, q.device)
+    backend = backends.pick("attention", IMPLEMENTED, q.device, q.dtype)
     if backend == "torch" or q.dtype == torch.float64 or o.numel() == 0:
-        o.copy_(attention_ref(q, k, v, scale))
+        o.copy_(_attention_torch(q, k, v, scale))
     else:
         from ..kernels.attention import attention_triton
         attention_triton(_unit_last(q), _unit_last(k), _unit_last(v), o, scale)
@@ -106,13 +116,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     Dtypes: float16 / bfloat16 run the Triton kernel (fp32 softmax and accumulation; p rounded to
     the input dtype for the second matmul, as FlashAttention does). float32 runs the same kernel
     with IEEE fp32 dots (TF32 off), so it matches an fp32 reference to ~1e-6 but does not use
-    tensor cores: for speed, call it with fp16/bf16. float64 always runs the reference.
+    tensor cores and spills registers: `auto` sends float32 CUDA inputs to the `torch` backend
+    (PyTorch's fused SDPA) instead; for speed, call it with fp16/bf16. float64 always runs the
+    reference.
     On CPU tensors (no `cpu` kernel for this op) the reference runs unless the `triton` backend
     is forced under TRITON_INTERPRET=1.
 
-    Autograd: when grad is enabled and q, k or v requires grad, the differentiable reference
-    `attention_ref` runs instead (it materialises the Lq×Lk scores in fp32; a fused backward is
-    not implemented).
+    Autograd: when grad is enabled and q, k or v requires grad, the `torch` backend runs instead
+    (PyTorch's SDPA on CUDA, with its fused backward; the reference `attention_ref` on CPU); a
+    fastdiff backward kernel is not implemented.
 
     Returns:
         o: (B, H, Lq, D) in q's dtype. Without autograd it is a transposed view of a contiguous
@@ -121,5 +133,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     """
     scale = _check(q, k, v, scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return attention_ref(q, k, v, scale)
+        return _attention_torch(q, k, v, scale)
     return _attention_op(q, k, v, scale).transpose(1, 2)
