@@ -74,7 +74,13 @@ def _cuda_available() -> bool:
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
-    """For each backend: (available, reason it is not / what it runs on)."""
+    """For each backend: (available, reason it is not / what it runs on). Cached: every op call
+    consults it, and nothing it depends on changes in a process but TRITON_INTERPRET."""
+    return dict(_status(_interpret()))
+
+
+@functools.lru_cache(maxsize=None)
+def _status(interpret: bool) -> tuple:
     import torch
     status = {"torch": (True, f"reference, torch {torch.__version__}")}
     ok, why = _triton_import()
@@ -82,7 +88,7 @@ def backend_status() -> dict[str, tuple[bool, str]]:
         status["triton"] = (False, why)
     elif _cuda_available():
         status["triton"] = (True, "CUDA tensors")
-    elif _interpret():
+    elif interpret:
         status["triton"] = (True, "CPU tensors through TRITON_INTERPRET=1 (slow; for tests)")
     else:
         status["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels "
@@ -100,7 +106,7 @@ def backend_status() -> dict[str, tuple[bool, str]]:
             status["cuda"] = (False, "extension has CUDA kernels but no CUDA device is visible")
         else:
             status["cuda"] = (True, "CUDA kernels, CUDA tensors")
-    return status
+    return tuple(status.items())
 
 
 def available(name: str) -> bool:
