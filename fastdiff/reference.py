@@ -60,12 +60,13 @@ def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
 
 
 def philox_normal(seed: int, step, stream: int, numel: int, *, per_sample: int | None = None,
-                  dtype=torch.float64, device="cpu") -> torch.Tensor:
-    """The reference normals for elements 0..numel-1, in float64 (then cast to `dtype`).
+                  dtype=torch.float64, device="cpu", start: int = 0) -> torch.Tensor:
+    """The reference normals for elements start .. start+numel-1, in float64 (then cast to
+    `dtype`).
 
     `step` is an int, or an int tensor of shape (B,) giving each sample its own step: element i
     belongs to sample i // per_sample."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
+    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     g = i >> 2
     if isinstance(step, torch.Tensor) and step.dim() > 0:
         if per_sample is None:

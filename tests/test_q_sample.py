@@ -241,3 +241,26 @@ def test_inside_cuda_graph_same_noise(backend, schedule):
         g.replay()
         torch.cuda.synchronize()
     assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_over_2_31_elements(backend, schedule):
+    """64-bit indexing: a 2^31 + 12 element fp16 tensor (3 x 4.3 GB), checked at the far end."""
+    from fastdiff.reference import philox_normal
+    if not fastdiff.backends.available(backend):
+        pytest.skip(f"{backend} not available")
+    B, per = 2, 2 ** 30 + 6
+    x0 = torch.ones(B, per, device="cuda", dtype=torch.float16)
+    t = torch.tensor([10, 900], device="cuda")
+    with fastdiff.use_backend(backend):
+        x_t, eps = fastdiff.q_sample(x0, t, schedule, seed=11)
+    tail = 4096
+    start = B * per - tail
+    want_eps = philox_normal(11, t.cpu(), STREAM_Q_SAMPLE, tail, per_sample=per, start=start)
+    got_eps = eps.flatten()[start:].double().cpu()
+    assert_close(got_eps, want_eps, torch.float16)
+    a = schedule.sqrt_alphas_cumprod[900].item()
+    s = schedule.sqrt_one_minus_alphas_cumprod[900].item()
+    assert_close(x_t.flatten()[start:], a + s * got_eps, torch.float16)
