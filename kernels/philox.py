@@ -96,3 +96,18 @@ def normal_at(seed_lo, seed_hi, i, step, stream):
     n0, n1, n2, n3 = normal4(seed_lo, seed_hi, i >> 2, step, stream)
     lane = i & 3
     return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+
+
+@triton.jit
+def normal_tile(seed_lo, seed_hi, b, per_sample, rows, i, step, stream, ALIGNED: tl.constexpr):
+    """The normals of a (ROWS, 4) tile of sample b: element i = b * per_sample + 4 * row + lane.
+    ALIGNED (per_sample % 4 == 0): each row is exactly one Philox group, drawn once; otherwise
+    groups straddle samples and each element draws its own lane (normal_at)."""
+    if ALIGNED:
+        g = b.to(tl.int64) * (per_sample // 4) + rows
+        n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, step, stream)
+        lane = tl.arange(0, 4)[None, :]
+        return tl.where(lane == 0, n0[:, None],
+                        tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])))
+    else:
+        return normal_at(seed_lo, seed_hi, i, step, stream)

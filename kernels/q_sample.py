@@ -11,7 +11,7 @@ t (inside a CUDA graph) can never read outside the schedule.
 import triton
 import triton.language as tl
 
-from .philox import normal4, normal_at
+from .philox import normal_tile
 
 STREAM = tl.constexpr(0)  # fastdiff.reference.STREAM_Q_SAMPLE
 
@@ -37,14 +37,7 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
     if HAS_NOISE:
         eps = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
     else:
-        if ALIGNED:  # per_sample % 4 == 0: row r is exactly Philox group i // 4
-            g = b.to(tl.int64) * (per_sample // 4) + rows
-            n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, t_raw, STREAM)
-            eps = tl.where(lane[None, :] == 0, n0[:, None],
-                  tl.where(lane[None, :] == 1, n1[:, None],
-                  tl.where(lane[None, :] == 2, n2[:, None], n3[:, None])))
-        else:  # groups straddle samples: each element draws its own lane
-            eps = normal_at(seed_lo, seed_hi, i, t_raw, STREAM)
+        eps = normal_tile(seed_lo, seed_hi, b, per_sample, rows, i, t_raw, STREAM, ALIGNED)
         tl.store(eps_ptr + i, eps.to(eps_ptr.dtype.element_ty), mask=mask)
     tl.store(xt_ptr + i, (a * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
     if WANT_V:

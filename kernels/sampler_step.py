@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .philox import USE_LIBDEVICE, normal4, normal_at
+from .philox import USE_LIBDEVICE, normal_tile
 
 # Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
 STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
@@ -156,14 +156,8 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
     if NOISE != NOISE_NONE:
         if NOISE == NOISE_GIVEN:
             z = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        elif ALIGNED:  # per_sample % 4 == 0: row r is exactly Philox group i // 4
-            g = b.to(tl.int64) * (per_sample // 4) + rows
-            n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, tb, STREAM)
-            z = tl.where(lane[None, :] == 0, n0[:, None],
-                tl.where(lane[None, :] == 1, n1[:, None],
-                tl.where(lane[None, :] == 2, n2[:, None], n3[:, None])))
-        else:  # groups straddle samples: each element draws its own lane
-            z = normal_at(seed_lo, seed_hi, i, tb, STREAM)
+        else:
+            z = normal_tile(seed_lo, seed_hi, b, per_sample, rows, i, tb, STREAM, ALIGNED)
         if VAR == LEARNED_RANGE:
             v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
             sd = tl.exp(l0 + l1 * v)
