@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "sampler_step.h"
+#include "sampler_step_args.h"
 
 namespace fastdiff {
 namespace {
@@ -53,42 +53,17 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
   FD_CHECK(x_t.device().is_cpu() && model_output.device().is_cpu() && t.device().is_cpu() &&
            t_prev.device().is_cpu() && alphas_cumprod.device().is_cpu(),
            "sampler_step (cpu): tensors must be on the CPU");
-  const int64_t B = x_t.dim() ? x_t.size(0) : 0;
-  FD_CHECK(t.scalar_type() == at::kLong && t.numel() == B && t_prev.scalar_type() == at::kLong &&
-           t_prev.numel() == B, "sampler_step: t and t_prev must be int64 of shape (B,)");
-  FD_CHECK(alphas_cumprod.scalar_type() == at::kDouble && alphas_cumprod.numel() > 0,
-           "sampler_step: alphas_cumprod must be a non-empty float64 table");
-  FD_CHECK(model_output.scalar_type() == x_t.scalar_type(),
-           "sampler_step: model_output must have x_t's dtype");
-  FD_CHECK(x_prev.strides() == x_t.strides() && x_prev.scalar_type() == x_t.scalar_type(),
-           "sampler_step: x_prev must be laid out like x_t");
-  FD_CHECK(x0.numel() == 0 || x0.strides() == x_t.strides(), "sampler_step: x0 must be laid out like x_t");
-  FD_CHECK(!noise || (noise->strides() == x_t.strides() && noise->scalar_type() == x_t.scalar_type()),
-           "sampler_step: noise must be laid out like x_t, in its dtype");
-  FD_CHECK(kind == kDDPM || kind == kDDIM, "sampler_step: bad kind ", kind);
-  FD_CHECK(prediction_type >= 0 && prediction_type <= 2, "sampler_step: bad prediction_type");
-  FD_CHECK(variance_type >= 0 && variance_type <= 4, "sampler_step: bad variance_type");
-  FD_CHECK(clip_mode >= 0 && clip_mode <= 2, "sampler_step: bad clip_mode");
-  FD_CHECK(clip_mode != kClipThreshold ||
-           (thresh && thresh->scalar_type() == at::kFloat && thresh->numel() == B &&
-            thresh->device().is_cpu()),
-           "sampler_step: thresholding needs thresh, float32 of shape (B,)");
-  const int64_t numel = x_t.numel();
-  if (numel == 0) return;
-  const int64_t per_sample = numel / B;
-  FD_CHECK(mo_inner > 0 && per_sample % mo_inner == 0, "sampler_step: bad model_output layout");
-  const bool learned = kind == kDDPM && variance_type == kLearnedRange;
-  FD_CHECK(learned || mo_inner == per_sample, "sampler_step: split model_output layout is for learned_range only");
-  // the last element any sample reads must lie inside model_output
-  const int64_t last = (B - 1) * mo_batch_stride + (per_sample / mo_inner - 1) * mo_row_stride +
-                       mo_inner - 1 + (learned ? var_offset : 0);
-  FD_CHECK(mo_batch_stride >= 0 && mo_row_stride >= 0 && var_offset >= 0 &&
-           last < model_output.numel(), "sampler_step: model_output layout reads out of bounds");
-
-  SamplerStepConfig cfg{static_cast<int>(kind), static_cast<int>(prediction_type),
-                        static_cast<int>(variance_type), static_cast<int>(clip_mode), eta,
-                        clip_sample_range, kind == kDDIM && !set_alpha_to_one,
-                        use_clipped_model_output};
+  const SamplerStepPlan p = sampler_step_plan(
+      x_t, model_output, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise, kind,
+      prediction_type, variance_type, eta, clip_mode, clip_sample_range, set_alpha_to_one,
+      use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset, x_prev, x0);
+  FD_CHECK((clip_mode != kClipThreshold || thresh->device().is_cpu()) &&
+           (!noise || noise->device().is_cpu()) && x_prev.device().is_cpu() &&
+           (x0.numel() == 0 || x0.device().is_cpu()),
+           "sampler_step (cpu): thresh, noise, x_prev and x0 must be on the CPU");
+  if (p.numel == 0) return;
+  const int64_t B = p.B;
+  const SamplerStepConfig& cfg = p.cfg;
   const at::Tensor tc = t.contiguous(), tpc = t_prev.contiguous(), abc = alphas_cumprod.contiguous();
   const int64_t* tp = tc.data_ptr<int64_t>();
   const int64_t* tpp = tpc.data_ptr<int64_t>();
@@ -98,16 +73,12 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
   at::Tensor thr_c;
   if (clip_mode == kClipThreshold) thr_c = thresh->contiguous();
   const float* thr = clip_mode == kClipThreshold ? thr_c.data_ptr<float>() : nullptr;
-  // no noise term at all unless needs_noise (a given noise is then ignored), as on the GPU
-  const int noise_mode = !needs_noise ? kNoiseNone : (noise ? kNoiseGiven : kNoiseDrawn);
-  const SamplerStepLayout L{per_sample, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
-                            static_cast<uint64_t>(seed)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cpu", [&] {
-    sampler_step_variants(noise_mode, learned, mo_inner != per_sample,
+    sampler_step_variants(p.noise_mode, p.learned, p.split,
                           [&](auto kNoise, auto kLearned, auto kSplit) {
       sampler_step_cpu_impl<scalar_t, decltype(kNoise)::value, decltype(kLearned)::value,
                             decltype(kSplit)::value>(x_t, model_output, noise, thr, coef, tp,
-                                                     num_t, cfg, L, x_prev, x0);
+                                                     num_t, cfg, p.layout, x_prev, x0);
     });
   });
 }

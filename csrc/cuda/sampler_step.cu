@@ -10,7 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "sampler_step.h"
+#include "sampler_step_args.h"
 
 namespace fastdiff {
 namespace {
@@ -49,67 +49,36 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
                        int64_t mo_row_stride, int64_t var_offset, at::Tensor x_prev, at::Tensor x0) {
   FD_CHECK(x_t.is_cuda() && model_output.is_cuda() && t.is_cuda() && t_prev.is_cuda() &&
            alphas_cumprod.is_cuda(), "sampler_step (cuda): tensors must be CUDA tensors");
-  const int64_t B = x_t.dim() ? x_t.size(0) : 0;
-  FD_CHECK(t.scalar_type() == at::kLong && t.numel() == B && t.is_contiguous() &&
-           t_prev.scalar_type() == at::kLong && t_prev.numel() == B && t_prev.is_contiguous(),
-           "sampler_step: t and t_prev must be contiguous int64 of shape (B,)");
-  FD_CHECK(alphas_cumprod.scalar_type() == at::kDouble && alphas_cumprod.numel() > 0 &&
-           alphas_cumprod.is_contiguous(),
-           "sampler_step: alphas_cumprod must be a non-empty contiguous float64 table");
-  FD_CHECK(model_output.scalar_type() == x_t.scalar_type(),
-           "sampler_step: model_output must have x_t's dtype");
-  FD_CHECK(x_prev.strides() == x_t.strides() && x_prev.scalar_type() == x_t.scalar_type(),
-           "sampler_step: x_prev must be laid out like x_t");
-  FD_CHECK(x0.numel() == 0 || x0.strides() == x_t.strides(), "sampler_step: x0 must be laid out like x_t");
-  FD_CHECK(!noise || (noise->strides() == x_t.strides() && noise->scalar_type() == x_t.scalar_type() &&
-                      noise->is_cuda()),
-           "sampler_step: noise must be laid out like x_t, in its dtype");
-  FD_CHECK(kind == kDDPM || kind == kDDIM, "sampler_step: bad kind ", kind);
-  FD_CHECK(prediction_type >= 0 && prediction_type <= 2, "sampler_step: bad prediction_type");
-  FD_CHECK(variance_type >= 0 && variance_type <= 4, "sampler_step: bad variance_type");
-  FD_CHECK(clip_mode >= 0 && clip_mode <= 2, "sampler_step: bad clip_mode");
-  FD_CHECK(clip_mode != kClipThreshold ||
-           (thresh && thresh->scalar_type() == at::kFloat && thresh->numel() == B &&
-            thresh->is_cuda() && thresh->is_contiguous()),
-           "sampler_step: thresholding needs thresh, contiguous float32 of shape (B,)");
-  FD_CHECK(B <= 65535, "sampler_step: batch size must be at most 65535");
-  const int64_t numel = x_t.numel();
-  if (numel == 0) return;
-  const int64_t per_sample = numel / B;
-  FD_CHECK(mo_inner > 0 && per_sample % mo_inner == 0, "sampler_step: bad model_output layout");
-  const bool learned = kind == kDDPM && variance_type == kLearnedRange;
-  FD_CHECK(learned || mo_inner == per_sample, "sampler_step: split model_output layout is for learned_range only");
-  const int64_t last = (B - 1) * mo_batch_stride + (per_sample / mo_inner - 1) * mo_row_stride +
-                       mo_inner - 1 + (learned ? var_offset : 0);
-  FD_CHECK(mo_batch_stride >= 0 && mo_row_stride >= 0 && var_offset >= 0 &&
-           last < model_output.numel(), "sampler_step: model_output layout reads out of bounds");
-
+  const SamplerStepPlan p = sampler_step_plan(
+      x_t, model_output, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise, kind,
+      prediction_type, variance_type, eta, clip_mode, clip_sample_range, set_alpha_to_one,
+      use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset, x_prev, x0);
+  // the kernel reads these through raw pointers on the GPU
+  FD_CHECK(t.is_contiguous() && t_prev.is_contiguous() && alphas_cumprod.is_contiguous() &&
+           (!noise || noise->is_cuda()) &&
+           (clip_mode != kClipThreshold || (thresh->is_cuda() && thresh->is_contiguous())),
+           "sampler_step (cuda): t, t_prev, alphas_cumprod and thresh must be contiguous CUDA "
+           "tensors, noise a CUDA tensor");
+  FD_CHECK(p.B <= 65535, "sampler_step: batch size must be at most 65535");
+  if (p.numel == 0) return;
+  const int64_t B = p.B, per_sample = p.layout.per_sample;
   const c10::cuda::CUDAGuard guard(x_t.device());
-  const SamplerStepConfig cfg{static_cast<int>(kind), static_cast<int>(prediction_type),
-                              static_cast<int>(variance_type), static_cast<int>(clip_mode), eta,
-                              clip_sample_range, kind == kDDIM && !set_alpha_to_one,
-                              use_clipped_model_output};
   const int threads = 256;
   const int64_t groups = (per_sample + 3) / 4 + 1;  // groups overlapping one sample, at most
   const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x_t.get_device())) * 16 / B);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
                   static_cast<unsigned>(B));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // as the CPU kernel: no noise term at all unless needs_noise (a given noise is then ignored)
-  const int noise_mode = !needs_noise ? kNoiseNone : (noise ? kNoiseGiven : kNoiseDrawn);
-  const bool split = mo_inner != per_sample;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cuda", [&] {
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
     const float* thr = clip_mode == kClipThreshold ? thresh->data_ptr<float>() : nullptr;
-    const SamplerStepLayout L{per_sample, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
-                              static_cast<uint64_t>(seed)};
-    sampler_step_variants(noise_mode, learned, split, [&](auto kNoise, auto kLearned, auto kSplit) {
+    sampler_step_variants(p.noise_mode, p.learned, p.split, [&](auto kNoise, auto kLearned, auto kSplit) {
       sampler_step_kernel<scalar_t, decltype(kNoise)::value, decltype(kLearned)::value,
                           decltype(kSplit)::value><<<grid, threads, 0, stream>>>(
           x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(),
           t_prev.data_ptr<int64_t>(), alphas_cumprod.data_ptr<double>(), thr,
-          x_prev.data_ptr<scalar_t>(), x0p, L, alphas_cumprod.numel(), cfg);
+          x_prev.data_ptr<scalar_t>(), x0p, p.layout, alphas_cumprod.numel(), p.cfg);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
