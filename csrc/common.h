@@ -72,6 +72,16 @@ FD_HD Normal4 normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream)
   return n;
 }
 
+// Four consecutive elements moved as one 16-byte (fp32) or 8-byte (fp16/bf16) access; only for
+// pointers aligned to its size (is_aligned4).
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 { T v[4]; };
+
+template <typename T>
+inline bool is_aligned4(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+}
+
 // Lane k of a Normal4 without indexing the array at run time: a dynamic index would put the
 // four floats in local memory (a 48-byte stack frame per thread in ptxas -v); selects stay in
 // registers.

@@ -23,6 +23,7 @@ constexpr uint32_t kStreamQSample = 0;  // fastdiff.reference.STREAM_Q_SAMPLE
 struct QSampleArgs {
   int64_t numel, per_sample, num_t;
   uint64_t seed;
+  bool vec;  // every data pointer is Vec4-aligned
   const int64_t* t;
   const float* sqrt_ab;
   const float* sqrt_1mab;
@@ -35,6 +36,30 @@ template <typename scalar_t, bool kHasNoise, bool kWantV>
 FD_HD void q_sample_group(int64_t g, const QSampleArgs& a, const scalar_t* x0,
                           const scalar_t* noise, scalar_t* x_t, scalar_t* eps, scalar_t* v) {
   const int64_t end = 4 * g + 4 < a.numel ? 4 * g + 4 : a.numel;
+  if (a.vec && end == 4 * g + 4 && (4 * g) / a.per_sample == (4 * g + 3) / a.per_sample) {
+    // the common case: a whole group inside one sample, moved with one access per tensor
+    const int64_t i = 4 * g, tb = a.t[i / a.per_sample];
+    const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+    const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x0 + i);
+    Vec4<scalar_t> ev, tv, vv;
+    Normal4 n{};
+    if (kHasNoise) ev = *reinterpret_cast<const Vec4<scalar_t>*>(noise + i);
+    else n = normal4(a.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < 4; ++k) {
+      const float e = kHasNoise ? static_cast<float>(ev.v[k]) : n.v[k];
+      if (!kHasNoise) ev.v[k] = static_cast<scalar_t>(e);
+      const float x = static_cast<float>(xv.v[k]);
+      tv.v[k] = static_cast<scalar_t>(q_sample_xt(c, x, e));
+      if (kWantV) vv.v[k] = static_cast<scalar_t>(q_sample_v(c, x, e));
+    }
+    if (!kHasNoise) *reinterpret_cast<Vec4<scalar_t>*>(eps + i) = ev;
+    *reinterpret_cast<Vec4<scalar_t>*>(x_t + i) = tv;
+    if (kWantV) *reinterpret_cast<Vec4<scalar_t>*>(v + i) = vv;
+    return;
+  }
   for (int64_t i0 = 4 * g; i0 < end;) {
     const int64_t b = i0 / a.per_sample;
     const int64_t i1 = (b + 1) * a.per_sample < end ? (b + 1) * a.per_sample : end;

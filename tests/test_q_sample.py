@@ -87,6 +87,26 @@ def test_non_contiguous_input(backend, schedule):
     assert_close(x_t, _ref(x0, t, schedule, noise), torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_views(backend, dtype, schedule):
+    """Dense views that start one element into their storage: the kernels' 4-element vector
+    accesses must fall back to scalar ones (and the results must not change)."""
+    shape = (3, 4, 6, 6)
+    n = 3 * 4 * 6 * 6
+    x0 = torch.randn(n + 1, device=DEVICE).to(dtype)[1:].view(shape)
+    noise = torch.randn(n + 3, device=DEVICE).to(dtype)[3:].view(shape)
+    t = torch.tensor([0, 400, 999], device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, _, v = fastdiff.q_sample(x0, t, schedule, noise=noise, v_target=True)
+        x_t2, eps2 = fastdiff.q_sample(x0, t, schedule, seed=8)
+    ref_xt, ref_v = _ref(x0, t, schedule, noise, True)
+    assert_close(x_t, ref_xt, dtype, msg=f"{backend} x_t")
+    assert_close(v, ref_v, dtype, msg=f"{backend} v")
+    ref_eps = memory_order_normal(8, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu().contiguous())
+    assert_close(eps2, ref_eps, dtype, msg=f"{backend} eps")
+
+
 def test_same_seed_same_noise_on_every_backend(schedule):
     x0 = torch.randn(3, 3, 7, 5, device=DEVICE)
     t = torch.tensor([0, 500, 999], device=DEVICE)

@@ -13,13 +13,15 @@ template <typename scalar_t>
 void q_sample_cpu_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
                        const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
                        uint64_t seed, at::Tensor& x_t, at::Tensor& eps, at::Tensor& v) {
-  const QSampleArgs a{x0.numel(), x0.numel() / x0.size(0), sqrt_ab.numel(), seed,
-                      t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
   const scalar_t* x0p = x0.data_ptr<scalar_t>();
   const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
   scalar_t* xtp = x_t.data_ptr<scalar_t>();
   scalar_t* ep = np ? nullptr : eps.data_ptr<scalar_t>();
   scalar_t* vp = v.numel() ? v.data_ptr<scalar_t>() : nullptr;
+  const bool vec = is_aligned4(x0p) && is_aligned4(np) && is_aligned4(xtp) && is_aligned4(ep) &&
+                   is_aligned4(vp);
+  const QSampleArgs a{x0.numel(), x0.numel() / x0.size(0), sqrt_ab.numel(), seed, vec,
+                      t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
   auto run = [&](auto group) {
     at::parallel_for(0, (a.numel + 3) / 4, 2048, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) group(g, a, x0p, np, xtp, ep, vp);

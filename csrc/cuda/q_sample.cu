@@ -54,8 +54,11 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
     const scalar_t* np = has_noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* ep = has_noise ? nullptr : eps.data_ptr<scalar_t>();
     scalar_t* vp = want_v ? v.data_ptr<scalar_t>() : nullptr;
+    const bool vec = is_aligned4(x0.data_ptr<scalar_t>()) && is_aligned4(np) &&
+                     is_aligned4(x_t.data_ptr<scalar_t>()) && is_aligned4(ep) && is_aligned4(vp);
     const QSampleArgs a{numel, numel / x0.size(0), sqrt_ab.numel(), static_cast<uint64_t>(seed),
-                        t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
+                        vec, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(),
+                        sqrt_1mab.data_ptr<float>()};
     auto launch = [&](auto kernel) {
       kernel<<<blocks, threads, 0, stream>>>(a, x0.data_ptr<scalar_t>(), np,
                                              x_t.data_ptr<scalar_t>(), ep, vp);
