@@ -116,6 +116,7 @@ enum NoiseMode : int { kNoiseNone = 0, kNoiseGiven = 1, kNoiseDrawn = 2 };
 struct SamplerStepLayout {
   int64_t per_sample, mo_bs, mo_inner, mo_rs, var_off;
   uint64_t seed;
+  bool vec;  // unsplit layout, every pointer and offset Vec4-aligned: whole groups move as Vec4
 };
 
 // Elements [i0, i1) of sample b, all inside Philox group g: the body shared by the CPU loop and
@@ -131,6 +132,31 @@ FD_HD void sampler_step_part(int64_t g, int64_t i0, int64_t i1, int64_t b, int64
   if (kNoise == kNoiseDrawn && add_noise)
     n = normal4(L.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamSamplerStep);
   const int64_t first = b * L.per_sample;
+  if (!kSplit && L.vec && i1 - i0 == 4) {  // a whole group: one access per tensor
+    const int64_t mo_off = b * L.mo_bs + (i0 - first);
+    const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x_t + i0);
+    const Vec4<scalar_t> mv = *reinterpret_cast<const Vec4<scalar_t>*>(mo + mo_off);
+    Vec4<scalar_t> zv{}, vv{}, ov, x0v;
+    if (kNoise == kNoiseGiven && add_noise) zv = *reinterpret_cast<const Vec4<scalar_t>*>(noise + i0);
+    if (kLearned && add_noise) vv = *reinterpret_cast<const Vec4<scalar_t>*>(mo + mo_off + L.var_off);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < 4; ++k) {
+      const float x = static_cast<float>(xv.v[k]), m = static_cast<float>(mv.v[k]);
+      const float x0c = sampler_step_x0(c, clip, clip_range, thr, x, m);
+      float out = sampler_step_mean(c, x0c, x, m);
+      if (add_noise) {
+        const float z = kNoise == kNoiseGiven ? static_cast<float>(zv.v[k]) : n.v[k];
+        out += sampler_step_std(c, kLearned, kLearned ? static_cast<float>(vv.v[k]) : 0.0f) * z;
+      }
+      ov.v[k] = static_cast<scalar_t>(out);
+      x0v.v[k] = static_cast<scalar_t>(x0c);
+    }
+    *reinterpret_cast<Vec4<scalar_t>*>(x_prev + i0) = ov;
+    if (x0 != nullptr) *reinterpret_cast<Vec4<scalar_t>*>(x0 + i0) = x0v;
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t j = i - first;
     const int64_t mo_off = kSplit ? b * L.mo_bs + (j / L.mo_inner) * L.mo_rs + j % L.mo_inner

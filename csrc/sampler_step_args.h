@@ -63,8 +63,16 @@ inline SamplerStepPlan sampler_step_plan(
   FD_CHECK(mo_batch_stride >= 0 && mo_row_stride >= 0 && var_offset >= 0 &&
            last < model_output.numel(), "sampler_step: model_output layout reads out of bounds");
   p.split = mo_inner != per_sample;
+  // Vec4 accesses need every tensor's base and every sample's offset aligned to 4 elements
+  const int64_t vbytes = 4 * x_t.element_size();
+  auto aligned = [&](const at::Tensor& a) {
+    return a.numel() == 0 || reinterpret_cast<uintptr_t>(a.data_ptr()) % vbytes == 0;
+  };
+  const bool vec = !p.split && per_sample % 4 == 0 && mo_batch_stride % 4 == 0 &&
+                   (!p.learned || var_offset % 4 == 0) && aligned(x_t) && aligned(model_output) &&
+                   (!noise || aligned(*noise)) && aligned(x_prev) && aligned(x0);
   p.layout = SamplerStepLayout{per_sample, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
-                               static_cast<uint64_t>(seed)};
+                               static_cast<uint64_t>(seed), vec};
   return p;
 }
 

@@ -195,6 +195,30 @@ def test_nchw_learned_range_and_mixed_layouts(backend, schedule):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("learned", [False, True])
+def test_unaligned_views(backend, learned, schedule):
+    """Dense views one element into their storage: the kernels' 4-element vector accesses must
+    fall back to scalar ones, with the same results (NCHW learned_range included)."""
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, learned=learned, seed=9)
+
+    def shifted(a, k):
+        return torch.cat([a.new_zeros(k), a.flatten()])[k:].view(a.shape)
+
+    xs, ms, ns = shifted(x, 1), shifted(mo, 3), shifted(noise, 2)
+    opts = dict(kind="ddpm", variance_type="learned_range" if learned else "fixed_small",
+                prediction_type="v_prediction")
+    with fastdiff.use_backend(backend):
+        out, x0 = fastdiff.sampler_step(xs, ms, t, tp, schedule, noise=ns, return_x0=True, **opts)
+        drawn = fastdiff.sampler_step(xs, ms, t, tp, schedule, seed=4, **opts)
+    ref, ref_x0 = _ref(schedule, x, mo, t, tp, noise, return_x0=True, **opts)
+    _close(out, ref, 2e-6, f"{backend} x_prev")
+    _close(x0, ref_x0, 2e-6, f"{backend} x0")
+    with fastdiff.use_backend(backend):
+        aligned = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=4, **opts)
+    _close(drawn, aligned, 2e-6, f"{backend} drawn noise, unaligned vs aligned")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [SHAPE, SHAPE_ODD, (1, 2, 33, 33), (3, 5)])
 def test_drawn_noise_matches_reference_stream(backend, shape, schedule):
     B = shape[0]
