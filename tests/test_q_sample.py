@@ -243,13 +243,20 @@ def test_unchecked_t_draws_noise_with_t_as_given(schedule, monkeypatch):
             assert_close(eps, want.double(), torch.float32, msg=f"{backend} {shape}")
 
 
+@pytest.fixture(params=["triton", "cuda"])
+def gpu_backend(request):
+    """A GPU backend of this machine (skipped without a CUDA device or that backend)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not fastdiff.backends.available(request.param):
+        pytest.skip(f"{request.param} not available")
+    return request.param
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_inside_cuda_graph_same_noise(backend, schedule):
+def test_inside_cuda_graph_same_noise(gpu_backend, schedule):
     """Captured and replayed: no host sync, and the noise equals an eager call's."""
-    if not fastdiff.backends.available(backend):
-        pytest.skip(f"{backend} not available")
+    backend = gpu_backend
     x0 = torch.randn(8, 3, 32, 32, device="cuda")
     t = torch.randint(0, 1000, (8,), device="cuda")
     with fastdiff.use_backend(backend):
@@ -264,13 +271,10 @@ def test_inside_cuda_graph_same_noise(backend, schedule):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_over_2_31_elements(backend, schedule):
+def test_gpu_over_2_31_elements(gpu_backend, schedule):
     """64-bit indexing: a 2^31 + 12 element fp16 tensor (3 x 4.3 GB), checked at the far end."""
     from fastdiff.reference import philox_normal
-    if not fastdiff.backends.available(backend):
-        pytest.skip(f"{backend} not available")
+    backend = gpu_backend
     B, per = 2, 2 ** 30 + 6
     x0 = torch.ones(B, per, device="cuda", dtype=torch.float16)
     t = torch.tensor([10, 900], device="cuda")

@@ -299,6 +299,14 @@ def _case_id(c):
     return "-".join(f"{k[:4]}={v}" for k, v in c.items())
 
 
+def _diffusers_options(case):
+    """The scheduler options both DDPMScheduler and DDIMScheduler take, from a test case."""
+    return dict(prediction_type=case["prediction_type"], clip_sample=case.get("clip_sample", False),
+                thresholding=case.get("thresholding", False),
+                dynamic_thresholding_ratio=case.get("dynamic_thresholding_ratio", 0.995),
+                sample_max_value=case.get("sample_max_value", 1.0))
+
+
 def _diffusers_ddpm(case, x, mo, t, tp, noise, double, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     from diffusers.schedulers import scheduling_ddpm
@@ -307,10 +315,7 @@ def _diffusers_ddpm(case, x, mo, t, tp, noise, double, monkeypatch):
     var = "fixed_large" if var == "fixed_large_log" else var
     sched = diffusers.DDPMScheduler(
         num_train_timesteps=T, beta_schedule="linear", variance_type=var,
-        prediction_type=case["prediction_type"], clip_sample=case.get("clip_sample", False),
-        thresholding=case.get("thresholding", False),
-        dynamic_thresholding_ratio=case.get("dynamic_thresholding_ratio", 0.995),
-        sample_max_value=case.get("sample_max_value", 1.0))
+        **_diffusers_options(case))
     dt = torch.float64 if double else torch.float32
     if double:
         sched.alphas_cumprod = sched.alphas_cumprod.double()
@@ -328,11 +333,8 @@ def _diffusers_ddpm(case, x, mo, t, tp, noise, double, monkeypatch):
 def _diffusers_ddim(case, x, mo, t, step, noise, double):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(
-        num_train_timesteps=T, beta_schedule="linear", prediction_type=case["prediction_type"],
-        clip_sample=case.get("clip_sample", False), set_alpha_to_one=case.get("set_alpha_to_one", True),
-        thresholding=case.get("thresholding", False),
-        dynamic_thresholding_ratio=case.get("dynamic_thresholding_ratio", 0.995),
-        sample_max_value=case.get("sample_max_value", 1.0))
+        num_train_timesteps=T, beta_schedule="linear",
+        set_alpha_to_one=case.get("set_alpha_to_one", True), **_diffusers_options(case))
     dt = torch.float64 if double else torch.float32
     if double:
         sched.alphas_cumprod = sched.alphas_cumprod.double()
