@@ -318,8 +318,8 @@ def attention_block_suite(ctx: Ctx):
                 gn = blk.group_norm
                 h = F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
                 h = h.flatten(2).transpose(1, 2)  # (B, L, C)
-                q, k, v = (F.linear(h, m.weight, m.bias).view(B, H * W, heads, dh).transpose(1, 2)
-                           for m in (blk.to_q, blk.to_k, blk.to_v))
+                q, k, v = (F.linear(h, w, b).view(B, H * W, heads, dh).transpose(1, 2)
+                           for w, b in zip(blk.qkv_weight.chunk(3), blk.qkv_bias.chunk(3)))
                 o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, -1)
                 y = F.linear(o, blk.to_out[0].weight, blk.to_out[0].bias)
                 return x + y.transpose(1, 2).reshape(B, C, H, W)

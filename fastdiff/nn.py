@@ -30,21 +30,30 @@ class AttentionBlock(nn.Module):
         residual_connection: add x to the projection output.
         bias: biases on to_q/to_k/to_v; out_bias: bias on to_out.0.
 
-    Forward: one GEMM computes q, k and v (the three weights concatenated, cached until a
-    parameter changes); the attention kernel reads q/k/v as strided views of that packed output
-    and writes (B, L, heads, dim_head), which the output projection reads without a transpose;
-    the residual is added to the projection's output in place. channels_last input is the fast
+    Storage: q, k and v live in one packed parameter, `qkv_weight` (3·inner, C) and `qkv_bias`,
+    so the block runs one GEMM for all three with no per-call concatenation and no cache to go
+    stale (an EMA's `p.data.copy_` or an optimizer step updates what the forward reads). The
+    state dict still has diffusers' keys: to_q/to_k/to_v are split out on save and packed on load.
+
+    Forward: the attention kernel reads q/k/v as strided views of the packed GEMM's output and
+    writes (B, L, heads, dim_head), which the output projection reads without a transpose; the
+    residual is added to the projection's output in place (a GEMM can take the bias epilogue or
+    the residual as its C operand through torch, not both). channels_last input is the fast
     path (no layout copies, channels_last output); a contiguous NCHW input is converted on the
     way in and the output is returned contiguous NCHW. Head dims outside the attention kernel's
     range [32, 256] (e.g. UNet2DModel's default attention_head_dim=8) use
-    torch.nn.functional.scaled_dot_product_attention on the same views.
+    torch.nn.functional.scaled_dot_product_attention on the same views. Under autocast the
+    output takes the residual's dtype, as diffusers' does.
     """
+
+    _QKV = ("to_q", "to_k", "to_v")
 
     def __init__(self, channels: int, heads: Optional[int] = None, dim_head: Optional[int] = None,
                  norm_num_groups: Optional[int] = 32, eps: float = 1e-5,
                  rescale_output_factor: float = 1.0, residual_connection: bool = True,
                  bias: bool = True, out_bias: bool = True, *,
-                 attention_head_dim: Optional[int] = None, device=None, dtype=None):
+                 attention_head_dim: Optional[int] = None, scale: Optional[float] = None,
+                 device=None, dtype=None):
         super().__init__()
         if None not in (dim_head, attention_head_dim) and dim_head != attention_head_dim:
             raise ValueError(f"dim_head={dim_head} and attention_head_dim={attention_head_dim} "
@@ -63,20 +72,22 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"heads and dim_head must be positive, got {heads} and {dim_head}")
         if rescale_output_factor == 0:
             raise ValueError("rescale_output_factor must be non-zero (the output is divided by it)")
+        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"scale must be a positive number or None, got {scale!r}")
         kw = {"device": device, "dtype": dtype}
         self.channels, self.heads, self.dim_head = channels, heads, dim_head
         self.inner_dim = heads * dim_head
-        self.scale = dim_head ** -0.5
+        self.scale = dim_head ** -0.5 if scale is None else float(scale)
         self.rescale_output_factor = float(rescale_output_factor)
         self.residual_connection = bool(residual_connection)
         self.group_norm = (None if norm_num_groups is None else
                            nn.GroupNorm(norm_num_groups, channels, eps=eps, affine=True, **kw))
-        self.to_q = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
-        self.to_k = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
-        self.to_v = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
+        # nn.Linear's initialisation for each of the three, packed
+        q, k, v = (nn.Linear(channels, self.inner_dim, bias=bias, **kw) for _ in range(3))
+        self.qkv_weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]).detach())
+        self.qkv_bias = (nn.Parameter(torch.cat([q.bias, k.bias, v.bias]).detach()) if bias
+                         else None)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, channels, bias=out_bias, **kw)])
-        self._qkv_key = None
-        self._qkv_cache = None
 
     @classmethod
     def from_diffusers(cls, attn: nn.Module) -> "AttentionBlock":
@@ -90,34 +101,44 @@ class AttentionBlock(nn.Module):
                     rescale_output_factor=attn.rescale_output_factor,
                     residual_connection=attn.residual_connection,
                     bias=attn.to_q.bias is not None, out_bias=attn.to_out[0].bias is not None,
-                    device=p.device, dtype=p.dtype)
+                    scale=attn.scale, device=p.device, dtype=p.dtype)
         block.load_state_dict(attn.state_dict(), strict=True)
         return block
 
-    def _qkv_params(self) -> tuple[Tensor, Optional[Tensor]]:
-        """The (3·inner, C) weight and (3·inner,) bias of the fused q/k/v GEMM."""
-        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        bs = (self.to_q.bias, self.to_k.bias, self.to_v.bias)
-        params = ws + tuple(b for b in bs if b is not None)
+    # -- diffusers' state-dict keys for the packed q/k/v ----------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for kind in ("weight", "bias"):
+            packed = destination.pop(f"{prefix}qkv_{kind}", None)
+            if packed is not None:
+                for name, part in zip(self._QKV, packed.chunk(3)):
+                    # clones: safetensors refuses tensors that share storage
+                    destination[f"{prefix}{name}.{kind}"] = part if keep_vars else part.clone()
 
-        def build():
-            return torch.cat(ws), (None if bs[0] is None else torch.cat(bs))
-        # Training needs the cat inside the autograd graph (gradients reach to_q/to_k/to_v);
-        # under torch.compile the cat is traced (a mutable cache would break the graph).
-        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or \
-                torch.compiler.is_compiling():
-            return build()
-        try:
-            # Any in-place update (optimizer step, load_state_dict's copy_) bumps _version;
-            # .to()/.half() make new storage (data_ptr) — either rebuilds the cache.
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        except RuntimeError:  # inference-mode tensors keep no version counter: do not cache
-            return build()
-        if key != self._qkv_key:
-            with torch.no_grad():
-                self._qkv_cache = build()
-            self._qkv_key = key
-        return self._qkv_cache
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        absent = []  # diffusers keys this checkpoint lacks, reported instead of qkv_*
+        for kind in ("weight", "bias"):
+            mine, packed = getattr(self, f"qkv_{kind}"), f"{prefix}qkv_{kind}"
+            keys = [f"{prefix}{name}.{kind}" for name in self._QKV]
+            if mine is None or packed in state_dict:
+                continue  # no such parameter (to_*.bias keys are then unexpected), or packed
+            parts = [state_dict.get(k) for k in keys]
+            miss = [k for k, t in zip(keys, parts) if t is None]
+            absent += miss
+            want = (self.inner_dim,) + tuple(mine.shape[1:])
+            bad = [k for k, t in zip(keys, parts) if t is not None and tuple(t.shape) != want]
+            error_msgs += [f"size mismatch for {k}: copying a param with shape "
+                           f"{tuple(state_dict[k].shape)} from checkpoint, the shape in current "
+                           f"model is {want}." for k in bad]
+            for k in keys:
+                state_dict.pop(k, None)
+            if not miss and not bad:
+                state_dict[packed] = torch.cat(parts)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        packed = {f"{prefix}qkv_weight", f"{prefix}qkv_bias"}
+        missing_keys[:] = [k for k in missing_keys if k not in packed] + absent
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -135,8 +156,7 @@ class AttentionBlock(nn.Module):
             h = group_norm_silu(xc, gn.weight, gn.bias, gn.num_groups, gn.eps, activation=None)
         # channels_last (B, C, H, W) is (B, H, W, C) in memory: a (B·L, C) matrix, no copy
         h = h.permute(0, 2, 3, 1).reshape(B * L, C)
-        w_qkv, b_qkv = self._qkv_params()
-        qkv = F.linear(h, w_qkv, b_qkv).view(B, L, 3, self.heads, self.dim_head)
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.heads, self.dim_head)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, L, dh) strided views
         if HEAD_DIM_MIN <= self.dim_head <= HEAD_DIM_MAX:
             o = attention(q, k, v, self.scale)
@@ -146,7 +166,9 @@ class AttentionBlock(nn.Module):
         out_proj = self.to_out[0]
         y = F.linear(o, out_proj.weight, out_proj.bias)
         if self.residual_connection:
-            y = y.add_(xc.permute(0, 2, 3, 1).reshape(B * L, C))
+            res = xc.permute(0, 2, 3, 1).reshape(B * L, C)
+            # autocast gives y in half precision: promote to the residual's dtype, as diffusers
+            y = y.add_(res) if y.dtype == res.dtype else y + res
         if self.rescale_output_factor != 1.0:
             y = y.div_(self.rescale_output_factor)
         y = y.view(B, Hs, Ws, C).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 try:
     from triton.runtime.errors import OutOfResources
 except ImportError:  # moved in some Triton release: then nothing is retried
@@ -173,6 +175,7 @@ def _smaller(cfg):
 _FITS = {}
 
 
+@on_tensor_device
 def attention_triton(q, k, v, o, scale: float):
     """q (B, H, Lq, D), k/v (B, H, Lk, D), o (B, H, Lq, D): same dtype and device, unit stride
     along D, Lk ≥ 1 (all checked by the caller). Writes o; returns it."""
@@ -180,6 +183,10 @@ def attention_triton(q, k, v, o, scale: float):
     Lk = k.shape[2]
     if B * H * Lq == 0:
         return o
+    if max(k.stride(2), v.stride(2)) * 256 >= 2 ** 31:
+        # key-row offsets inside a block (offs_n · stride, BLOCK_N · stride) are 32-bit products
+        # when the stride fits 32 bits: rows that far apart are read from a dense copy instead
+        k, v = k.contiguous(), v.contiguous()
     table = attention_config(D, Lq, Lk, q.element_size())
     key = (q.device, q.dtype, table)
     cfg = _FITS.get(key, table)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 FUSED_MAX = 8192     # padded elements of a group held in registers by one program
 TILE = 4096          # elements per tile when a group is walked in tiles
 _SM_COUNT = {}
@@ -256,6 +258,7 @@ def _plan(B, G, Cg, S, channels_last, device, block=None, split=None):
     return ntiles == 1 and split == 1, BC, BS, split
 
 
+@on_tensor_device
 def group_norm_silu_triton(x, weight, bias, add, num_groups, eps, activation, out, *,
                            block=None, split=None, channels_last=None):
     """x, out: (B, C, *spatial), dense in the same order (contiguous or channels_last, any spatial

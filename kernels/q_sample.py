@@ -11,6 +11,8 @@ t (inside a CUDA graph) can never read outside the schedule.
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 from .philox import normal_tile
 
 STREAM = tl.constexpr(0)  # fastdiff.reference.STREAM_Q_SAMPLE
@@ -44,6 +46,7 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
         tl.store(v_ptr + i, (a * eps - s * x0).to(v_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v):
     """x0, noise (optional), x_t, eps, v: dense tensors with identical strides; t: int64 (B,)."""
     B = x0.shape[0]

@@ -15,6 +15,8 @@ float32. The same coefficient algebra as csrc/sampler_step.h:
 """
 import triton
 import triton.language as tl
+
+from . import on_tensor_device
 from triton.language.extra import libdevice
 
 from .philox import USE_LIBDEVICE, normal_tile
@@ -172,6 +174,7 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
         tl.store(x0_ptr + i, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise,
                         kind, pred, var, eta, clip_mode, clip_range, set_alpha_to_one,
                         use_clipped, mo_bs, mo_inner, mo_rs, var_off, x_prev, x0):

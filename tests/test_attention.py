@@ -56,6 +56,28 @@ def test_lengths(seed, backend, dtype, D, Lq, Lk):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("D, Lq, Lk", [(32, 1000, 1000), (80, 1000, 77), (48, 7, 1000),
+                                       (100, 33, 65), (255, 17, 19)])
+def test_long_lengths_and_other_head_dims(seed, backend, dtype, D, Lq, Lk):
+    # 1000 (the issue's longest odd length) on every backend; head dims off the table (48, 100,
+    # 255) are padded like 40/80/160
+    q, k, v = make(1, 1, Lq, Lk, D, dtype)
+    assert_close(run(backend, q, k, v), ref64(q, k, v), msg=f"{backend} D={D} {Lq}x{Lk}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_rows_far_apart(seed, backend):
+    # a key/value row stride of 2^23 elements: BLOCK_N rows span more than 2^31 elements, past
+    # a 32-bit offset (the Triton launcher reads such K/V from a dense copy)
+    buf = torch.randn(2 * 2 ** 23 + 64, device=DEVICE, dtype=torch.float16)
+    k = buf.as_strided((1, 1, 3, 32), (0, 0, 2 ** 23, 1))
+    v = buf.as_strided((1, 1, 3, 32), (0, 0, 2 ** 23, 1), 32)
+    q = torch.randn(1, 1, 5, 32, device=DEVICE, dtype=torch.float16)
+    assert_close(run(backend, q, k, v), ref64(q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_and_heads_are_separate(seed, backend):
     # B, H > 1 with distinct data per (b, h): a wrong batch/head stride reads another head
     q, k, v = make(3, 2, 9, 20, 64, torch.float16)
@@ -344,7 +366,7 @@ def test_block_state_dict_keys():
     ref.load_state_dict(block.state_dict(), strict=True)  # and back
 
 
-def test_block_from_diffusers_and_cache_invalidation(seed):
+def test_block_from_diffusers_and_weight_updates(seed):
     from fastdiff.nn import AttentionBlock
     pytest.importorskip("fastdiff.ops.group_norm_silu")
     a = _randomize(_diffusers_attention(64, 32, 32), torch.float32).double()
@@ -354,11 +376,25 @@ def test_block_from_diffusers_and_cache_invalidation(seed):
     x = torch.randn(1, 64, 4, 3, dtype=torch.float64)
     with torch.no_grad():
         assert_close(block(x), a(x))
-        block.load_state_dict(b.state_dict())  # in-place copy_: the cached qkv weight is stale
+        block.load_state_dict(b.state_dict())
         assert_close(block(x), b(x))
-        block.to_v.weight.mul_(2)  # an in-place update of one projection
-        b.to_v.weight.mul_(2)
+        # what an EMA's copy_to does: writes through .data, which bumps no version counter
+        b.to_v.weight.data.mul_(2)
+        for p, q in zip(block.parameters(), AttentionBlock.from_diffusers(b).parameters()):
+            p.data.copy_(q.data)
         assert_close(block(x), b(x))
+
+
+def _grads(block):
+    """The block's parameter gradients under diffusers' names."""
+    out = {}
+    for name, p in block.named_parameters():
+        kind = name.rpartition("_")[2]
+        if name.startswith("qkv_"):
+            out.update({f"{m}.{kind}": g for m, g in zip(block._QKV, p.grad.chunk(3))})
+        else:
+            out[name] = p.grad
+    return out
 
 
 def test_block_gradients_match_diffusers(seed):
@@ -372,11 +408,69 @@ def test_block_gradients_match_diffusers(seed):
     ref(xa).backward(g)
     block(xb).backward(g)
     assert_close(xb.grad, xa.grad)
-    for name, p in block.named_parameters():
+    grads = _grads(block)
+    assert set(grads) == {n for n, _ in ref.named_parameters()}
+    for name, grad in grads.items():
         if name == "to_k.bias":  # softmax ignores a shift shared by all keys: its grad is ~0
-            assert p.grad.abs().max() < 1e-10 and ref.to_k.bias.grad.abs().max() < 1e-10
+            assert grad.abs().max() < 1e-10 and ref.to_k.bias.grad.abs().max() < 1e-10
             continue
-        assert_close(p.grad, ref.get_parameter(name).grad, msg=name)
+        assert_close(grad, ref.get_parameter(name).grad, msg=name)
+
+
+def test_block_state_dict_errors_name_diffusers_keys():
+    from fastdiff.nn import AttentionBlock
+    sd = _diffusers_attention(64, 32, 32).state_dict()
+    block = AttentionBlock(64, dim_head=32, norm_num_groups=32, eps=1e-6)
+    before = block.qkv_weight.detach().clone()
+    missing = {k: v for k, v in sd.items() if k != "to_k.weight"}
+    with pytest.raises(RuntimeError, match='Missing key.*"to_k.weight"'):
+        block.load_state_dict(missing)
+    assert block.load_state_dict(missing, strict=False).missing_keys == ["to_k.weight"]
+    with pytest.raises(RuntimeError, match=r"size mismatch for to_v.weight.*\(3, 64\).*"
+                                           r"\(64, 64\)"):
+        block.load_state_dict(dict(sd, **{"to_v.weight": torch.randn(3, 64)}))
+    assert torch.equal(block.qkv_weight, before)  # nothing half-loaded
+    no_bias = AttentionBlock(64, dim_head=32, norm_num_groups=32, eps=1e-6, bias=False)
+    with pytest.raises(RuntimeError, match='Unexpected key.*"to_q.bias"'):
+        no_bias.load_state_dict(sd)
+
+
+def test_block_state_dict_saves_with_safetensors(tmp_path):
+    from fastdiff.nn import AttentionBlock
+    st = pytest.importorskip("safetensors.torch")
+    block = AttentionBlock(64, dim_head=32, norm_num_groups=32, eps=1e-6)
+    st.save_file(block.state_dict(), tmp_path / "block.safetensors")  # no shared storage
+    other = AttentionBlock(64, dim_head=32, norm_num_groups=32, eps=1e-6)
+    other.load_state_dict(st.load_file(tmp_path / "block.safetensors"))
+    for p, q in zip(block.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_block_scale_from_diffusers(seed):
+    from fastdiff.nn import AttentionBlock
+    pytest.importorskip("fastdiff.ops.group_norm_silu")
+    Attention = pytest.importorskip("diffusers.models.attention_processor").Attention
+    ref = Attention(64, heads=2, dim_head=32, eps=1e-6, norm_num_groups=32, scale_qk=False,
+                    residual_connection=True, bias=True, _from_deprecated_attn_block=True)
+    ref = _randomize(ref, torch.float32).double()
+    block = AttentionBlock.from_diffusers(ref)
+    assert block.scale == 1.0
+    x = torch.randn(1, 64, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(block(x), ref(x))
+
+
+def test_block_autocast_keeps_the_residual_precision(seed):
+    from fastdiff.nn import AttentionBlock
+    pytest.importorskip("fastdiff.ops.group_norm_silu")
+    ref = _randomize(_diffusers_attention(64, 32, 32), torch.float32)
+    block = AttentionBlock.from_diffusers(ref)
+    x = 100 + torch.randn(2, 64, 3, 5)  # a large residual: rounding it to bf16 costs ~0.25
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = block(x), ref(x)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert (ours - x).abs().max() < 20  # the residual survived
+    assert (ours - theirs).abs().max() <= 3 * (theirs - ref(x)).abs().max() + 1e-2
 
 
 def test_block_rescale_and_no_residual(seed):
@@ -415,3 +509,28 @@ def test_block_input_errors():
         block(torch.randn(64, 16))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         block([1.0])
+
+
+def test_block_launches_no_copies():
+    """channels_last in: one norm, one packed q/k/v GEMM, attention, the output GEMM and the
+    residual add; the rest are views (no clone/copy/cat: no transposes that copy)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fastdiff.nn import AttentionBlock
+    pytest.importorskip("fastdiff.ops.group_norm_silu")
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    block = AttentionBlock(64, dim_head=32).eval()
+    x = torch.randn(2, 64, 4, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), Log() as log:
+        block(x)
+    views = {"permute", "view", "t", "unbind", "transpose", "reshape", "_unsafe_view"}
+    work = [op for op in log.ops if op not in views]
+    assert work == ["group_norm_silu", "addmm", "attention", "addmm", "add_"], log.ops
