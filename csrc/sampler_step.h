@@ -31,7 +31,7 @@ struct SamplerStepConfig {
 
 struct SamplerStepCoef {
   float cx, cm, k0, kx, km, std, l0, l1;
-  bool noise_on;  // ddpm: t > 0; ddim: eta > 0
+  bool noise_on;  // never at the last step (t_prev < 0); ddpm: t > 0; ddim: eta > 0
 };
 
 FD_HD int64_t clamp_index(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
@@ -63,13 +63,16 @@ FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t
     } else if (cfg.var == kFixedLarge || cfg.var == kFixedLargeLog) {
       sd = sqrt(cur_beta);
     } else {  // learned_range: exp(0.5 (frac max_log + (1 - frac) min_log)), frac = (v + 1) / 2
-      const double min_log = log(var), d = log(cur_beta) - min_log;
+      // cur_beta is 0 only for t == t_prev (reachable unchecked, inside a CUDA graph): clamped
+      // like var, so the log-variance stays finite
+      const double min_log = log(var), d = log(cur_beta < 1e-20 ? 1e-20 : cur_beta) - min_log;
       l0 = 0.5 * min_log + 0.25 * d;
       l1 = 0.25 * d;
     }
-    noise_on = t > 0;
+    noise_on = t > 0 && t_prev >= 0;
   } else {
-    const double var = bp / bt * (1.0 - at / ap);
+    // < 0 only when stepping forward in t (t_prev > t, DDIM inversion): no noise there
+    const double var_raw = bp / bt * (1.0 - at / ap), var = var_raw > 0.0 ? var_raw : 0.0;
     sd = cfg.eta * sqrt(var);
     const double rest = bp - sd * sd;  // >= 0 up to rounding for eta <= 1
     const double dir = sqrt(rest > 0.0 ? rest : 0.0);
@@ -81,7 +84,7 @@ FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t
     k0 = sqrt(ap) + dir * e0;
     kx = dir * ex;
     km = dir * em;
-    noise_on = cfg.eta > 0.0;
+    noise_on = cfg.eta > 0.0 && t_prev >= 0;
   }
   return {static_cast<float>(cx), static_cast<float>(cm), static_cast<float>(k0),
           static_cast<float>(kx), static_cast<float>(km), static_cast<float>(sd),

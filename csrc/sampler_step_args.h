@@ -23,7 +23,8 @@ inline SamplerStepPlan sampler_step_plan(
     int64_t clip_mode, double clip_sample_range, bool set_alpha_to_one,
     bool use_clipped_model_output, int64_t mo_batch_stride, int64_t mo_inner,
     int64_t mo_row_stride, int64_t var_offset, const at::Tensor& x_prev, const at::Tensor& x0) {
-  const int64_t B = x_t.dim() ? x_t.size(0) : 0;
+  FD_CHECK(x_t.dim() >= 1, "sampler_step: x_t must have a batch dim");
+  const int64_t B = x_t.size(0);
   FD_CHECK(t.scalar_type() == at::kLong && t.numel() == B && t_prev.scalar_type() == at::kLong &&
            t_prev.numel() == B, "sampler_step: t and t_prev must be int64 of shape (B,)");
   FD_CHECK(alphas_cumprod.scalar_type() == at::kDouble && alphas_cumprod.numel() > 0,

@@ -91,12 +91,12 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
             std = _sqrt64(cur_beta)
         else:  # learned_range: std = exp(0.5 (frac max_log + (1 - frac) min_log)), frac = (v+1)/2
             min_log = _log64(var)
-            d = _log64(cur_beta) - min_log
+            d = _log64(tl.maximum(cur_beta, 1e-20)) - min_log  # t == t_prev: finite
             l0 = 0.5 * min_log + 0.25 * d
             l1 = 0.25 * d
             std = zero
     else:
-        var = bp / bt * (1.0 - at / ap)
+        var = tl.maximum(bp / bt * (1.0 - at / ap), 0.0)  # < 0 only for t_prev > t (inversion)
         std = _sqrt64(var) * eta  # float32 eta promoted to float64
         direction = _sqrt64(tl.maximum(bp - std * std, 0.0))
         if PRED == EPSILON:
@@ -165,10 +165,11 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
             sd = tl.exp(l0 + l1 * v)
         else:
             sd = std
-        if KIND == DDPM:  # ddpm adds noise only where t > 0 (ddim: the host checked eta > 0)
-            out = tl.where(tb > 0, out + sd * z, out)
+        # never at the last step (t_prev < 0); ddpm only where t > 0 (ddim: the host checked eta)
+        if KIND == DDPM:
+            out = tl.where((tb > 0) & (tpb >= 0), out + sd * z, out)
         else:
-            out = out + sd * z
+            out = tl.where(tpb >= 0, out + sd * z, out)
     tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
     if WANT_X0:
         tl.store(x0_ptr + i, x0.to(x0_ptr.dtype.element_ty), mask=mask)

@@ -55,6 +55,17 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype=None, *, scale: flo
         f"{msg} relative norm error {(o - r).norm() / denom:.3g} > {nrel}"
 
 
+@pytest.fixture(params=["triton", "cuda"])
+def gpu_backend(request):
+    """A GPU backend of this machine (skipped without a CUDA device or that backend)."""
+    import fastdiff
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    if not fastdiff.backends.available(request.param):
+        pytest.skip(f"{request.param} not available")
+    return request.param
+
+
 @pytest.fixture
 def seed():
     torch.manual_seed(1234)

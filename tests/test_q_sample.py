@@ -49,6 +49,22 @@ def test_given_noise(backend, dtype, shape, schedule):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_drawn_noise_with_v_target(backend, dtype, schedule):
+    # the drawn-noise + v_target specialisation of every kernel: v from the returned eps
+    shape = (4, 3, 5, 7)
+    x0 = torch.randn(shape, device=DEVICE).to(dtype)
+    t = torch.randint(0, 1000, (shape[0],), device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, eps, v = fastdiff.q_sample(x0, t, schedule, seed=77, v_target=True)
+    ref_eps = memory_order_normal(77, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu())
+    assert_close(eps, ref_eps, dtype, msg=f"{backend} eps")
+    ref_xt, ref_v = _ref(x0, t, schedule, eps, True)
+    assert_close(x_t, ref_xt, dtype, msg=f"{backend} x_t")
+    assert_close(v, ref_v, dtype, msg=f"{backend} v")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_drawn_noise_matches_reference_stream(backend, dtype, shape, schedule):
     x0 = torch.randn(shape, device=DEVICE).to(dtype)
@@ -183,6 +199,11 @@ def test_compile_fullgraph_reference_backend(schedule):
     (dict(noise=torch.randn(2, 3, 4, 4), seed=1), ValueError, "either noise or seed"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(schedule="linear"), TypeError, "schedule must be a fastdiff.Schedule"),
+    (dict(noise=torch.randn(2, 3, 4, 4, device="meta")), ValueError,
+     "noise is on meta but x0 is on cpu"),
+    (dict(t=torch.tensor([1, 2], device="meta")), ValueError, "t is on meta but the data is on cpu"),
+    (dict(noise=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError,
+     "noise must be a floating tensor"),
 ])
 def test_errors(kwargs, err, match, schedule):
     args = dict(x0=torch.randn(2, 3, 4, 4), t=torch.tensor([1, 2]), schedule=schedule)
@@ -241,16 +262,6 @@ def test_unchecked_t_draws_noise_with_t_as_given(schedule, monkeypatch):
             with fastdiff.use_backend(backend):
                 _, eps = fastdiff.q_sample(x0, t, schedule, seed=9)
             assert_close(eps, want.double(), torch.float32, msg=f"{backend} {shape}")
-
-
-@pytest.fixture(params=["triton", "cuda"])
-def gpu_backend(request):
-    """A GPU backend of this machine (skipped without a CUDA device or that backend)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if not fastdiff.backends.available(request.param):
-        pytest.skip(f"{request.param} not available")
-    return request.param
 
 
 @pytest.mark.gpu

@@ -245,23 +245,26 @@ def test_same_seed_same_result_on_every_backend(schedule):
 
 def test_seed_reproducible_t_changes_noise_and_ddpm_t0_noiseless(schedule):
     x, mo, _, _, _ = _inputs((2, 3, 4, 4), [0, 0], [0, 0], seed=10)
-    run = lambda t, s: fastdiff.sampler_step(x, mo, torch.tensor(t), torch.tensor([-1, -1]),
+    run = lambda t, s: fastdiff.sampler_step(x, mo, torch.tensor(t), torch.tensor([0, 0]),
                                              schedule, seed=s, variance_type="fixed_large")
     a, b, c, d = run([5, 5], 1), run([5, 5], 1), run([6, 5], 1), run([5, 5], 2)
     assert torch.equal(a, b)
     assert not torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
     assert not torch.equal(a, d)
+    run = lambda t, s: fastdiff.sampler_step(x, mo, torch.tensor(t), torch.tensor([-1, 4]),
+                                             schedule, seed=s, variance_type="fixed_large")
     e, f = run([0, 5], 1), run([0, 5], 2)  # t = 0 draws nothing: seed-independent
     assert torch.equal(e[0], f[0]) and not torch.equal(e[1], f[1])
 
 
 def _noise_of(schedule, t, n, backend=None):
-    """The in-kernel normals of a step, recovered: x_t = model_output = 0 makes x_prev = std z."""
+    """The in-kernel normals of a step, recovered: x_t = model_output = 0 makes x_prev = std z,
+    std = sqrt(beta_t) for fixed_large."""
     x = torch.zeros(1, n, device=DEVICE)
     with fastdiff.use_backend(backend or "auto"):
-        out = fastdiff.sampler_step(x, x, t, -1, schedule, seed=123, variance_type="fixed_large")
+        out = fastdiff.sampler_step(x, x, t, t - 1, schedule, seed=123, variance_type="fixed_large")
     ab = schedule.alphas_cumprod
-    return out.double().cpu().flatten() / math.sqrt(1.0 - float(ab[t]))
+    return out.double().cpu().flatten() / math.sqrt(1.0 - float(ab[t] / ab[t - 1]))
 
 
 def test_in_kernel_noise_statistics(schedule):
@@ -286,13 +289,16 @@ def test_in_kernel_noise_statistics(schedule):
 DDPM_CASES = [dict(prediction_type=p, variance_type=v) for p in PREDICTION_TYPES
               for v in VARIANCE_TYPES] + \
     [dict(prediction_type=p, variance_type="fixed_small", clip_sample=True) for p in PREDICTION_TYPES] + \
+    [dict(prediction_type="epsilon", variance_type="fixed_small", clip_sample=True,
+          clip_sample_range=0.5)] + \
     [dict(prediction_type=p, variance_type="fixed_small", thresholding=True,
           dynamic_thresholding_ratio=0.9, sample_max_value=3.0) for p in PREDICTION_TYPES]
 DDIM_CASES = [dict(prediction_type=p, eta=e, **c) for p in PREDICTION_TYPES for e in (0.0, 0.5, 1.0)
               for c in (dict(), dict(clip_sample=True),
                         dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0))] + \
     [dict(prediction_type=p, eta=0.5, clip_sample=True, use_clipped_model_output=True,
-          set_alpha_to_one=False) for p in PREDICTION_TYPES]
+          set_alpha_to_one=False) for p in PREDICTION_TYPES] + \
+    [dict(prediction_type="v_prediction", eta=1.0, clip_sample=True, clip_sample_range=2.0)]
 
 
 def _case_id(c):
@@ -304,7 +310,8 @@ def _diffusers_options(case):
     return dict(prediction_type=case["prediction_type"], clip_sample=case.get("clip_sample", False),
                 thresholding=case.get("thresholding", False),
                 dynamic_thresholding_ratio=case.get("dynamic_thresholding_ratio", 0.995),
-                sample_max_value=case.get("sample_max_value", 1.0))
+                sample_max_value=case.get("sample_max_value", 1.0),
+                clip_sample_range=case.get("clip_sample_range", 1.0))
 
 
 def _diffusers_ddpm(case, x, mo, t, tp, noise, double, monkeypatch):
@@ -340,9 +347,11 @@ def _diffusers_ddim(case, x, mo, t, step, noise, double):
         sched.alphas_cumprod = sched.alphas_cumprod.double()
         sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
     sched.set_timesteps(T // step)
+    # the last step (t - step < 0) adds no noise in fastdiff; diffusers adds some there when
+    # set_alpha_to_one=False and eta > 0: give it zero noise for that step
     outs = [sched.step(mo[b:b + 1].to(dt), int(t[b]), x[b:b + 1].to(dt), eta=case["eta"],
                        use_clipped_model_output=case.get("use_clipped_model_output", False),
-                       variance_noise=noise[b:b + 1].to(dt)).prev_sample
+                       variance_noise=noise[b:b + 1].to(dt) * (int(t[b]) - step >= 0)).prev_sample
             for b in range(x.shape[0])]
     return sched, torch.cat(outs)
 
@@ -495,6 +504,13 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
     (dict(clip_sample_range=0.0), ValueError, "clip_sample_range"),
     (dict(schedule="linear"), TypeError, "schedule must be a fastdiff.Schedule"),
     (dict(x_t=torch.ones(2, 3, dtype=torch.int64)), TypeError, "x_t must be a floating tensor"),
+    (dict(t_prev=torch.tensor([[0, 1]])), ValueError, r"t_prev must have shape \(2,\)"),
+    (dict(t_prev=torch.tensor([0, 2])), ValueError,
+     r"kind='ddpm' steps backwards: t_prev must be < t, got t_prev=2 >= t=2 for sample 1"),
+    (dict(t_prev=5), ValueError, r"t_prev=5 >= t=1 for sample 0"),
+    (dict(x_t=torch.randn(2), model_output=torch.randn(4), variance_type="learned_range"),
+     ValueError, "learned_range' needs x_t with a channel dim"),
+    (dict(sample_max_value=0.0, thresholding=True), ValueError, "sample_max_value"),
 ])
 def test_errors(kwargs, err, match, schedule):
     args = dict(x_t=torch.randn(2, 3, 4, 4), model_output=torch.randn(2, 3, 4, 4),
@@ -510,3 +526,157 @@ def test_device_mismatch(schedule):
         fastdiff.sampler_step(x, torch.randn(2, 3, device="meta"), 5, 4, schedule)
     with pytest.raises(ValueError, match="noise is on meta"):
         fastdiff.sampler_step(x, x, 5, 4, schedule, noise=torch.randn(2, 3, device="meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddim_inversion_step(backend, schedule):
+    # only ddpm's posterior needs t_prev < t: ddim from t to a later t_prev is the deterministic
+    # inversion x' = sqrt(ab') x0 + sqrt(1 - ab') eps (its variance would be < 0: no noise)
+    x, mo, _, _, _ = _inputs((2, 3, 4), [0, 0], [0, 0], seed=30)
+    with fastdiff.use_backend(backend):
+        out = fastdiff.sampler_step(x, mo, torch.tensor([400, 7], device=DEVICE),
+                                    torch.tensor([420, 7], device=DEVICE), schedule, kind="ddim",
+                                    eta=1.0, seed=3)
+    ab = schedule.alphas_cumprod
+    x0 = (x.double().cpu() - (1 - ab[400]).sqrt() * mo.double().cpu()) / ab[400].sqrt()
+    want0 = ab[420].sqrt() * x0[0] + (1 - ab[420]).sqrt() * mo[0].double().cpu()
+    _close(out[0], want0, 2e-6, backend)
+    _close(out[1], x[1], 2e-6, backend)  # t_prev = t: the identity
+
+
+def test_device_mismatch_of_timesteps(schedule):
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="t is on meta but the data is on cpu"):
+        fastdiff.sampler_step(x, x, torch.tensor([5, 5], device="meta"), 4, schedule)
+    with pytest.raises(ValueError, match="t_prev is on meta but the data is on cpu"):
+        fastdiff.sampler_step(x, x, 5, torch.tensor([4, 4], device="meta"), schedule)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(kind="ddpm", variance_type=v) for v in VARIANCE_TYPES] +
+                         [dict(kind="ddim", eta=1.0, set_alpha_to_one=False),
+                          dict(kind="ddim", eta=0.7)], ids=_case_id)
+def test_last_step_adds_no_noise(backend, opts, schedule):
+    """t_prev < 0 is the last step: no noise, whatever t, seed or given noise (diffusers' DDPM
+    would add noise for t > 0, and its DDIM with set_alpha_to_one=False and eta > 0)."""
+    learned = opts.get("variance_type") == "learned_range"
+    x, mo, t, tp, noise = _inputs(SHAPE_ODD, [10, 500, 999, 1], [-1, -1, -1, -1], learned=learned,
+                                  seed=31)
+    with fastdiff.use_backend(backend):
+        a = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=1, **opts)
+        b = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=2, **opts)
+        c = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, **opts)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    _close(a, _ref(schedule, x, mo, t, tp, None, **opts), 2e-6, backend)
+
+
+def test_learned_range_t_equal_t_prev_stays_finite(schedule, monkeypatch):
+    """Unchecked (as inside a CUDA graph), t = 5000 and t_prev = 4000 both clamp to 999: beta = 0,
+    whose log once made the learned log-variance NaN for negative predicted variances."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "0")
+    x, mo, _, _, noise = _inputs((2, 3, 4), [0, 0], [0, 0], learned=True, seed=32)
+    want = _ref(schedule, x, mo, torch.tensor([999, 7]), torch.tensor([999, 7]), noise,
+                variance_type="learned_range")
+    assert torch.isfinite(want).all()
+    for backend in BACKENDS:
+        with fastdiff.use_backend(backend):
+            got = fastdiff.sampler_step(x, mo, torch.tensor([5000, 7], device=DEVICE),
+                                        torch.tensor([4000, 7], device=DEVICE), schedule,
+                                        noise=noise, variance_type="learned_range")
+        _close(got, want, 2e-6, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4)])
+def test_empty(backend, shape, schedule):
+    x = torch.randn(shape, device=DEVICE)
+    B = shape[0]
+    t = torch.full((B,), 5, device=DEVICE)
+    with fastdiff.use_backend(backend):
+        for opts in (dict(), dict(thresholding=True), dict(kind="ddim", eta=1.0)):
+            out = fastdiff.sampler_step(x, x, t, t - 1, schedule, **opts)
+            assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_learned_range_with_thresholding(backend, channels_last, schedule):
+    # the thresholding pass reads model_output[:, :C] of a 2C-channel output, in both layouts
+    x, mo, t, tp, noise = _inputs((2, 3, 5, 3), [700, 9], [600, 8], learned=True, seed=33,
+                                  channels_last=channels_last)
+    opts = dict(variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.8,
+                sample_max_value=1.5)
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, **opts)
+    _close(got, _ref(schedule, x, mo, t, tp, noise, **opts), 2e-6, backend)
+
+
+# -- GPU only --------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_inside_cuda_graph_same_output(gpu_backend, schedule):
+    """Captured (per-sample CUDA t, noise drawn in the kernel, thresholding's device quantile)
+    and replayed: no host sync, and the same result as an eager call."""
+    x, mo, _, _, _ = _inputs((8, 3, 32, 32), [0] * 8, [0] * 8, seed=40)
+    t = torch.randint(1, 1000, (8,), device="cuda")
+    opts = dict(seed=5, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+    with fastdiff.use_backend(gpu_backend):
+        eager = fastdiff.sampler_step(x, mo, t, t - 1, schedule, **opts)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fastdiff.sampler_step(x, mo, t, t - 1, schedule, **opts)
+        g.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_timesteps_inside_capture_is_a_clear_error(schedule):
+    x = torch.randn(2, 3, 8, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="t is a CPU tensor while a CUDA graph is being captured"):
+        with torch.cuda.graph(g):
+            fastdiff.sampler_step(x, x, torch.tensor([5, 6]), torch.tensor([4, 5], device="cuda"),
+                                  schedule, seed=1)
+
+
+@pytest.mark.gpu
+def test_triton_and_cuda_noise_bitwise(schedule):
+    """Both GPU backends draw the same bits (same Philox, same correctly rounded sqrt)."""
+    if not (fastdiff.backends.available("triton") and fastdiff.backends.available("cuda")):
+        pytest.skip("needs both GPU backends")
+    z = {b: _noise_of(schedule, 500, 10 ** 6, backend=b) for b in ("triton", "cuda")}
+    assert torch.allclose(z["triton"], z["cuda"], rtol=0, atol=1e-6)
+    print(f"bitwise equal: {torch.equal(z['triton'], z['cuda'])}")
+
+
+@pytest.mark.gpu
+def test_gpu_over_2_31_elements(gpu_backend, schedule):
+    """64-bit indexing: x_t of 2^31 + 12 fp16 elements (3 x 4.3 GB), checked at the far end."""
+    from fastdiff.reference import philox_normal
+    B, per = 2, 2 ** 30 + 6
+    x = torch.ones(B, per, device="cuda", dtype=torch.float16)
+    mo = torch.full_like(x, 0.5)
+    t = torch.tensor([10, 900], device="cuda")
+    with fastdiff.use_backend(gpu_backend):
+        out = fastdiff.sampler_step(x, mo, t, t - 1, schedule, seed=11)
+    tail = 4096
+    start = B * per - tail
+    z = philox_normal(11, t.cpu(), STREAM_SAMPLER_STEP, tail, per_sample=per, start=start)
+    want = _ref(schedule, x[1:, -tail:], mo[1:, -tail:], t[1:], t[1:] - 1, z.view(1, tail))
+    assert_close(out[1:, -tail:], want, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_second_gpu(backend, schedule):
+    """Tensors on cuda:1 while cuda:0 is current: each kernel runs on its tensors' device."""
+    if not fastdiff.backends.available(backend):
+        pytest.skip(f"{backend} not available")
+    x, mo, t, tp, noise = (a.to("cuda:1") for a in _inputs(SHAPE_ODD, *T_PAIRS, seed=41))
+    with torch.cuda.device(0), fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise)
+    _close(got, _ref(schedule, x, mo, t, tp, noise), 1e-6, backend)

@@ -55,10 +55,10 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
       use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset, x_prev, x0);
   // the kernel reads these through raw pointers on the GPU
   FD_CHECK(t.is_contiguous() && t_prev.is_contiguous() && alphas_cumprod.is_contiguous() &&
-           (!noise || noise->is_cuda()) &&
+           (!noise || noise->is_cuda()) && x_prev.is_cuda() && (x0.numel() == 0 || x0.is_cuda()) &&
            (clip_mode != kClipThreshold || (thresh->is_cuda() && thresh->is_contiguous())),
            "sampler_step (cuda): t, t_prev, alphas_cumprod and thresh must be contiguous CUDA "
-           "tensors, noise a CUDA tensor");
+           "tensors, noise, x_prev and x0 CUDA tensors");
   FD_CHECK(p.B <= 65535, "sampler_step: batch size must be at most 65535");
   if (p.numel == 0) return;
   const int64_t B = p.B, per_sample = p.layout.per_sample;

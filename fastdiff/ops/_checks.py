@@ -79,13 +79,23 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
     if t.device.type not in ("cpu", torch.device(device).type) or (
             t.device.type != "cpu" and t.device != torch.device(device)):
         raise ValueError(f"{name} is on {t.device} but the data is on {device}")
-    check = checks_enabled() and not torch.compiler.is_compiling() and (t.device.type == "cpu" or not (
-        t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
-    if check and t.numel() and t.device.type != "meta":
-        tmin, tmax = int(t.min()), int(t.max())
+    if t.device.type == "cpu" and torch.device(device).type == "cuda" and \
+            torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{name} is a CPU tensor while a CUDA graph is being captured: the "
+                         "copy to the GPU cannot be captured; pass a CUDA tensor (or an int)")
+    if values_checked(t) and t.numel():
+        tmin, tmax = torch.stack([t.min(), t.max()]).tolist()  # one host sync for a CUDA t
         if tmin < lo or tmax >= num_timesteps:
             raise ValueError(f"{name} has values in [{tmin}, {tmax}], outside {rng}")
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether t's values may be read on the host: not while torch.compile traces or a CUDA graph
+    is captured (a sync), nor with FASTDIFF_CHECKS=0, nor on the meta device."""
+    if not checks_enabled() or torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:

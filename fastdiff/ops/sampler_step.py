@@ -76,6 +76,8 @@ def threshold_scale(x0: Tensor, ratio: float, sample_max_value: float) -> Tensor
     """Dynamic thresholding's per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value)
     (Saharia et al. 2022, diffusers' _threshold_sample), shape (B,), in x0's dtype. Device ops
     only: no host sync."""
+    if x0.numel() == 0:  # nothing to scale (B = 0 or empty samples)
+        return x0.new_ones(x0.shape[0])
     a = x0.reshape(x0.shape[0], -1).abs()
     return _quantile_rows(a, ratio).clamp(min=1.0, max=sample_max_value)
 
@@ -129,12 +131,15 @@ def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
             # GLIDE's max_log: log-variance log(beta_t). diffusers takes sqrt of the log (NaN).
             std = per_sample(torch.exp(0.5 * torch.log(cur_beta)))
         else:  # learned_range: interpolate the log-variance between the two bounds
-            min_log, max_log = per_sample(torch.log(var)), per_sample(torch.log(cur_beta))
+            # cur_beta = 0 only for t == t_prev: clamped like var, so the log stays finite
+            min_log = per_sample(torch.log(var))
+            max_log = per_sample(torch.log(cur_beta.clamp(min=1e-20)))
             frac = (v + 1) / 2
             std = torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
         x_prev = mean
         if noise is not None:
-            x_prev = mean + torch.where((t > 0).view(view), std * noise.to(mdt), 0.0)
+            on = (t > 0) & (t_prev >= 0)  # the last step (t_prev < 0) adds no noise
+            x_prev = mean + torch.where(on.view(view), std * noise.to(mdt), 0.0)
     else:
         sa, sb = at.sqrt(), bt.sqrt()
         if prediction_type == "epsilon":
@@ -143,15 +148,15 @@ def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
             eps = (x - per_sample(sa) * m) / per_sample(sb)
         else:
             eps = per_sample(sa) * m + per_sample(sb) * x
-        var = bp / bt * (1.0 - at / ap)
+        var = (bp / bt * (1.0 - at / ap)).clamp(min=0.0)  # < 0 only for t_prev > t (inversion)
         std = eta * var.sqrt()
         if use_clipped_model_output:
             eps = (x - per_sample(sa) * x0c) / per_sample(sb)
         # clamp: rounding only for eta <= 1 (1 - ab_prev >= var); for eta > 1 diffusers gives NaN
         direction = (bp - std * std).clamp(min=0.0).sqrt()
         x_prev = per_sample(ap.sqrt()) * x0c + per_sample(direction) * eps
-        if eta > 0 and noise is not None:
-            x_prev = x_prev + per_sample(std) * noise.to(mdt)
+        if eta > 0 and noise is not None:  # not at the last step (t_prev < 0)
+            x_prev = x_prev + torch.where((t_prev >= 0).view(view), per_sample(std) * noise.to(mdt), 0.0)
     x_prev = x_prev.to(x_t.dtype)
     return (x_prev, x0c.to(x_t.dtype)) if return_x0 else x_prev
 
@@ -276,7 +281,10 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
             [-1, 1]), read in place in NCHW or channels_last.
         t, t_prev: per-sample timesteps, int tensors (B,) or ints; t in [0, T), t_prev in
             [-1, T) where -1 is the final step (alpha_cumprod_prev = 1 for ddpm; for ddim 1 if
-            set_alpha_to_one else alphas_cumprod[0]).
+            set_alpha_to_one else alphas_cumprod[0]), which adds no noise. ddpm needs
+            t_prev < t. (diffusers' DDPM adds noise whenever t > 0, and its DDIM with
+            set_alpha_to_one=False and eta > 0 adds some at the last step: fastdiff never does.)
+            ddim with t_prev > t is the deterministic inversion step (sigma = 0).
         schedule: a fastdiff.Schedule.
         kind: "ddpm" or "ddim".
         prediction_type: "epsilon", "sample" or "v_prediction".
@@ -291,7 +299,8 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
         use_clipped_model_output: ddim only: re-derive epsilon from the clipped x0.
         noise: z of `+ sigma z`, x_t's shape; None draws it in the kernel from the counter-based
             stream fastdiff.reference.STREAM_SAMPLER_STEP (step = the sample's t, element =
-            memory position). ddpm adds noise only to samples with t > 0.
+            memory position). ddpm adds noise only to samples with t > 0, neither kind at the
+            last step (t_prev < 0).
         seed: int seed of the in-kernel noise (None: drawn from torch's CPU generator).
         return_x0: also return x0 after clipping/thresholding (diffusers' pred_original_sample).
 
@@ -334,6 +343,12 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     T = schedule.num_train_timesteps
     t = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device)
     t_prev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device, allow_negative=True)
+    if kind == "ddpm" and _checks.values_checked(t) and t.numel():
+        bad = (t_prev >= t).nonzero()  # one host sync, as the range checks
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"kind='ddpm' steps backwards: t_prev must be < t, got "
+                             f"t_prev={int(t_prev[i])} >= t={int(t[i])} for sample {i}")
     x_t = _checks.dense(x_t)
     if noise is not None:
         noise = _checks.like(noise.to(x_t.dtype), x_t)
