@@ -192,8 +192,9 @@ class GroupNormSiLU(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  activation: Optional[str] = "silu", device=None, dtype=None):
         super().__init__()
-        if num_channels % num_groups != 0:
-            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
+        if num_groups <= 0 or num_channels % num_groups != 0:
+            raise ValueError(f"num_groups={num_groups} must be positive and divide "
+                             f"num_channels={num_channels}")
         if activation not in ("silu", None):
             raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
         self.num_groups, self.num_channels = num_groups, num_channels

@@ -274,6 +274,8 @@ def group_norm_silu_triton(x, weight, bias, add, num_groups, eps, activation, ou
     if cl is None or _channels_last_flag(out) != cl:
         raise ValueError("group_norm_silu_triton: x and out must be dense in the same order")
     G = num_groups
+    if G <= 0 or C % G:  # checked by the public op; this launcher is also reachable directly
+        raise ValueError(f"num_groups={G} must be positive and divide C={C}")
     Cg = C // G
     single, BC, BS, K = _plan(B, G, Cg, S, cl, x.device, block, split)
     n_c_tiles, n_s_tiles = triton.cdiv(Cg, BC), triton.cdiv(S, BS)

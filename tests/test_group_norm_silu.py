@@ -109,6 +109,33 @@ def test_non_contiguous_input(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,G", [((2, 8, 5, 6), 4), ((2, 8, 5), 2), ((1, 4, 3, 2, 5), 4)])
+def test_cropped_channels_last_stays_channels_last(backend, shape, G, seed):
+    # a crop of a channels_last map is neither dense order: the copy keeps channels innermost,
+    # so y is channels_last like the input (any spatial rank)
+    x, w, b, a = _inputs(shape, G, torch.float16)
+    xc = _channels_last(x)[(slice(None), slice(None)) + (slice(1, None),) * (x.dim() - 2)]
+    y = _run(backend, xc, w, b, G, add=a)
+    assert y.stride(1) == 1 and y.shape == xc.shape
+    assert_close(y, _ref64(xc, w, b, G, add=a), torch.float16, scale=4.0, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unaligned_views(backend, layout, seed):
+    # dense tensors starting one element past an aligned address: the CUDA kernel's vector loads
+    # fall back to narrower ones, the others must not care
+    n = 2 * 8 * 5 * 6
+    flat = torch.randn(n + 1, device=DEVICE).half()[1:]
+    x = flat.view(2, 8, 5, 6) if layout == "contiguous" else \
+        flat.view(2, 5, 6, 8).permute(0, 3, 1, 2)
+    _, w, b, a = _inputs((2, 8, 5, 6), 4, torch.float16)
+    y = _run(backend, x, w, b, 4, add=a)
+    assert y.stride() == x.stride()
+    assert_close(y, _ref64(x, w, b, 4, add=a), torch.float16, scale=4.0, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_params(backend, seed):
     x, w, b, a = _inputs((2, 8, 5, 5), 4, torch.float32)
     w2, b2 = torch.randn(16, device=DEVICE)[::2], torch.randn(8, 2, device=DEVICE)[:, 1]
@@ -142,12 +169,18 @@ TRITON_PATHS = [  # (shape, G, block (BC, BS), split)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_looped_and_split_paths(shape, G, block, split, layout, seed):
     from fastdiff.kernels.group_norm_silu import group_norm_silu_triton
-    x, w, b, a = _inputs(shape, G, torch.float32, mean=50.0)
+    x, w, b, a = _inputs(shape, G, torch.float32, mean=1e4)  # no cancellation on these paths too
     if layout == "channels_last":
         x = _channels_last(x)
     out = torch.full_like(x, float("nan"))
     group_norm_silu_triton(x, w, b, a, G, 1e-5, "silu", out, block=block, split=split)
     assert_close(out, _ref64(x, w, b, G, add=a), torch.float32, scale=4.0, msg=f"{block} {split}")
+    for add, affine, act in ((False, False, None), (True, False, "silu"), (False, True, None)):
+        o = torch.full_like(x, float("nan"))
+        xa, wa, ba, aa = x, w if affine else None, b if affine else None, a if add else None
+        group_norm_silu_triton(xa, wa, ba, aa, G, 1e-5, act, o, block=block, split=split)
+        assert_close(o, _ref64(xa, wa, ba, G, add=aa, activation=act), torch.float32, scale=4.0,
+                     msg=f"{block} {split} add={add} affine={affine} act={act}")
     out2 = torch.full_like(x, float("nan"))
     group_norm_silu_triton(x, w, b, a, G, 1e-5, "silu", out2, block=block, split=split)
     assert torch.equal(out, out2), "split reduction must be deterministic"
@@ -180,6 +213,13 @@ def test_gpu_sd_shapes(backend, shape, G, layout, dtype, seed):
     assert y.stride() == x.stride()
     assert_close(y, _ref64(x, w, b, G, add=a), dtype, scale=4.0, msg=backend)
     assert torch.equal(y, _run(backend, x, w, b, G, add=a)), "must be deterministic"
+    # the split paths without add / affine / SiLU (separate Triton specialisations)
+    for add, affine, act in ((False, False, None), (True, False, "silu"), (False, True, None)):
+        aa = a if add else None
+        y = _run(backend, x, w if affine else None, b if affine else None, G, add=aa,
+                 activation=act)
+        ref = _ref64(x, w if affine else None, b if affine else None, G, add=aa, activation=act)
+        assert_close(y, ref, dtype, scale=4.0, msg=f"{backend} add={add} affine={affine} {act}")
 
 
 @pytest.mark.gpu
@@ -223,16 +263,17 @@ def test_grad_path_fp32_channels_last(seed):
     and the output keeps x's layout."""
     x, w, b, a = _inputs((2, 8, 4, 5), 4, torch.float32)
     x = x.to(memory_format=torch.channels_last).requires_grad_()
-    w.requires_grad_()
+    for t in (w, b, a):
+        t.requires_grad_()
     y = group_norm_silu(x, w, b, 4, add=a)
     assert y.stride() == x.stride()
     g = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, (x, w), g)
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    r = _ref64(x64, w64, b, 4, add=a)
-    rx, rw = torch.autograd.grad(r, (x64, w64), g.double())
-    assert_close(gx, rx, torch.float32, scale=10.0)
-    assert_close(gw, rw, torch.float32, scale=10.0)
+    grads = torch.autograd.grad(y, (x, w, b, a), g)
+    ins64 = [t.detach().double().requires_grad_() for t in (x, w, b, a)]
+    r = _ref64(ins64[0], ins64[1], ins64[2], 4, add=ins64[3])
+    refs = torch.autograd.grad(r, ins64, g.double())
+    for name, got, want in zip(("x", "weight", "bias", "add"), grads, refs):
+        assert_close(got, want, torch.float32, scale=10.0, msg=name)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -262,6 +303,8 @@ def test_module_rejects_bad_config():
     from fastdiff.nn import GroupNormSiLU
     with pytest.raises(ValueError, match="num_groups"):
         GroupNormSiLU(3, 8)
+    with pytest.raises(ValueError, match="num_groups=0 must be positive"):
+        GroupNormSiLU(0, 8)
     with pytest.raises(ValueError, match="activation"):
         GroupNormSiLU(4, 8, activation="gelu")
 
@@ -321,3 +364,7 @@ def test_errors():
         group_norm_silu(x, torch.ones(8, device=other), None, 4)
     with pytest.raises(ValueError, match="add is on meta"):
         group_norm_silu(x, None, None, 4, add=torch.ones(2, 8, device=other))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        group_norm_silu(x, None, torch.ones(8, device=other), 4)
+    with pytest.raises(TypeError, match="bias must be a floating tensor"):
+        group_norm_silu(x, None, torch.ones(8, dtype=torch.int32, device=DEVICE), 4)

@@ -43,12 +43,16 @@ def _channels_last_flag(x: Tensor) -> Optional[bool]:
 
 
 def dense_layout(x: Tensor) -> tuple[Tensor, bool]:
-    """(x or a contiguous copy of it, channels_last flag): the kernels address a dense tensor
-    in either order without copying it."""
+    """(x or a dense copy of it, channels_last flag): the kernels address a dense tensor in
+    either order without copying it. A view that is neither (a crop, a strided slice) is copied
+    in the order its strides suggest, so y keeps the channels_last-ness of x."""
     cl = _channels_last_flag(x)
-    if cl is None:
-        return x.contiguous(), False
-    return x, cl
+    if cl is not None:
+        return x, cl
+    spatial = [x.stride(d) for d in range(2, x.dim()) if x.shape[d] > 1]
+    if x.shape[1] > 1 and spatial and x.stride(1) < min(spatial):  # channels innermost
+        return x.movedim(1, -1).contiguous().movedim(-1, 1), True
+    return x.contiguous(), False
 
 
 def _out_like(xd: Tensor) -> Tensor:
@@ -147,8 +151,8 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
     Args:
         x: (B, C, *spatial), 1 to 3 spatial dims; float32/float16/bfloat16 (float64 runs the
-            reference). Contiguous or channels_last; y has x's memory format (other layouts
-            are copied to contiguous first).
+            reference). Contiguous or channels_last (any spatial rank); y has x's memory
+            format. Other views are copied first, channels-innermost ones to channels_last.
         weight, bias: (C,) affine parameters, or None.
         num_groups: G, must divide C (G = 1 and G = C both work).
         eps: added to the group variance.
