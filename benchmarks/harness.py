@@ -1,11 +1,18 @@
-"""Timing, floors, result rows and the JSON / markdown / PNG writers the suites share.
+"""Timing, floors, output checks, result rows and the JSON / markdown / PNG writers the suites share.
 
-Timing (CUDA): `triton.testing.do_bench(..., return_mode="median")` -- warm-up, then one CUDA-event
-pair around each call, with do_bench's 256 MB memset before each call -- or, without Triton, the
-same scheme written out with CUDA events. On top of that each case rotates through several input
-sets when its working set is under twice the L2, so no call finds its inputs L2-hot. On CPU:
-perf_counter around each call, median. Every implementation of a case runs on the same inputs
-in the same process, so the ratios are same-run ratios.
+Timing (CUDA): `triton.testing.do_bench` -- warm-up, then one CUDA-event pair around each call,
+with do_bench's 256 MB memset before each call; the median and the 20th/80th percentiles -- or,
+if Triton's timer is missing or fails, the same scheme written out with CUDA events. On top of
+that each case rotates through several input sets when its working set is under twice the L2, so
+no call finds its inputs L2-hot. Each row also gets a wall-clock time: back-to-back calls timed
+on the host with one sync at the end, L2-warm, host overhead included (what an un-captured loop
+pays). On CPU: perf_counter around each call. Every implementation of a case runs on the same
+inputs in the same process, so the ratios are same-run ratios.
+
+Checks: before it is timed, each implementation's output is compared with the eager row's (or
+with the case's own expectation, e.g. for noise drawn inside the op); the relative L2 error goes
+in the row and a row over its dtype's tolerance is flagged in the tables. A CUDA error that
+leaves the context unusable stops the run (the results so far are written, marked incomplete).
 """
 from __future__ import annotations
 
@@ -59,11 +66,39 @@ def reason(e: BaseException) -> str:
 @dataclasses.dataclass
 class Impl:
     """One implementation of a case: fn(*inputs) runs it; context() is entered around its
-    warm-up and timing (e.g. fastdiff.use_backend, torch's sdpa_kernel)."""
+    warm-up and timing (e.g. fastdiff.use_backend, torch's sdpa_kernel). Its output is checked
+    against the case's expectation: `check(*inputs)`, when given, is a deterministic stand-in
+    whose output is checked instead (e.g. the same op given the noise it would draw);
+    verify=False skips the check (a baseline that draws its own noise)."""
     name: str
     fn: Callable
     kind: str = "other"  # eager | compile | fastdiff | other
     context: Callable = contextlib.nullcontext
+    check: Optional[Callable] = None
+    verify: bool = True
+
+
+class DeviceLost(RuntimeError):
+    """A CUDA error that poisons the context: nothing after it can be measured."""
+
+
+_FATAL = ("illegal memory access", "device-side assert", "unspecified launch failure",
+          "misaligned address", "illegal instruction", "CUDA error: an illegal")
+
+# relative L2 error allowed between an implementation's output and the expectation
+CHECK_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def rel_error(got, want) -> float:
+    got, want = first(got), first(want)
+    if got.shape != want.shape:
+        return float("inf")
+    d = (got.double() - want.double()).norm()
+    return float(d / want.double().norm().clamp_min(1e-30))
 
 
 @dataclasses.dataclass
@@ -75,6 +110,8 @@ class Case:
     layout: str
     bytes: int = 0  # minimal traffic of the op, the same for every implementation
     flops: int = 0  # FLOPs of the op (matmul-shaped work), 0 for the elementwise ops
+    # expect(inputs, out) -> the tensor out[0] should equal; None: the eager row's output
+    expect: Optional[Callable] = None
 
     @property
     def label(self) -> str:
@@ -90,7 +127,8 @@ def floor_ms(case_bytes: int, flops: int, bandwidth: float, matmul_rate: float) 
 
 def make_row(case: Case, impl: Impl, ms: float, base: dict, bandwidth: float,
              matmul_rate: float, extra: Optional[dict] = None) -> dict:
-    """The result row of one implementation of one case. base: {'eager': ms, 'compile': ms}."""
+    """The result row of one implementation of one case. base: {'eager': ms, 'compile': ms}.
+    extra: p20/p80/wall_ms/err/ok and the like."""
     fl = floor_ms(case.bytes, case.flops, bandwidth, matmul_rate)
     row = dict(suite=case.suite, variant=case.variant, shape=list(case.shape),
                dtype=DTYPE_NAMES[case.dtype], layout=case.layout, impl=impl.name, kind=impl.kind,
@@ -133,6 +171,8 @@ class Ctx:
         self.floors_info = {}
         self.skipped = []  # dicts: suite, case, impl, reason
         self.deadline = None  # perf_counter time after which no new case starts (--budget-s)
+        self.timer = "perf_counter" if not self.cuda else None  # set by the first CUDA timing
+        self.lost = None  # why the CUDA context became unusable (DeviceLost), if it did
 
     # -- helpers for suites -----------------------------------------------------------------
     def shapes(self, table: dict):
@@ -152,6 +192,11 @@ class Ctx:
     # -- timing -----------------------------------------------------------------------------
     def time_ms(self, fn: Callable, sets: list) -> float:
         """Median ms of fn(*sets[i]), cycling through the input sets."""
+        return self.measure(fn, sets, wall=False)["ms"]
+
+    def measure(self, fn: Callable, sets: list, wall: bool = True) -> dict:
+        """{'ms': median, 'p20', 'p80', 'wall_ms'} of fn(*sets[i]), cycling through the sets.
+        wall_ms (CUDA): back-to-back calls, one sync, host overhead included."""
         n, i = len(sets), [0]
 
         def call():
@@ -160,12 +205,27 @@ class Ctx:
             fn(*args)
 
         if not self.cuda:
-            return _cpu_median(call, self.warmup_ms, self.rep_ms)
-        try:
-            from triton.testing import do_bench
-        except Exception:  # noqa: BLE001 -- no (working) Triton: the same scheme by hand
-            return _events_median(call, self.warmup_ms, self.rep_ms, self.device)
-        return float(do_bench(call, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+            ts = _quantiles(_cpu_times(call, self.warmup_ms, self.rep_ms))
+        else:
+            ts = self._cuda_quantiles(call)
+        out = dict(p20=ts[0], ms=ts[1], p80=ts[2], wall_ms=None)
+        if wall and self.cuda:
+            out["wall_ms"] = _wall_ms(call, ts[1], self.device)
+        return out
+
+    def _cuda_quantiles(self, call) -> list:
+        if self.timer in (None, "triton.testing.do_bench"):
+            try:
+                from triton.testing import do_bench
+                q = do_bench(call, warmup=self.warmup_ms, rep=self.rep_ms,
+                             quantiles=[0.2, 0.5, 0.8])
+                self.timer = "triton.testing.do_bench"
+                return [float(v) for v in q]
+            except Exception as e:  # noqa: BLE001 -- no (working) Triton: the scheme by hand
+                if _fatal(e):
+                    raise
+                self.timer = f"CUDA events (do_bench unusable: {reason(e)})"
+        return _quantiles(_events_times(call, self.warmup_ms, self.rep_ms, self.device))
 
     def n_sets(self, working_set_bytes: int) -> int:
         """Input sets to rotate through: enough that they fill twice the L2, at most 16."""
@@ -190,6 +250,7 @@ class Ctx:
         if self.cuda:
             torch.cuda.empty_cache()
         self.floors_info = dict(
+            timer=self.timer,
             copy=f"{nbytes / 2 ** 20:.0f} MiB device-to-device copy, read + write counted",
             copy_GBps=self.bandwidth / 1e9,
             matmul=f"{DTYPE_NAMES[mdt]} GEMM {N}x{N}x{N}", matmul_TFLOPs=self.matmul_rate / 1e12)
@@ -214,8 +275,9 @@ class Ctx:
 
     def run_case(self, case: Case, make_inputs: Callable, impls: list,
                  eager: Optional[Callable] = None):
-        """Times eager, torch.compile(eager) and each impl on the same input sets and yields one
-        row per implementation that ran (skipped ones are recorded with their reason)."""
+        """Checks and times eager, torch.compile(eager) and each impl on the same input sets and
+        yields one row per implementation that ran (skipped ones are recorded with their
+        reason). Raises DeviceLost when a CUDA error leaves nothing else measurable."""
         if self.only and self.only not in case.label:
             return
         if self.deadline is not None and time.perf_counter() > self.deadline:
@@ -225,7 +287,7 @@ class Ctx:
         try:
             sets = [make_inputs() for _ in range(self.n_sets(case.bytes or 1))]
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: skip the case
-            self.skip(case.suite, case.label, "(inputs)", reason(e))
+            self._failed(case, "(inputs)", e)
             return
         todo = ([Impl("eager", eager, "eager")] if eager else []) + list(impls)
         compile_s = None
@@ -233,29 +295,83 @@ class Ctx:
             cimpl, compile_s = self.compiled(case, eager, sets[0])
             if cimpl:
                 todo.insert(1, cimpl)
-        times = {}
+        results, want = {}, None
+        tol = CHECK_TOL.get(case.dtype, 1e-3)
         for impl in todo:
+            caught = []
             try:
-                with impl.context(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    impl.fn(*sets[0])
+                with impl.context(), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = impl.fn(*sets[0])
+                    if impl.check is not None:
+                        out = impl.check(*sets[0])
                     self.sync()
-                    times[impl.name] = self.time_ms(impl.fn, sets)
+                    if case.expect is not None:
+                        want = case.expect(sets[0], out)
+                    elif want is None and impl.kind == "eager":
+                        want = first(out)
+                    is_ref = impl.kind == "eager" and case.expect is None
+                    err = rel_error(out, want) if (impl.verify and want is not None and
+                                                   not is_ref) else None
+                    del out
+                    m = self.measure(impl.fn, sets)
             except Exception as e:  # noqa: BLE001 -- a failing impl skips its row, not the run
-                self.skip(case.suite, case.label, impl.name, reason(e))
+                # e.g. SDPA's "No viable backend" says why only in the warnings before it
+                why = next((str(w.message).splitlines()[0][:200] for w in caught or ()), None)
+                self._failed(case, impl.name, e, why)
                 continue
-            self.log(f"    {impl.name:<34} {times[impl.name]:10.4f} ms"
-                     + (f"  (compiled in {compile_s:.1f} s)" if impl.kind == "compile" else ""))
-        base = {"eager": times.get("eager"), "compile": times.get("compile")}
+            m.update(err=err, ok=None if err is None else bool(err <= tol))
+            results[impl.name] = m
+            flag = "" if err is None else (f"  err {err:.1e}" + ("" if m["ok"] else "  WRONG"))
+            self.log(f"    {impl.name:<34} {m['ms']:10.4f} ms"
+                     + (f"  (compiled in {compile_s:.1f} s)" if impl.kind == "compile" else "")
+                     + flag)
+        base = {"eager": results.get("eager", {}).get("ms"),
+                "compile": results.get("compile", {}).get("ms")}
         for impl in todo:
-            if impl.name in times:
-                extra = {"compile_s": compile_s} if impl.kind == "compile" else {}
-                yield make_row(case, impl, times[impl.name], base, self.bandwidth,
+            if impl.name in results:
+                extra = dict(results[impl.name])
+                extra.pop("ms")
+                if impl.kind == "compile":
+                    extra["compile_s"] = compile_s
+                yield make_row(case, impl, results[impl.name]["ms"], base, self.bandwidth,
                                self.matmul_rate, extra)
-        del sets
+        del sets, want
+
+    def _failed(self, case: Case, impl: str, e: BaseException, warning: Optional[str] = None):
+        self.skip(case.suite, case.label, impl, reason(e) + (f" ({warning})" if warning else ""))
+        if _fatal(e):
+            self.lost = f"{impl} on {case.label}: {reason(e)}"
+            raise DeviceLost(self.lost) from e
 
 
-def _cpu_median(call, warmup_ms, rep_ms, max_calls=1000):
+def _fatal(e: BaseException) -> bool:
+    s = str(e)
+    return any(k in s for k in _FATAL)
+
+
+def _quantiles(ts: list) -> list:
+    """[p20, median, p80] of a list of times."""
+    s = sorted(ts)
+    if len(s) == 1:
+        return [s[0]] * 3
+    q = statistics.quantiles(s, n=10, method="inclusive")
+    return [q[1], statistics.median(s), q[7]]
+
+
+def _wall_ms(call, est_ms: float, device) -> float:
+    """ms per call over back-to-back calls (about 20 ms of them), one sync at the end."""
+    n = max(5, min(500, int(20 / max(est_ms, 1e-3))))
+    call()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def _cpu_times(call, warmup_ms, rep_ms, max_calls=1000) -> list:
     t_end = time.perf_counter() + warmup_ms / 1e3
     call()
     while time.perf_counter() < t_end:
@@ -265,10 +381,10 @@ def _cpu_median(call, warmup_ms, rep_ms, max_calls=1000):
         t0 = time.perf_counter()
         call()
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return ts
 
 
-def _events_median(call, warmup_ms, rep_ms, device):
+def _events_times(call, warmup_ms, rep_ms, device) -> list:
     """do_bench's scheme with CUDA events: flush L2 (256 MB memset) before each timed call."""
     flush = torch.empty(2 ** 28, dtype=torch.uint8, device=device)
     call()
@@ -292,7 +408,7 @@ def _events_median(call, warmup_ms, rep_ms, device):
         call()
         b.record()
     torch.cuda.synchronize(device)
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    return [a.elapsed_time(b) for a, b in ev]
 
 
 # -- environment ----------------------------------------------------------------------------
@@ -342,7 +458,8 @@ def environment(ctx: Ctx) -> dict:
     for op in ("q_sample", "sampler_step", "group_norm_silu", "attention"):
         try:
             implemented = __import__(f"fastdiff.ops.{op}", fromlist=["IMPLEMENTED"]).IMPLEMENTED
-            env["auto"][op] = backends.pick(op, implemented, ctx.device)
+            env["auto"][op] = {name: backends.pick(op, implemented, ctx.device, dt)
+                               for name, dt in DTYPES.items()}
         except Exception as e:  # noqa: BLE001 -- op not there yet
             env["auto"][op] = f"n/a ({reason(e)})"
     if ctx.cuda:
@@ -359,7 +476,8 @@ def environment(ctx: Ctx) -> dict:
 
 
 # -- writers --------------------------------------------------------------------------------
-COLUMNS = ("shape", "dtype", "layout", "impl", "ms", "rate", "% of floor", "× eager", "× compile")
+COLUMNS = ("shape", "dtype", "layout", "impl", "ms", "p20–p80", "wall ms", "rate", "% of floor",
+           "× eager", "× compile", "check")
 
 
 def _fmt(v, spec, suffix=""):
@@ -378,12 +496,20 @@ def format_table(rows: list, metric: str = "GB/s") -> str:
         rate = r["tflops"] if metric == "TFLOP/s" else r["gbps"]
         small = metric != "TFLOP/s" and rate is not None and r["bytes"] < SMALL_BYTES
         ms = r["ms"]
+        p20, p80, wall, err = (r.get(k) for k in ("p20", "p80", "wall_ms", "err"))
+        check = ("ref" if r["kind"] == "eager" else "") if err is None else \
+            (f"{err:.0e}" if r.get("ok") else f"**✗ {err:.1e}**")
         lines.append("| " + " | ".join([
-            shape_str(r["shape"]), r["dtype"], r["layout"], r["impl"],
-            f"{ms:.4f}" if ms < 1 else f"{ms:.3f}", _fmt(rate, ".1f", " †" if small else ""),
+            shape_str(r["shape"]), r["dtype"], r["layout"], r["impl"], _ms(ms),
+            "" if p20 is None else f"{_ms(p20)}–{_ms(p80)}", "" if wall is None else _ms(wall),
+            _fmt(rate, ".1f", " †" if small else ""),
             _fmt(r["pct_floor"], ".1f"),
-            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×")]) + " |")
+            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×"), check]) + " |")
     return "\n".join(lines)
+
+
+def _ms(v: float) -> str:
+    return f"{v:.4f}" if v < 1 else f"{v:.3f}"
 
 
 def _groups(rows):
@@ -402,13 +528,27 @@ def format_markdown(result: dict, suites: dict) -> str:
              ""]
     if not env.get("complete", True):
         lines += [f"**Partial results**: written {env.get('wall_s', 0):.0f} s into a run that "
-                  "had not finished (a later write replaces this file).", ""]
+                  "had not finished.", ""]
+    if env.get("lost"):
+        lines += [f"**The run stopped early**: a CUDA error left the context unusable "
+                  f"({env['lost']}); the suites after it were not run.", ""]
+    wrong = [r for r in result["rows"] if r.get("ok") is False]
+    if wrong:
+        lines += [f"**{len(wrong)} row(s) disagree with the eager output** beyond their dtype's "
+                  "tolerance (marked ✗ in the check column): their times are not comparable.",
+                  ""]
     lines += [
              f"Measured in this run: device copy bandwidth **{floors['copy_GBps']:.0f} GB/s** "
              f"({floors['copy']}); matmul rate **{floors['matmul_TFLOPs']:.3g} TFLOP/s** "
              f"({floors['matmul']}).",
              "",
-             f"Timing: {env['timing']}. ms = median. GB/s = the case's minimal bytes ÷ time (the "
+             f"Timing: {env['timing']}; timer: {floors.get('timer')}. ms = median, p20–p80 = "
+             "its 20th and 80th percentiles; wall ms = back-to-back calls timed on the host with "
+             "one sync (L2-warm, host overhead included: what a loop that is not captured in a "
+             "CUDA graph pays). check = relative L2 error of the row's output against the eager "
+             "row's (ref) (noise drawn inside an op: against the same expression with that noise; "
+             "diffusers rows that draw their own noise: not checked); tolerance 1e-3 fp32, 1e-2 "
+             "fp16, 2e-2 bf16. GB/s = the case's minimal bytes ÷ time (the "
              "same bytes for every implementation, so it is proportional to speed; GB = 10⁹ "
              "bytes, MiB = 2²⁰); † marks cases under 10 MB, bound by launch latency (a few µs), "
              "whose GB/s says little; TFLOP/s = the case's FLOPs ÷ time (10¹² FLOP per s). "
@@ -419,7 +559,7 @@ def format_markdown(result: dict, suites: dict) -> str:
              "(timed only when auto picks it). FASTDIFF_CHECKS="
              f"{env['fastdiff_checks']}.", "",
              f"fastdiff `auto` picks on {env['device_type']} tensors: "
-             + ", ".join(f"{op} → {b}" for op, b in env.get("auto", {}).items()) + ".", ""]
+             + ", ".join(_auto_str(op, b) for op, b in env.get("auto", {}).items()) + ".", ""]
     skipped = result["skipped"]
     by_suite = {}
     for (suite, variant), rows in _groups(result["rows"]).items():
@@ -440,6 +580,15 @@ def format_markdown(result: dict, suites: dict) -> str:
     if other:
         lines += ["## Not run", ""] + other + [""]
     return "\n".join(lines)
+
+
+def _auto_str(op: str, by_dtype) -> str:
+    """'attention → triton (fp32: torch)' from {'fp16': 'triton', 'bf16': 'triton', ...}."""
+    if not isinstance(by_dtype, dict):
+        return f"{op} → {by_dtype}"
+    common = by_dtype.get("fp16")
+    odd = [f"{d}: {b}" for d, b in by_dtype.items() if b != common]
+    return f"{op} → {common}" + (f" ({', '.join(odd)})" if odd else "")
 
 
 def _skip_notes(skipped):
@@ -483,14 +632,21 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def write_results(result: dict, suites: dict, out_dir, png: bool = True) -> list:
-    """<out>/<device-slug>_<date>[_quick].{json,md,png}; returns the paths written."""
+def write_results(result: dict, suites: dict, out_dir, png: bool = True,
+                  partial: bool = False) -> list:
+    """<out>/<device-slug>_<date>[_quick].{json,md,png}; returns the paths written. partial:
+    a checkpoint of a run in progress, written as <stem>_partial.{json,md} (so it never replaces
+    a finished run's files); the final write removes it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = result["env"]
     stem = f"{slug(env['device'])}_{env['date']}{'_quick' if env['quick'] else ''}"
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    name = stem + ("_partial" if partial else "")
+    paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths[1].write_text(format_markdown(result, suites) + "\n")
-    png = plot(result, out / f"{stem}.png") if png else None
+    if not partial:
+        for p in (out / f"{stem}_partial.json", out / f"{stem}_partial.md"):
+            p.unlink(missing_ok=True)
+    png = plot(result, out / f"{stem}.png") if png and not partial else None
     return paths + ([png] if png else [])

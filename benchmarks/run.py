@@ -1,13 +1,15 @@
 """fastdiff benchmark suite: fastdiff against PyTorch eager, torch.compile and diffusers.
 
-    python benchmarks/run.py                         # every suite, every anchor shape (< 10 min, H100)
+    python benchmarks/run.py                         # every suite, every anchor shape (≤ 10 min)
     python benchmarks/run.py --quick --ops attention
     python benchmarks/run.py --only NHWC --dtypes bf16 --no-compile
     python -m fastdiff bench [same options]
 
 On a CUDA device: measures the copy bandwidth and matmul rate, then each case of each suite, and
-writes benchmarks/results/<gpu>_<date>[_quick].{json,md,png}. Without one: says so and runs the
-CPU microbenchmarks (`pytest benchmarks --benchmark-only`) instead. `--device cpu` runs the
+writes benchmarks/results/<gpu>_<date>[_quick].{json,md,png} (and prints the table). A run
+starts no new case after --budget-s (default 540 s on a GPU: the whole command stays within
+10 minutes; the cases left are listed as not run). Without a GPU: says so and runs the CPU
+microbenchmarks (`pytest benchmarks --benchmark-only`) instead. `--device cpu` runs the
 suites themselves on CPU at tiny shapes (a check of the harness, not a measurement to keep).
 """
 from __future__ import annotations
@@ -25,8 +27,12 @@ if str(HERE.parent) not in sys.path:  # `python benchmarks/run.py` from anywhere
 
 import torch  # noqa: E402
 
-from benchmarks.harness import Ctx, environment, parse_dtypes, reason, write_results  # noqa: E402
+from benchmarks.harness import (Ctx, DeviceLost, environment, format_markdown,  # noqa: E402
+                                parse_dtypes, reason, write_results)
 from benchmarks.suites import SUITES, SuiteSkip  # noqa: E402
+
+
+DEFAULT_BUDGET_S = 540.0  # + the last case, the floors and the writers: within 10 minutes
 
 
 def parse_args(argv=None):
@@ -46,8 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else the CPU microbenchmarks")
     p.add_argument("--budget-s", type=float, default=None, metavar="S",
-                   help="start no new case after S seconds (the cases left are listed as skipped); "
-                        "results are written as the run goes, so a killed run leaves them too")
+                   help=f"start no new case after S seconds (the cases left are listed as not "
+                        f"run; default {DEFAULT_BUDGET_S:.0f} on a GPU, 'inf' for no limit); "
+                        "results are written as the run goes (<stem>_partial.*), so a killed "
+                        "run leaves them too")
     p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -80,14 +88,22 @@ def cpu_microbenchmarks(args) -> int:
         return 0
     extra = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.05",
              "--benchmark-warmup=off"] if args.quick else []
-    if args.only:
-        extra += ["-k", args.only]
+    if args.only:  # every word of the label filter must match a test id
+        extra += ["-k", " and ".join(args.only.split())]
+    ignored = [flag for flag, on in (("--dtypes", args.dtypes), ("--no-compile", args.no_compile),
+                                     ("--budget-s", args.budget_s)) if on]
+    if ignored:
+        print(f"({', '.join(ignored)}: options of the GPU suite, not used by the CPU "
+              "microbenchmarks)")
     rc = _pytest_main(files + ["--benchmark-only", "-q", "-p", "no:cacheprovider",
                                "--rootdir", str(HERE.parent)] + extra)
     return 0 if rc in (0, 5) else rc  # 5: nothing collected (e.g. every op missing)
 
 
 def run_suite(ctx: Ctx, s, checkpoint=None) -> list:
+    if ctx.lost:
+        ctx.skip(s.name, "", "(suite)", f"not run: the CUDA context was lost ({ctx.lost})")
+        return []
     ctx.log(f"[{time.perf_counter() - ctx.t0:7.1f}s] {s.name}: {s.title}")
     rows = []
     try:
@@ -97,6 +113,8 @@ def run_suite(ctx: Ctx, s, checkpoint=None) -> list:
                 checkpoint(rows)
     except SuiteSkip as e:
         ctx.skip(s.name, "", "(suite)", str(e))
+    except DeviceLost as e:  # every later CUDA call would fail too: stop here, keep the rows
+        ctx.log(f"    stopping: {e}")
     except Exception as e:  # noqa: BLE001 -- a broken suite must not lose the others' results
         traceback.print_exc()
         ctx.skip(s.name, "", "(suite)", f"stopped by an error: {reason(e)}")
@@ -107,8 +125,11 @@ def run(args) -> dict:
     ctx = Ctx(args.device, quick=args.quick, compile=not args.no_compile, dtypes=args.dtype_list,
               only=args.only, compile_backend=args.compile_backend)
     ctx.t0 = time.perf_counter()
-    if getattr(args, "budget_s", None) is not None:
-        ctx.deadline = ctx.t0 + args.budget_s
+    budget = getattr(args, "budget_s", None)
+    if budget is None and ctx.cuda:
+        budget = DEFAULT_BUDGET_S
+    if budget is not None and budget != float("inf"):
+        ctx.deadline = ctx.t0 + budget
     env = environment(ctx)
     print(f"fastdiff bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}")
@@ -118,7 +139,8 @@ def run(args) -> dict:
     rows, last = [], [0.0]
 
     def result(more=(), complete=True):
-        env.update(wall_s=time.perf_counter() - ctx.t0, complete=complete)
+        env.update(wall_s=time.perf_counter() - ctx.t0, complete=complete and not ctx.lost,
+                   lost=ctx.lost, budget_s=budget)
         return dict(env=env, floors=floors, rows=rows + list(more), skipped=ctx.skipped,
                     argv=vars(args))
 
@@ -127,7 +149,8 @@ def run(args) -> dict:
         # by a time limit still leaves its results under --out
         if getattr(args, "out", None) and (force or time.perf_counter() - last[0] > 10):
             last[0] = time.perf_counter()
-            write_results(result(suite_rows, complete=False), SUITES, args.out, png=False)
+            write_results(result(suite_rows, complete=False), SUITES, args.out, png=False,
+                          partial=True)
 
     with torch.no_grad():
         for name in args.ops:
@@ -156,6 +179,7 @@ def main(argv=None) -> int:
         if prev is None:
             os.environ.pop("FASTDIFF_CHECKS", None)
     paths = write_results(result, SUITES, args.out)
+    print("\n" + format_markdown(result, SUITES) + "\n")
     print(f"{len(result['rows'])} rows, {len(result['skipped'])} skipped, "
           f"{result['env']['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -50,12 +50,13 @@ def _need(module: str, *names):
         raise SuiteSkip(f"{module} not usable here ({reason(e)})") from None
 
 
-def fastdiff_impls(ctx: Ctx, op: str, implemented, fn: Callable):
+def fastdiff_impls(ctx: Ctx, op: str, implemented, fn: Callable, dtype=None,
+                   check: Callable = None):
     """One Impl per fastdiff backend of `op` that runs on ctx.device, each forced with
-    use_backend; the one `auto` picks is marked. The `torch` backend (the reference) is timed
-    only when auto picks it. Returns (impls, name auto picks)."""
+    use_backend; the one `auto` picks for `dtype` is marked. The `torch` backend (the
+    reference) is timed only when auto picks it. `check`: see Impl. Returns (impls, auto)."""
     from fastdiff import backends
-    auto = backends.pick(op, implemented, ctx.device)
+    auto = backends.pick(op, implemented, ctx.device, dtype)
     status = backends.backend_status()
     impls = []
     for b in implemented:
@@ -70,7 +71,7 @@ def fastdiff_impls(ctx: Ctx, op: str, implemented, fn: Callable):
         if not ok:
             ctx.skip(op, "", name, why)
             continue
-        impls.append(Impl(name, fn, "fastdiff", lambda b=b: backends.use_backend(b)))
+        impls.append(Impl(name, fn, "fastdiff", lambda b=b: backends.use_backend(b), check))
     return impls, auto
 
 
@@ -95,11 +96,18 @@ def q_sample_suite(ctx: Ctx):
     q_sample, implemented = _need("fastdiff.ops.q_sample", "q_sample", "IMPLEMENTED")
     from fastdiff import Schedule
     sched = Schedule("linear", 1000)
-    given, _ = fastdiff_impls(ctx, "q_sample", implemented,
-                              lambda x0, t, eps: q_sample(x0, t, sched, noise=eps))
-    drawn, _ = fastdiff_impls(ctx, "q_sample", implemented,
-                              lambda x0, t, eps: q_sample(x0, t, sched, seed=1234))
+    a32 = sched.table("sqrt_alphas_cumprod", ctx.device, torch.float32)
+    s32 = sched.table("sqrt_one_minus_alphas_cumprod", ctx.device, torch.float32)
+
+    def with_own_noise(inputs, out):  # noise drawn inside: the expression with that noise
+        x0, t, _ = inputs
+        return _bcast(a32, t) * x0.float() + _bcast(s32, t) * out[1].float()
+
     for dtype in ctx.dtypes_for([torch.float32, torch.bfloat16]):
+        given, _ = fastdiff_impls(ctx, "q_sample", implemented,
+                                  lambda x0, t, eps: q_sample(x0, t, sched, noise=eps), dtype)
+        drawn, _ = fastdiff_impls(ctx, "q_sample", implemented,
+                                  lambda x0, t, eps: q_sample(x0, t, sched, seed=1234), dtype)
         # the tables in x's dtype, as diffusers' add_noise does
         a = sched.table("sqrt_alphas_cumprod", ctx.device, dtype)
         s = sched.table("sqrt_one_minus_alphas_cumprod", ctx.device, dtype)
@@ -117,10 +125,11 @@ def q_sample_suite(ctx: Ctx):
                         torch.randint(0, 1000, (shape[0],), device=ctx.device),
                         torch.randn(shape, device=ctx.device, dtype=dtype))
             nbytes = 3 * math.prod(shape) * _esize(dtype)
-            for variant, eager, impls in (("eps given", eager_given, given),
-                                          ("eps drawn (eager: torch.randn_like)", eager_drawn,
-                                           drawn)):
-                case = Case("q_sample", variant, shape, dtype, "NCHW", bytes=nbytes)
+            for variant, eager, impls, expect in (
+                    ("eps given", eager_given, given, None),
+                    ("eps drawn (eager: torch.randn_like)", eager_drawn, drawn, with_own_noise)):
+                case = Case("q_sample", variant, shape, dtype, "NCHW", bytes=nbytes,
+                            expect=expect)
                 yield from ctx.run_case(case, inputs, impls, eager)
 
 
@@ -166,14 +175,20 @@ def sampler_step_suite(ctx: Ctx):
             diffusers=("diffusers DDIMScheduler.step(eta=1)",
                        lambda x, eps: ddim.step(eps, T_STEP, x, eta=1.0, return_dict=False))),
     }
-    for v in variants.values():
-        def fd(x, eps, z, t, tp, kw=v["fd"]):
-            return sampler_step(x, eps, t, tp, sched, **kw)
-        v["impls"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd)
-        if diffusers_ok:
-            name, step = v["diffusers"]
-            v["impls"].append(Impl(name, lambda x, eps, z, t, tp, step=step: step(x, eps)))
     for dtype in ctx.dtypes_for([torch.float32]):
+        for v in variants.values():
+            def fd(x, eps, z, t, tp, kw=v["fd"]):
+                return sampler_step(x, eps, t, tp, sched, **kw)
+
+            def fd_given_z(x, eps, z, t, tp, kw=v["fd"]):  # the check: the eager rows' z
+                return sampler_step(x, eps, t, tp, sched, noise=z,
+                                    **{k: a for k, a in kw.items() if k != "seed"})
+            v["impls"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd, dtype,
+                                           check=fd_given_z)
+            if diffusers_ok:  # draws its own z: timed, not checked
+                name, step = v["diffusers"]
+                v["impls"].append(Impl(name, lambda x, eps, z, t, tp, step=step: step(x, eps),
+                                       verify=False))
         f64 = dict(ab=sched.alphas_cumprod, sqrt_ab=sched.alphas_cumprod.sqrt(),
                    sqrt_1mab=(1 - sched.alphas_cumprod).sqrt(), c1=sched.posterior_mean_coef1,
                    c2=sched.posterior_mean_coef2,
@@ -217,14 +232,13 @@ G_SHAPES = {"full": [(256, 128, 32, 32), (256, 256, 16, 16), (2, 320, 64, 64), (
 def group_norm_silu_suite(ctx: Ctx):
     gns, implemented = _need("fastdiff.ops.group_norm_silu", "group_norm_silu", "IMPLEMENTED")
     G = 32
-    impls, auto = fastdiff_impls(ctx, "group_norm_silu", implemented,
-                                 lambda x, w, b: gns(x, w, b, G))
-    ctx.log(f"  fastdiff backend auto picks on {ctx.device.type}: {auto}")
 
     def eager(x, w, b):
         return F.silu(F.group_norm(x, G, w, b))
 
     for dtype in ctx.dtypes_for([torch.float16, torch.bfloat16]):
+        impls, _ = fastdiff_impls(ctx, "group_norm_silu", implemented,
+                                  lambda x, w, b: gns(x, w, b, G), dtype)
         for shape in ctx.shapes(G_SHAPES):
             for layout, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
                 def inputs():
@@ -256,18 +270,21 @@ def sdpa(q, k, v):
        metric="TFLOP/s")
 def attention_suite(ctx: Ctx):
     attention, implemented = _need("fastdiff.ops.attention", "attention", "IMPLEMENTED")
-    impls, _ = fastdiff_impls(ctx, "attention", implemented, lambda q, k, v: attention(q, k, v))
+    sdpa_impls = []
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         for name in SDPA_BACKENDS:
             if hasattr(SDPBackend, name):
-                impls.append(Impl(f"sdpa:{name}", sdpa, "other",
-                                  lambda be=getattr(SDPBackend, name): sdpa_kernel(be)))
+                sdpa_impls.append(Impl(f"sdpa:{name}", sdpa, "other",
+                                       lambda be=getattr(SDPBackend, name): sdpa_kernel(be)))
             else:
                 ctx.skip("attention", "", f"sdpa:{name}", "not in this torch's SDPBackend")
     except ImportError as e:
         ctx.skip("attention", "", "sdpa backends", reason(e))
     for dtype in ctx.dtypes_for([torch.float16]):
+        impls, _ = fastdiff_impls(ctx, "attention", implemented,
+                                  lambda q, k, v: attention(q, k, v), dtype)
+        impls += sdpa_impls
         for B, H, L, D in ctx.shapes(A_SHAPES):
             def inputs():
                 return tuple(torch.randn(B, H, L, D, device=ctx.device, dtype=dtype)

@@ -71,7 +71,19 @@ def test_suites_on_cpu_write_results(tmp_path, capsys):
     assert any(r["impl"].endswith("(auto)") for r in rows if r["suite"] == "group_norm_silu")
     assert any(r["impl"].startswith("sdpa:") for r in rows if r["suite"] == "attention")
     md = stems[".md"].read_text()
-    assert "| shape | dtype | layout | impl | ms | GB/s | % of floor | × eager | × compile |" in md
+    assert "| shape | dtype | layout | impl | ms | p20–p80 | wall ms | GB/s | % of floor | × eager " \
+           "| × compile | check |" in md
+    # every row was checked against eager (the reference itself and diffusers' own-noise
+    # steps excepted), and every check passed
+    for r in rows:
+        if r["impl"].startswith("diffusers DD"):
+            assert r["err"] is None, r
+        elif r["kind"] == "eager" and r["variant"] != "eps drawn (eager: torch.randn_like)":
+            assert r["err"] is None, r  # the reference
+        else:
+            assert r["ok"] is True, r
+        assert r["p20"] <= r["ms"] <= r["p80"]
+    assert "| ref |" in md and "✗" not in md and not list(tmp_path.glob("*_partial*"))
     assert "TFLOP/s" in md and "## group_norm_silu" in md and "copy bandwidth" in md
     try:
         import matplotlib  # noqa: F401
@@ -116,12 +128,16 @@ def test_floor_math_rows_and_tables():
     assert ra["tflops"] == pytest.approx(500.0) and ra["pct_floor"] == pytest.approx(50.0)
     assert ra["x_eager"] == pytest.approx(0.5) and ra["x_compile"] is None
     table = harness.format_table([r, ra], "GB/s").splitlines()
-    assert table[0].startswith("| shape | dtype | layout | impl | ms | GB/s |")
+    assert table[0].startswith("| shape | dtype | layout | impl | ms | p20–p80 | wall ms | GB/s |")
     # 3 MB: launch-bound, its GB/s is marked
-    assert table[2] == "| 2x3 | fp16 | NCHW | fastdiff:cuda | 0.0010 | 3000.0 † | 100.0 | 4.00× | 2.00× |"
-    big = dict(r, bytes=30_000_000, gbps=30000.0)
-    assert "| 30000.0 | 100.0 |" in harness.format_table([big], "GB/s")
-    assert table[3].endswith("| 0.50× |  |")
+    assert table[2] == "| 2x3 | fp16 | NCHW | fastdiff:cuda | 0.0010 |  |  | 3000.0 † | 100.0 | " \
+                       "4.00× | 2.00× |  |"
+    big = dict(r, bytes=30_000_000, gbps=30000.0, p20=9e-4, p80=1.2e-3, wall_ms=5e-3, err=2e-3,
+               ok=True)
+    assert "| 0.0009–0.0012 | 0.0050 | 30000.0 | 100.0 | 4.00× | 2.00× | 2e-03 |" in \
+        harness.format_table([big], "GB/s")
+    assert "**✗ 5.0e-02**" in harness.format_table([dict(big, err=5e-2, ok=False)], "GB/s")
+    assert table[3].endswith("| 0.50× |  |  |")
     assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert harness.parse_dtypes("fp16, bfloat16,fp32") == [torch.float16, torch.bfloat16,
                                                            torch.float32]
@@ -150,3 +166,64 @@ def test_cli_bench_wiring(tmp_path):
     assert cli.main(["bench", "--device", "cpu", "--ops", "attention", "--no-compile",
                      "--only", "2x1x16x32", "--out", str(tmp_path)]) == 0
     assert any(p.suffix == ".md" for p in tmp_path.iterdir())
+
+
+def test_wrong_output_is_flagged(tmp_path):
+    """An implementation whose output disagrees with eager is timed but marked, in the row, the
+    table and the summary at the top."""
+    ctx = harness.Ctx("cpu", compile=False)
+    ctx.measure_floors()
+    case = harness.Case("q_sample", "x", (4, 8), torch.float16, "NCHW", bytes=64)
+    good = harness.Impl("good", lambda x: x * 2, "fastdiff")
+    bad = harness.Impl("bad", lambda x: x * 2.1, "fastdiff")
+    rows = list(ctx.run_case(case, lambda: (torch.randn(4, 8, dtype=torch.float16),),
+                             [good, bad], eager=lambda x: x * 2))
+    by = {r["impl"]: r for r in rows}
+    assert by["eager"]["err"] is None and by["good"]["ok"] is True and by["good"]["err"] < 1e-3
+    assert by["bad"]["ok"] is False and by["bad"]["err"] == pytest.approx(0.05, rel=0.05)
+    env = harness.environment(ctx)
+    md = harness.format_markdown(dict(env=env, floors=ctx.floors_info, rows=rows, skipped=[]),
+                                 SUITES)
+    assert "**1 row(s) disagree with the eager output**" in md and "**✗ 5.0e-02**" in md
+
+
+def test_lost_device_stops_the_run(tmp_path, monkeypatch):
+    """A CUDA error that poisons the context stops the run: the rows so far are kept and
+    written, the rest is listed as not run, and the results say incomplete."""
+    from benchmarks import suites
+
+    def broken_suite(ctx):
+        case = harness.Case("broken", "", (2,), torch.float32, "NCHW", bytes=8)
+
+        def boom(x):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield from ctx.run_case(case, lambda: (torch.randn(2),), [], eager=lambda x: x + 2)
+        # the case that breaks the context loses its own rows too (they are suspect)
+        yield from ctx.run_case(case, lambda: (torch.randn(2),), [harness.Impl("x", boom)],
+                                eager=lambda x: x + 1)
+        raise AssertionError("not reached")
+
+    monkeypatch.setitem(SUITES, "broken", suites.Suite("broken", "broken", "", "GB/s",
+                                                       broken_suite))
+    assert run.main(["--device", "cpu", "--no-compile", "--ops", "broken,q_sample",
+                     "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("*.json")
+    result = json.loads(js.read_text())
+    assert [r["impl"] for r in result["rows"]] == ["eager"]  # the first case's
+    assert result["env"]["complete"] is False and "illegal memory access" in result["env"]["lost"]
+    assert any(k["suite"] == "q_sample" and "CUDA context was lost" in k["reason"]
+               for k in result["skipped"])
+    assert "The run stopped early" in (tmp_path / js.name.replace(".json", ".md")).read_text()
+
+
+def test_default_budget_and_partial_files(tmp_path, monkeypatch):
+    args = run.parse_args(["--device", "cpu", "--ops", "q_sample", "--only", "2x3x8x8 fp32",
+                           "--no-compile", "--out", str(tmp_path), "--budget-s", "inf"])
+    result = run.run(args)
+    assert result["env"]["budget_s"] == float("inf") and result["rows"]
+    assert list(tmp_path.glob("*_partial.json"))  # checkpoints of a run in progress
+    assert run.DEFAULT_BUDGET_S <= 540
+    args = run.parse_args(["--device", "cpu", "--ops", "q_sample", "--out", str(tmp_path),
+                           "--budget-s", "0"])
+    result = run.run(args)
+    assert not result["rows"] and all("time budget" in k["reason"] for k in result["skipped"])
