@@ -8,8 +8,9 @@ import os
 
 import triton
 import triton.language as tl
-
 from triton.language.extra import libdevice
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (the per-sample kernels put B there)
 
 # The interpreter has no libdevice; numpy's float32 functions stand in there.
 USE_LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")

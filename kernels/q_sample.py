@@ -13,18 +13,19 @@ import triton.language as tl
 
 from . import on_tensor_device
 
-from .philox import normal_tile
+from .philox import MAX_GRID_Y, normal_tile
 
 STREAM = tl.constexpr(0)  # fastdiff.reference.STREAM_Q_SAMPLE
 
 
 @triton.jit
 def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
-                     xt_ptr, eps_ptr, v_ptr, per_sample, num_t, seed_lo, seed_hi,
+                     xt_ptr, eps_ptr, v_ptr, per_sample, num_t, seed_lo, seed_hi, b0,
                      HAS_NOISE: tl.constexpr, WANT_V: tl.constexpr, ALIGNED: tl.constexpr,
                      ROWS: tl.constexpr):
-    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row)
-    b = tl.program_id(1)
+    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row); grid
+    # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
+    b = tl.program_id(1) + b0
     t_raw = tl.load(t_ptr + b)  # the noise's step: t as given (reference, CPU and CUDA alike)
     tb = tl.minimum(tl.maximum(t_raw, 0), num_t - 1)
     a = tl.load(sqrt_ab_ptr + tb).to(tl.float32)
@@ -52,11 +53,12 @@ def q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v):
     B = x0.shape[0]
     per_sample = x0.numel() // B
     rows = 256 if per_sample >= 4096 else 64
-    grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), B)
     useed = seed & 0xFFFFFFFFFFFFFFFF
-    _q_sample_kernel[grid](
-        x0, noise if noise is not None else x0, t, sqrt_ab, sqrt_1mab,
-        x_t, eps if noise is None else x_t, v if v.numel() else x_t,
-        per_sample, sqrt_ab.numel(), useed & 0xFFFFFFFF, useed >> 32,
-        HAS_NOISE=noise is not None, WANT_V=v.numel() > 0, ALIGNED=per_sample % 4 == 0,
-        ROWS=rows, num_warps=4)
+    for b0 in range(0, B, MAX_GRID_Y):
+        grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), min(MAX_GRID_Y, B - b0))
+        _q_sample_kernel[grid](
+            x0, noise if noise is not None else x0, t, sqrt_ab, sqrt_1mab,
+            x_t, eps if noise is None else x_t, v if v.numel() else x_t,
+            per_sample, sqrt_ab.numel(), useed & 0xFFFFFFFF, useed >> 32, b0,
+            HAS_NOISE=noise is not None, WANT_V=v.numel() > 0, ALIGNED=per_sample % 4 == 0,
+            ROWS=rows, num_warps=4)

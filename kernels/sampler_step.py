@@ -19,7 +19,7 @@ import triton.language as tl
 from . import on_tensor_device
 from triton.language.extra import libdevice
 
-from .philox import USE_LIBDEVICE, normal_tile
+from .philox import MAX_GRID_Y, USE_LIBDEVICE, normal_tile
 
 # Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
 STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
@@ -123,14 +123,15 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
 @triton.jit
 def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_ptr,
                          out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, num_t,
-                         seed_lo, seed_hi, eta, clip_range,
+                         seed_lo, seed_hi, eta, clip_range, b0,
                          KIND: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
                          CLIP: tl.constexpr, NOISE: tl.constexpr,
                          FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr,
                          SPLIT: tl.constexpr, ALIGNED: tl.constexpr, WANT_X0: tl.constexpr,
                          ROWS: tl.constexpr):
-    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row)
-    b = tl.program_id(1)
+    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row); grid
+    # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
+    b = tl.program_id(1) + b0
     tb = tl.load(t_ptr + b)
     tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
     tpb = tl.load(tp_ptr + b)
@@ -185,16 +186,17 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
     B = x_t.shape[0]
     per_sample = x_t.numel() // B
     rows = 256 if per_sample >= 4096 else 64
-    grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), B)
     useed = seed & 0xFFFFFFFFFFFFFFFF
     noise_mode = (NOISE_GIVEN if noise is not None else
                   (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
-    _sampler_step_kernel[grid](
-        x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
-        thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
-        per_sample, mo_bs, mo_inner, mo_rs, var_off, alphas_cumprod.numel(),
-        useed & 0xFFFFFFFF, useed >> 32, float(eta), float(clip_range),
-        KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
-        FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one, USE_CLIPPED=bool(use_clipped),
-        SPLIT=mo_inner != per_sample, ALIGNED=per_sample % 4 == 0, WANT_X0=x0.numel() > 0,
-        ROWS=rows, num_warps=4)
+    for b0 in range(0, B, MAX_GRID_Y):
+        grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), min(MAX_GRID_Y, B - b0))
+        _sampler_step_kernel[grid](
+            x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
+            thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
+            per_sample, mo_bs, mo_inner, mo_rs, var_off, alphas_cumprod.numel(),
+            useed & 0xFFFFFFFF, useed >> 32, float(eta), float(clip_range), b0,
+            KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
+            FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one, USE_CLIPPED=bool(use_clipped),
+            SPLIT=mo_inner != per_sample, ALIGNED=per_sample % 4 == 0, WANT_X0=x0.numel() > 0,
+            ROWS=rows, num_warps=4)

@@ -299,3 +299,30 @@ def test_gpu_over_2_31_elements(gpu_backend, schedule):
     a = schedule.sqrt_alphas_cumprod[900].item()
     s = schedule.sqrt_one_minus_alphas_cumprod[900].item()
     assert_close(x_t.flatten()[start:], a + s * got_eps, torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_beyond_one_grid_axis(backend, schedule, monkeypatch):
+    """More samples than grid axis 1 holds (65535): Triton launches the batch in slices from an
+    offset; here the slice size is shrunk to 3 so that 7 samples take three launches."""
+    if backend == "triton":
+        import fastdiff.kernels.q_sample as kq
+        monkeypatch.setattr(kq, "MAX_GRID_Y", 3)
+    x0 = torch.randn(7, 3, 5, device=DEVICE)
+    t = torch.randint(0, 1000, (7,), device=DEVICE)
+    with fastdiff.use_backend(backend):
+        x_t, eps = fastdiff.q_sample(x0, t, schedule, seed=21)
+    ref_eps = memory_order_normal(21, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu())
+    assert_close(eps, ref_eps, torch.float32, msg=backend)
+    assert_close(x_t, _ref(x0, t, schedule, eps), torch.float32, msg=backend)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_over_65535(gpu_backend, schedule):
+    x0 = torch.randn(70000, 2, device="cuda")
+    t = torch.randint(0, 1000, (70000,), device="cuda")
+    with fastdiff.use_backend(gpu_backend):
+        x_t, eps = fastdiff.q_sample(x0, t, schedule, seed=22)
+    ref_eps = memory_order_normal(22, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu())
+    assert_close(eps, ref_eps, torch.float32)
+    assert_close(x_t, _ref(x0, t, schedule, eps), torch.float32)

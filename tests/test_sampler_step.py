@@ -680,3 +680,28 @@ def test_second_gpu(backend, schedule):
     with torch.cuda.device(0), fastdiff.use_backend(backend):
         got = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise)
     _close(got, _ref(schedule, x, mo, t, tp, noise), 1e-6, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_beyond_one_grid_axis(backend, schedule, monkeypatch):
+    """More samples than grid axis 1 holds (65535): Triton launches the batch in slices from an
+    offset (shrunk to 3 here: 7 samples, three launches); CUDA strides over samples."""
+    if backend == "triton":
+        import fastdiff.kernels.sampler_step as ks
+        monkeypatch.setattr(ks, "MAX_GRID_Y", 3)
+    x, mo, t, tp, _ = _inputs((7, 3, 5), [9, 500, 999, 1, 30, 700, 2],
+                              [8, 480, 979, -1, 29, 699, 1], seed=42)
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=8)
+    z = memory_order_normal(8, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
+    _close(got, _ref(schedule, x, mo, t, tp, z), 1e-6, backend)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_over_65535(gpu_backend, schedule):
+    x, mo, _, _, _ = _inputs((70000, 2), [0] * 70000, [0] * 70000, seed=43)
+    t = torch.randint(1, 1000, (70000,), device="cuda")
+    with fastdiff.use_backend(gpu_backend):
+        got = fastdiff.sampler_step(x, mo, t, t - 1, schedule, seed=9)
+    z = memory_order_normal(9, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
+    _close(got, _ref(schedule, x, mo, t, t - 1, z), 1e-6, gpu_backend)

@@ -15,27 +15,29 @@
 namespace fastdiff {
 namespace {
 
-// grid (chunks, B): a block works on one sample, so its coefficients are computed once per block;
-// a grid-stride loop over the Philox groups overlapping the sample, body in sampler_step_part.
+// grid (chunks, min(B, 65535)): a block works on one sample at a time, so its coefficients are
+// computed once per sample; a grid-stride loop over the Philox groups overlapping the sample,
+// body in sampler_step_part. Batches beyond grid axis y's 65535 stride over samples too.
 template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
 __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
                                     const scalar_t* __restrict__ noise, const int64_t* __restrict__ t,
                                     const int64_t* __restrict__ t_prev, const double* __restrict__ ab,
                                     const float* __restrict__ thresh, scalar_t* __restrict__ x_prev,
                                     scalar_t* __restrict__ x0, SamplerStepLayout L, int64_t num_t,
-                                    SamplerStepConfig cfg) {
-  const int64_t b = blockIdx.y;
-  const int64_t tb = clamp_index(__ldg(t + b), num_t);
-  const SamplerStepCoef c = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
-  const float s = cfg.clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
-  const float clip_range = static_cast<float>(cfg.clip_range);
-  const int64_t first = b * L.per_sample, last = first + L.per_sample;  // [first, last) of sample b
-  const int64_t g_first = first >> 2, g_end = ((last - 1) >> 2) + 1;
-  for (int64_t g = g_first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < g_end;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = max(4 * g, first), i1 = min(4 * g + 4, last);
-    sampler_step_part<scalar_t, kNoise, kLearned, kSplit>(g, i0, i1, b, tb, c, s, cfg.clip,
-                                                           clip_range, L, x_t, mo, noise, x_prev, x0);
+                                    SamplerStepConfig cfg, int64_t B) {
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t tb = clamp_index(__ldg(t + b), num_t);
+    const SamplerStepCoef c = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
+    const float s = cfg.clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
+    const float clip_range = static_cast<float>(cfg.clip_range);
+    const int64_t first = b * L.per_sample, last = first + L.per_sample;  // [first, last) of sample b
+    const int64_t g_first = first >> 2, g_end = ((last - 1) >> 2) + 1;
+    for (int64_t g = g_first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < g_end;
+         g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t i0 = max(4 * g, first), i1 = min(4 * g + 4, last);
+      sampler_step_part<scalar_t, kNoise, kLearned, kSplit>(g, i0, i1, b, tb, c, s, cfg.clip,
+                                                             clip_range, L, x_t, mo, noise, x_prev, x0);
+    }
   }
 }
 
@@ -59,7 +61,6 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
            (clip_mode != kClipThreshold || (thresh->is_cuda() && thresh->is_contiguous())),
            "sampler_step (cuda): t, t_prev, alphas_cumprod and thresh must be contiguous CUDA "
            "tensors, noise, x_prev and x0 CUDA tensors");
-  FD_CHECK(p.B <= 65535, "sampler_step: batch size must be at most 65535");
   if (p.numel == 0) return;
   const int64_t B = p.B, per_sample = p.layout.per_sample;
   const c10::cuda::CUDAGuard guard(x_t.device());
@@ -67,7 +68,7 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
   const int64_t groups = (per_sample + 3) / 4 + 1;  // groups overlapping one sample, at most
   const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x_t.get_device())) * 16 / B);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
-                  static_cast<unsigned>(B));
+                  static_cast<unsigned>(std::min<int64_t>(B, 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cuda", [&] {
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
@@ -78,7 +79,7 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
                           decltype(kSplit)::value><<<grid, threads, 0, stream>>>(
           x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(),
           t_prev.data_ptr<int64_t>(), alphas_cumprod.data_ptr<double>(), thr,
-          x_prev.data_ptr<scalar_t>(), x0p, p.layout, alphas_cumprod.numel(), p.cfg);
+          x_prev.data_ptr<scalar_t>(), x0p, p.layout, alphas_cumprod.numel(), p.cfg, B);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -135,9 +135,9 @@ def seed64(seed: int) -> int:
     return seed - 2 ** 64 if seed >= 2 ** 63 else seed
 
 
-def noise_and_seed(ref_name: str, ref: torch.Tensor, noise, seed, max_batch: int = 65535):
+def noise_and_seed(ref_name: str, ref: torch.Tensor, noise, seed):
     """The checks shared by the ops that draw noise: noise (given) or seed (in-kernel), not both;
-    noise shaped like the data; seed an int; batch within the kernels' grid (one axis per sample)."""
+    noise shaped like the data; seed an int."""
     if noise is not None:
         if seed is not None:
             raise ValueError("give either noise or seed, not both: seed only drives the noise "
@@ -147,5 +147,3 @@ def noise_and_seed(ref_name: str, ref: torch.Tensor, noise, seed, max_batch: int
         same_shape(ref_name, ref, noise=noise)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if ref.shape[0] > max_batch:
-        raise ValueError(f"{ref_name} batch size must be at most {max_batch}, got {ref.shape[0]}")
