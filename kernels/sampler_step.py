@@ -13,6 +13,7 @@ float32. The same coefficient algebra as csrc/sampler_step.h:
     mean = k0 x0c + kx x + km m           (ddim's epsilon folded in: no per-element division)
     x_prev = mean + std z                 (std = exp(l0 + l1 v) for learned_range)
 """
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -97,7 +98,7 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
             std = zero
     else:
         var = tl.maximum(bp / bt * (1.0 - at / ap), 0.0)  # < 0 only for t_prev > t (inversion)
-        std = _sqrt64(var) * eta  # float32 eta promoted to float64
+        std = _sqrt64(var) * eta
         direction = _sqrt64(tl.maximum(bp - std * std, 0.0))
         if PRED == EPSILON:
             ex = zero
@@ -123,7 +124,7 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
 @triton.jit
 def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_ptr,
                          out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, num_t,
-                         seed_lo, seed_hi, eta, clip_range, b0,
+                         seed_lo, seed_hi, eta_hi, eta_lo, clip_range, b0,
                          KIND: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
                          CLIP: tl.constexpr, NOISE: tl.constexpr,
                          FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr,
@@ -135,6 +136,9 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
     tb = tl.load(t_ptr + b)
     tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
     tpb = tl.load(tp_ptr + b)
+    # eta arrives as two float32s (Triton passes Python floats as float32): their float64 sum is
+    # the host's eta to ~2^-48, so std rounds to the same float32 as the C++/CUDA kernels'
+    eta = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
     cx, cm, k0, kx, km, std, l0, l1 = _coef(ab_ptr, num_t, tb, tpb, eta, KIND, PRED, VAR,
                                             FINAL_FROM_TABLE, USE_CLIPPED)
 
@@ -187,6 +191,7 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
     per_sample = x_t.numel() // B
     rows = 256 if per_sample >= 4096 else 64
     useed = seed & 0xFFFFFFFFFFFFFFFF
+    eta_hi = float(np.float32(eta))
     noise_mode = (NOISE_GIVEN if noise is not None else
                   (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
     for b0 in range(0, B, MAX_GRID_Y):
@@ -195,7 +200,7 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
             x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
             thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
             per_sample, mo_bs, mo_inner, mo_rs, var_off, alphas_cumprod.numel(),
-            useed & 0xFFFFFFFF, useed >> 32, float(eta), float(clip_range), b0,
+            useed & 0xFFFFFFFF, useed >> 32, eta_hi, float(eta) - eta_hi, float(clip_range), b0,
             KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
             FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one, USE_CLIPPED=bool(use_clipped),
             SPLIT=mo_inner != per_sample, ALIGNED=per_sample % 4 == 0, WANT_X0=x0.numel() > 0,
