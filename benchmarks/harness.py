@@ -579,7 +579,59 @@ def format_markdown(result: dict, suites: dict) -> str:
     other = _skip_notes([k for k in skipped if k["suite"] not in by_suite])
     if other:
         lines += ["## Not run", ""] + other + [""]
+    lines += dispatch_summary(result["rows"])
     return "\n".join(lines)
+
+
+def _backend(impl: str) -> Optional[str]:
+    """'fastdiff:cuda (auto)' -> 'cuda'; None for other rows (e.g. 'fastdiff AttentionBlock')."""
+    m = re.match(r"fastdiff:(\w+)", impl)
+    return m.group(1) if m else None
+
+
+def dispatch_summary(rows: list) -> list:
+    """Markdown lines: per case, the backend `auto` picked against the fastest fastdiff backend
+    timed, and the fastest fastdiff row against the fastest other row; then, per op and dtype,
+    how often each backend was the fastest (what AUTO_CUDA_ORDER in fastdiff/backends.py should
+    follow). Rows whose output check failed take no part."""
+    cases = {}
+    for r in rows:
+        if r.get("ok") is not False:
+            key = (r["suite"], r["variant"], shape_str(r["shape"]), r["dtype"], r["layout"])
+            cases.setdefault(key, []).append(r)
+    table, wins = [], {}
+    for (suite, variant, shape, dtype, layout), rs in cases.items():
+        ours = [r for r in rs if r["kind"] == "fastdiff"]
+        others = [r for r in rs if r["kind"] != "fastdiff"]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["ms"])
+        auto = next((r for r in ours if r["impl"].endswith("(auto)")), None)
+        name = _backend(best["impl"]) or best["impl"]
+        wins.setdefault((suite, dtype), {}).setdefault(name, 0)
+        wins[(suite, dtype)][name] += 1
+        if auto is None:
+            auto_s = "—"
+        elif auto is best:
+            auto_s = f"{_backend(auto['impl'])} ✓"
+        else:
+            auto_s = f"{_backend(auto['impl'])}: {auto['ms'] / best['ms']:.2f}× slower"
+        rival = min(others, key=lambda r: r["ms"]) if others else None
+        vs = "" if rival is None else f"{rival['ms'] / best['ms']:.2f}× ({rival['impl']})"
+        table.append(f"| {suite} {variant} {shape} {dtype} {layout}".replace("  ", " ")
+                     + f" | {name} | {auto_s} | {vs} |")
+    if not table:
+        return []
+    out = ["## Dispatch", "",
+           "Per case: the fastest fastdiff backend timed, whether `auto` picked it, and the "
+           "fastest fastdiff row against the fastest non-fastdiff row (eager, torch.compile, "
+           "SDPA, diffusers) of the same case (> 1× means fastdiff is faster).", "",
+           "| case | fastest backend | auto | best fastdiff vs best other |", "|---|---|---|---|"]
+    out += table + ["", "Fastest backend, cases won per op and dtype: "
+                    + "; ".join(f"{suite} {dtype}: " + ", ".join(
+                        f"{b} {n}" for b, n in sorted(w.items(), key=lambda kv: -kv[1]))
+                        for (suite, dtype), w in wins.items()) + ".", ""]
+    return out
 
 
 def _auto_str(op: str, by_dtype) -> str:

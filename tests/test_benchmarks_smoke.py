@@ -84,6 +84,7 @@ def test_suites_on_cpu_write_results(tmp_path, capsys):
             assert r["ok"] is True, r
         assert r["p20"] <= r["ms"] <= r["p80"]
     assert "| ref |" in md and "✗" not in md and not list(tmp_path.glob("*_partial*"))
+    assert "## Dispatch" in md and "cases won per op and dtype" in md
     assert "TFLOP/s" in md and "## group_norm_silu" in md and "copy bandwidth" in md
     try:
         import matplotlib  # noqa: F401
@@ -227,3 +228,15 @@ def test_default_budget_and_partial_files(tmp_path, monkeypatch):
                            "--budget-s", "0"])
     result = run.run(args)
     assert not result["rows"] and all("time budget" in k["reason"] for k in result["skipped"])
+
+
+def test_dispatch_summary_names_a_wrong_auto_pick():
+    def row(impl, ms, kind="fastdiff", ok=True):
+        return dict(suite="q_sample", variant="", shape=[2, 3], dtype="fp16", layout="NCHW",
+                    impl=impl, kind=kind, ms=ms, ok=ok)
+    rows = [row("eager", 3.0, "eager"), row("compile", 1.2, "compile"),
+            row("fastdiff:cuda (auto)", 1.5), row("fastdiff:triton", 1.0),
+            row("fastdiff:torch", 0.1, ok=False)]  # a failed check never wins
+    lines = harness.dispatch_summary(rows)
+    assert "| q_sample 2x3 fp16 NCHW | triton | cuda: 1.50× slower | 1.20× (compile) |" in lines
+    assert lines[-2].endswith("q_sample fp16: triton 1.")
