@@ -114,3 +114,32 @@ def test_auto_order_on_cuda_follows_the_tables(monkeypatch):
         assert backends.pick(op, impl, torch.device("cuda"), torch.float16) == order[0]
     assert backends.pick("attention", ("torch", "triton"), torch.device("cuda"), torch.float32) == "torch"
     assert backends.pick("attention", ("torch", "triton"), torch.device("cuda"), torch.bfloat16) == "triton"
+
+
+def test_run_op_calls_the_body_only_where_that_is_the_same():
+    """Plain eager calls skip the custom-op dispatcher (host time); autograd, meta/fake tensors,
+    dispatch modes and functorch transforms still go through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fastdiff.ops._checks import run_op
+
+    def op(*a):
+        return "op"
+
+    def body(*a):
+        return "body"
+
+    x = torch.randn(2)
+    assert run_op(op, body, x, 3, None) == "body"
+    assert run_op(op, body, x.clone().requires_grad_(), 3) == "op"
+    with torch.no_grad():
+        assert run_op(op, body, x.clone().requires_grad_(), 3) == "body"
+    assert run_op(op, body, torch.empty(2, device="meta")) == "op"
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    with Mode():
+        assert run_op(op, body, x) == "op"
+    seen = []
+    torch.func.vmap(lambda r: seen.append(run_op(op, body, r)) or r)(torch.randn(3, 2))
+    assert seen == ["op"]

@@ -47,8 +47,7 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("fastdiff::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _attention_body(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Returns o as a contiguous (B, Lq, H, D) tensor. Inputs are checked."""
     B, H, Lq, D = q.shape
     out = _checks.empty_like(q, shape=(B, Lq, H, D))
@@ -60,6 +59,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         from ..kernels.attention import attention_triton
         attention_triton(_unit_last(q), _unit_last(k), _unit_last(v), o, scale)
     return out
+
+
+_attention_op = torch.library.custom_op("fastdiff::attention", mutates_args=())(_attention_body)
 
 
 @_attention_op.register_fake
@@ -134,4 +136,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     scale = _check(q, k, v, scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _attention_torch(q, k, v, scale)
-    return _attention_op(q, k, v, scale).transpose(1, 2)
+    return _checks.run_op(_attention_op, _attention_body, q, k, v, scale).transpose(1, 2)

@@ -92,8 +92,7 @@ def _params_f32(*ts):
     return [None if t is None else t.to(torch.float32).contiguous() for t in ts]
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
-def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _group_norm_silu_body(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                         add: Optional[Tensor], num_groups: int, eps: float,
                         silu: bool) -> Tensor:
     """Inputs are checked; x is dense (contiguous or channels_last in any spatial rank)."""
@@ -111,6 +110,10 @@ def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         w, b, a = _params_f32(weight, bias, add)
         torch.ops.fastdiff_ext.group_norm_silu(xd, w, b, a, num_groups, eps, silu, out)
     return out
+
+
+_group_norm_silu_op = torch.library.custom_op("fastdiff::group_norm_silu",
+                                              mutates_args=())(_group_norm_silu_body)
 
 
 @_group_norm_silu_op.register_fake
@@ -175,5 +178,6 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         if y.stride() != xd.stride():  # x's memory format, as the kernels give (copy_ is tracked)
             y = torch.empty_like(xd).copy_(y)
         return y
-    return _group_norm_silu_op(x, weight, bias, add, num_groups, eps, activation == "silu")
+    return _checks.run_op(_group_norm_silu_op, _group_norm_silu_body, x, weight, bias, add,
+                          num_groups, eps, activation == "silu")
 

@@ -36,8 +36,7 @@ def q_sample_ref(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, nois
     return x_t, (a * e - s * x).to(x0.dtype)
 
 
-@torch.library.custom_op("fastdiff::q_sample", mutates_args=())
-def _q_sample_op(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
+def _q_sample_body(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
                  noise: Optional[Tensor], seed: int, want_v: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (x_t, eps drawn here or empty, v or empty). Inputs are checked and dense."""
     x_t = _checks.empty_like(x0)
@@ -57,6 +56,9 @@ def _q_sample_op(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
     else:
         torch.ops.fastdiff_ext.q_sample(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v)
     return x_t, eps, v
+
+
+_q_sample_op = torch.library.custom_op("fastdiff::q_sample", mutates_args=())(_q_sample_body)
 
 
 @_q_sample_op.register_fake
@@ -100,6 +102,7 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
     tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
     sqrt_ab = schedule.table("sqrt_alphas_cumprod", x0.device, tdt)
     sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, tdt)
-    x_t, eps, v = _q_sample_op(x0, t, sqrt_ab, sqrt_1mab, noise, seed, v_target)
+    x_t, eps, v = _checks.run_op(_q_sample_op, _q_sample_body, x0, t, sqrt_ab, sqrt_1mab, noise,
+                                 seed, v_target)
     eps = noise if noise is not None else eps
     return (x_t, eps, v) if v_target else (x_t, eps)

@@ -177,8 +177,7 @@ def _model_output_layout(x_t: Tensor, model_output: Tensor, learned: bool):
     return model_output.contiguous(memory_format=fmt), 2 * ps, C, 2 * C, C
 
 
-@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
-def _sampler_step_op(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tensor,
+def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tensor,
                      alphas_cumprod: Tensor, noise: Optional[Tensor], seed: int, kind: str,
                      prediction_type: str, variance_type: str, eta: float, clip_sample: bool,
                      clip_sample_range: float, thresholding: bool,
@@ -232,6 +231,10 @@ def _sampler_step_op(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
         torch.ops.fastdiff_ext.sampler_step(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh,
                                             seed, needs_noise, *args, x_prev, x0)
     return x_prev, x0
+
+
+_sampler_step_op = torch.library.custom_op("fastdiff::sampler_step",
+                                           mutates_args=())(_sampler_step_body)
 
 
 @_sampler_step_op.register_fake
@@ -356,10 +359,10 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     seed = _checks.seed64(draw_seed() if (noise is None and seed is None and needs_noise)
                           else (seed or 0))
     ab = schedule.table("alphas_cumprod", x_t.device, torch.float64)
-    x_prev, x0 = _sampler_step_op(x_t, model_output, t, t_prev, ab, noise, seed, kind,
-                                  prediction_type, variance_type, eta, bool(clip_sample),
-                                  clip_sample_range, bool(thresholding),
-                                  dynamic_thresholding_ratio, sample_max_value,
-                                  bool(set_alpha_to_one), bool(use_clipped_model_output),
-                                  bool(return_x0))
+    x_prev, x0 = _checks.run_op(_sampler_step_op, _sampler_step_body, x_t, model_output, t,
+                                t_prev, ab, noise, seed, kind, prediction_type, variance_type,
+                                eta, bool(clip_sample), clip_sample_range, bool(thresholding),
+                                dynamic_thresholding_ratio, sample_max_value,
+                                bool(set_alpha_to_one), bool(use_clipped_model_output),
+                                bool(return_x0))
     return (x_prev, x0) if return_x0 else x_prev
