@@ -506,7 +506,7 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
     (dict(x_t=torch.ones(2, 3, dtype=torch.int64)), TypeError, "x_t must be a floating tensor"),
     (dict(t_prev=torch.tensor([[0, 1]])), ValueError, r"t_prev must have shape \(2,\)"),
     (dict(t_prev=torch.tensor([0, 2])), ValueError,
-     r"kind='ddpm' steps backwards: t_prev must be < t, got t_prev=2 >= t=2 for sample 1"),
+     r"kind='ddpm' needs t_prev < t \(a step towards t = 0\): got t_prev=2 >= t=2 for sample 1"),
     (dict(t_prev=5), ValueError, r"t_prev=5 >= t=1 for sample 0"),
     (dict(x_t=torch.randn(2), model_output=torch.randn(4), variance_type="learned_range"),
      ValueError, "learned_range' needs x_t with a channel dim"),

@@ -51,7 +51,8 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others):
             raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
 
 
-def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negative=False):
+def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negative=False,
+              check_values=True):
     """Per-sample timesteps as an int64 tensor of shape (batch,) on `device`.
 
     Accepts an int (broadcast), or an integer tensor of shape (batch,) or () on the device or on
@@ -59,7 +60,8 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
     step after the last", i.e. alpha_cumprod = 1), except while torch.compile traces or a CUDA
     graph is being captured (the check would be a host sync) or with FASTDIFF_CHECKS=0; a CUDA t
     costs one sync for the check. The kernels clamp the index regardless, so an unchecked value
-    can never read outside the schedule."""
+    can never read outside the schedule. check_values=False leaves the values of a tensor t to
+    the caller (timestep_values, to check several with one sync)."""
     lo = -1 if allow_negative else 0
     rng = f"[{lo}, {num_timesteps})"
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
@@ -83,11 +85,41 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
             torch.cuda.is_current_stream_capturing():
         raise ValueError(f"{name} is a CPU tensor while a CUDA graph is being captured: the "
                          "copy to the GPU cannot be captured; pass a CUDA tensor (or an int)")
-    if values_checked(t) and t.numel():
-        tmin, tmax = torch.stack([t.min(), t.max()]).tolist()  # one host sync for a CUDA t
-        if tmin < lo or tmax >= num_timesteps:
-            raise ValueError(f"{name} has values in [{tmin}, {tmax}], outside {rng}")
+    if check_values:
+        timestep_values(num_timesteps, (name, t, lo))
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
+    """Range checks of timesteps as the caller gave them, items (name, t, lo) with t an int or a
+    tensor already checked by timesteps(check_values=False), t in [lo, num_timesteps);
+    ordered: the second item must be < the first, sample by sample; the error starts with this
+    text. All values are read with
+    one host sync per device (none for CPU tensors), and none at all where values_checked()
+    says they may not be read."""
+    ts = [(name, t if isinstance(t, torch.Tensor) else torch.tensor(t), lo)
+          for name, t, lo in items]
+    if not all(values_checked(t) and t.numel() for _, t, _ in ts):
+        return
+    stats = [s for _, t, _ in ts for s in (t.min(), t.max())]
+    if ordered:
+        a, b = ts[0][1], ts[1][1].to(ts[0][1].device)
+        stats.append((b >= a).any().to(a.dtype))
+    read = [None] * len(stats)
+    for dev in {s.device for s in stats}:  # one stack, one .tolist() (sync) per device
+        idx = [i for i, s in enumerate(stats) if s.device == dev]
+        for i, v in zip(idx, torch.stack([stats[i] for i in idx]).tolist()):
+            read[i] = v
+    for k, (name, _, lo) in enumerate(ts):
+        tmin, tmax = read[2 * k], read[2 * k + 1]
+        if tmin < lo or tmax >= num_timesteps:
+            raise ValueError(f"{name} has values in [{tmin}, {tmax}], outside "
+                             f"[{lo}, {num_timesteps})")
+    if ordered and read[-1]:
+        (na, a, _), (nb, b, _) = ts[0], ts[1]
+        a, b = torch.broadcast_tensors(a, b.to(a.device))
+        i = int((b >= a).nonzero()[0, 0])
+        raise ValueError(f"{ordered}: got {nb}={int(b[i])} >= {na}={int(a[i])} for sample {i}")
 
 
 def values_checked(t: torch.Tensor) -> bool:

@@ -344,14 +344,13 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
                          f"variance_type={variance_type!r}, got {tuple(model_output.shape)}")
     _checks.noise_and_seed("x_t", x_t, noise, seed)
     T = schedule.num_train_timesteps
-    t = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device)
-    t_prev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device, allow_negative=True)
-    if kind == "ddpm" and _checks.values_checked(t) and t.numel():
-        bad = (t_prev >= t).nonzero()  # one host sync, as the range checks
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(f"kind='ddpm' steps backwards: t_prev must be < t, got "
-                             f"t_prev={int(t_prev[i])} >= t={int(t[i])} for sample {i}")
+    t_dev = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device, check_values=False)
+    tp_dev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device,
+                               allow_negative=True, check_values=False)
+    # ranges (and ddpm's order) with one host sync for CUDA timesteps
+    _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, -1), ordered=(
+        "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None))
+    t, t_prev = t_dev, tp_dev
     x_t = _checks.dense(x_t)
     if noise is not None:
         noise = _checks.like(noise.to(x_t.dtype), x_t)
