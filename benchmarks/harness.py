@@ -300,12 +300,14 @@ class Ctx:
         for impl in todo:
             caught = []
             try:
-                with impl.context(), warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    out = impl.fn(*sets[0])
-                    if impl.check is not None:
-                        out = impl.check(*sets[0])
-                    self.sync()
+                with impl.context():
+                    # warm-up and check: warnings recorded (a failure's reason may be in them)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        out = impl.fn(*sets[0])
+                        if impl.check is not None:
+                            out = impl.check(*sets[0])
+                        self.sync()
                     if case.expect is not None:
                         want = case.expect(sets[0], out)
                     elif want is None and impl.kind == "eager":
@@ -314,7 +316,9 @@ class Ctx:
                     err = rel_error(out, want) if (impl.verify and want is not None and
                                                    not is_ref) else None
                     del out
-                    m = self.measure(impl.fn, sets)
+                    with warnings.catch_warnings():  # timing: no warning machinery per call
+                        warnings.simplefilter("ignore")
+                        m = self.measure(impl.fn, sets)
             except Exception as e:  # noqa: BLE001 -- a failing impl skips its row, not the run
                 # e.g. SDPA's "No viable backend" says why only in the warnings before it
                 why = next((str(w.message).splitlines()[0][:200] for w in caught or ()), None)
