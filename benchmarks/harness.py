@@ -67,14 +67,14 @@ def reason(e: BaseException) -> str:
 class Impl:
     """One implementation of a case: fn(*inputs) runs it; context() is entered around its
     warm-up and timing (e.g. fastdiff.use_backend, torch's sdpa_kernel). Its output is checked
-    against the case's expectation: `check(*inputs)`, when given, is a deterministic stand-in
-    whose output is checked instead (e.g. the same op given the noise it would draw);
-    verify=False skips the check (a baseline that draws its own noise)."""
+    against `expect(inputs, out)` when given (e.g. the eager expression with the noise this impl
+    draws from its seed), else against the case's expectation; verify=False skips the check
+    (a baseline that draws its own noise)."""
     name: str
     fn: Callable
     kind: str = "other"  # eager | compile | fastdiff | other
     context: Callable = contextlib.nullcontext
-    check: Optional[Callable] = None
+    expect: Optional[Callable] = None
     verify: bool = True
 
 
@@ -214,7 +214,10 @@ class Ctx:
         return out
 
     def _cuda_quantiles(self, call) -> list:
-        if self.timer in (None, "triton.testing.do_bench"):
+        """do_bench's quantiles; the timer is chosen once, at the first measurement (the copy of
+        the floors): if Triton's do_bench is missing or fails there, the run uses CUDA events
+        throughout. Later errors belong to the row being timed."""
+        if self.timer is None:
             try:
                 from triton.testing import do_bench
                 q = do_bench(call, warmup=self.warmup_ms, rep=self.rep_ms,
@@ -225,6 +228,10 @@ class Ctx:
                 if _fatal(e):
                     raise
                 self.timer = f"CUDA events (do_bench unusable: {reason(e)})"
+        if self.timer == "triton.testing.do_bench":
+            from triton.testing import do_bench
+            q = do_bench(call, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.2, 0.5, 0.8])
+            return [float(v) for v in q]
         return _quantiles(_events_times(call, self.warmup_ms, self.rep_ms, self.device))
 
     def n_sets(self, working_set_bytes: int) -> int:
@@ -305,16 +312,19 @@ class Ctx:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         out = impl.fn(*sets[0])
-                        if impl.check is not None:
-                            out = impl.check(*sets[0])
                         self.sync()
-                    if case.expect is not None:
-                        want = case.expect(sets[0], out)
-                    elif want is None and impl.kind == "eager":
-                        want = first(out)
+                    if impl.expect is not None:
+                        expected = impl.expect(sets[0], out)
+                    elif case.expect is not None:
+                        expected = case.expect(sets[0], out)
+                    else:
+                        if want is None and impl.kind == "eager":
+                            want = first(out)  # the reference of the rows after it
+                        expected = want
                     is_ref = impl.kind == "eager" and case.expect is None
-                    err = rel_error(out, want) if (impl.verify and want is not None and
-                                                   not is_ref) else None
+                    err = rel_error(out, expected) if (impl.verify and expected is not None
+                                                       and not is_ref) else None
+                    del expected
                     del out
                     with warnings.catch_warnings():  # timing: no warning machinery per call
                         warnings.simplefilter("ignore")
@@ -688,6 +698,17 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     return path
 
 
+def _finite(v):
+    """inf/nan floats as strings: strict JSON has no Infinity."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def write_results(result: dict, suites: dict, out_dir, png: bool = True,
                   partial: bool = False) -> list:
     """<out>/<device-slug>_<date>[_quick].{json,md,png}; returns the paths written. partial:
@@ -699,7 +720,7 @@ def write_results(result: dict, suites: dict, out_dir, png: bool = True,
     stem = f"{slug(env['device'])}_{env['date']}{'_quick' if env['quick'] else ''}"
     name = stem + ("_partial" if partial else "")
     paths = [out / f"{name}.json", out / f"{name}.md"]
-    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths[0].write_text(json.dumps(_finite(result), indent=1, default=str) + "\n")
     paths[1].write_text(format_markdown(result, suites) + "\n")
     if not partial:
         for p in (out / f"{stem}_partial.json", out / f"{stem}_partial.md"):

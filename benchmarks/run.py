@@ -133,6 +133,8 @@ def run(args) -> dict:
     env = environment(ctx)
     print(f"fastdiff bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}")
+    if ctx.deadline is not None:
+        print(f"time budget: no new case after {budget:.0f} s (--budget-s inf for none)")
     floors = ctx.measure_floors()
     print(f"copy bandwidth {floors['copy_GBps']:.0f} GB/s ({floors['copy']}); "
           f"matmul {floors['matmul_TFLOPs']:.3g} TFLOP/s ({floors['matmul']})")
@@ -182,6 +184,9 @@ def main(argv=None) -> int:
     print("\n" + format_markdown(result, SUITES) + "\n")
     print(f"{len(result['rows'])} rows, {len(result['skipped'])} skipped, "
           f"{result['env']['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    if result["env"].get("lost"):
+        print(f"incomplete: {result['env']['lost']}")
+        return 1
     return 0
 
 

@@ -51,10 +51,10 @@ def _need(module: str, *names):
 
 
 def fastdiff_impls(ctx: Ctx, op: str, implemented, fn: Callable, dtype=None,
-                   check: Callable = None):
+                   expect: Callable = None):
     """One Impl per fastdiff backend of `op` that runs on ctx.device, each forced with
     use_backend; the one `auto` picks for `dtype` is marked. The `torch` backend (the
-    reference) is timed only when auto picks it. `check`: see Impl. Returns (impls, auto)."""
+    reference) is timed only when auto picks it. `expect`: see Impl. Returns (impls, auto)."""
     from fastdiff import backends
     auto = backends.pick(op, implemented, ctx.device, dtype)
     status = backends.backend_status()
@@ -71,7 +71,7 @@ def fastdiff_impls(ctx: Ctx, op: str, implemented, fn: Callable, dtype=None,
         if not ok:
             ctx.skip(op, "", name, why)
             continue
-        impls.append(Impl(name, fn, "fastdiff", lambda b=b: backends.use_backend(b), check))
+        impls.append(Impl(name, fn, "fastdiff", lambda b=b: backends.use_backend(b), expect))
     return impls, auto
 
 
@@ -146,6 +146,7 @@ T_STEP, DDIM_STEPS = 500, 50  # DDPM: t 500 -> 499; DDIM (50 of 1000 steps): 500
 def sampler_step_suite(ctx: Ctx):
     (sampler_step,) = _need("fastdiff.ops.sampler_step", "sampler_step")
     from fastdiff import Schedule, backends
+    from fastdiff.reference import STREAM_SAMPLER_STEP, memory_order_normal
     mod = importlib.import_module("fastdiff.ops.sampler_step")
     implemented = getattr(mod, "IMPLEMENTED", backends.BACKENDS)
     sched = Schedule("linear", 1000)
@@ -176,19 +177,6 @@ def sampler_step_suite(ctx: Ctx):
                        lambda x, eps: ddim.step(eps, T_STEP, x, eta=1.0, return_dict=False))),
     }
     for dtype in ctx.dtypes_for([torch.float32]):
-        for v in variants.values():
-            def fd(x, eps, z, t, tp, kw=v["fd"]):
-                return sampler_step(x, eps, t, tp, sched, **kw)
-
-            def fd_given_z(x, eps, z, t, tp, kw=v["fd"]):  # the check: the eager rows' z
-                return sampler_step(x, eps, t, tp, sched, noise=z,
-                                    **{k: a for k, a in kw.items() if k != "seed"})
-            v["impls"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd, dtype,
-                                           check=fd_given_z)
-            if diffusers_ok:  # draws its own z: timed, not checked
-                name, step = v["diffusers"]
-                v["impls"].append(Impl(name, lambda x, eps, z, t, tp, step=step: step(x, eps),
-                                       verify=False))
         f64 = dict(ab=sched.alphas_cumprod, sqrt_ab=sched.alphas_cumprod.sqrt(),
                    sqrt_1mab=(1 - sched.alphas_cumprod).sqrt(), c1=sched.posterior_mean_coef1,
                    c2=sched.posterior_mean_coef2,
@@ -209,6 +197,20 @@ def sampler_step_suite(ctx: Ctx):
             return ab_p.sqrt() * x0 + (1 - ab_p - std ** 2).sqrt() * eps + std * z
 
         eagers = {"DDPM (fixed_small)": ddpm_eager, "DDIM (eta=1)": ddim_eager}
+        for name, v in variants.items():
+            def fd(x, eps, z, t, tp, kw=v["fd"]):
+                return sampler_step(x, eps, t, tp, sched, **kw)
+
+            def with_own_noise(inputs, out, eager=eagers[name], seed=v["fd"]["seed"]):
+                # the eager step with the z the kernel draws from its seed (stream, step = t)
+                x, eps, _, t, tp = inputs
+                return eager(x, eps, memory_order_normal(seed, t, STREAM_SAMPLER_STEP, x), t, tp)
+            v["impls"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd, dtype,
+                                           expect=with_own_noise)
+            if diffusers_ok:  # draws its own z: timed, not checked
+                dname, step = v["diffusers"]
+                v["impls"].append(Impl(dname, lambda x, eps, z, t, tp, step=step: step(x, eps),
+                                       verify=False))
         for shape in ctx.shapes(S_SHAPES):
             nbytes = 3 * math.prod(shape) * _esize(dtype)
             for variant, v in variants.items():
@@ -335,8 +337,8 @@ def attention_block_suite(ctx: Ctx):
                 gn = blk.group_norm
                 h = F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
                 h = h.flatten(2).transpose(1, 2)  # (B, L, C)
-                q, k, v = (F.linear(h, w, b).view(B, H * W, heads, dh).transpose(1, 2)
-                           for w, b in zip(blk.qkv_weight.chunk(3), blk.qkv_bias.chunk(3)))
+                q, k, v = (F.linear(h, m.weight, m.bias).view(B, H * W, heads, dh).transpose(1, 2)
+                           for m in (blk.to_q, blk.to_k, blk.to_v))
                 o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, -1)
                 y = F.linear(o, blk.to_out[0].weight, blk.to_out[0].bias)
                 return x + y.transpose(1, 2).reshape(B, C, H, W)

@@ -30,10 +30,12 @@ class AttentionBlock(nn.Module):
         residual_connection: add x to the projection output.
         bias: biases on to_q/to_k/to_v; out_bias: bias on to_out.0.
 
-    Storage: q, k and v live in one packed parameter, `qkv_weight` (3·inner, C) and `qkv_bias`,
-    so the block runs one GEMM for all three with no per-call concatenation and no cache to go
-    stale (an EMA's `p.data.copy_` or an optimizer step updates what the forward reads). The
-    state dict still has diffusers' keys: to_q/to_k/to_v are split out on save and packed on load.
+    Storage: to_q, to_k and to_v are plain nn.Linear modules, as in diffusers; the forward
+    concatenates their weights (one small copy, 3·inner·C elements) and runs one GEMM for all
+    three. Nothing is cached or packed at load: a cache goes stale when an EMA writes through
+    `p.data`, and a packed parameter would make state_dict() either copy (an EMA that copies
+    through state_dict() would then update nothing) or alias one storage (which safetensors
+    refuses to save); plain modules keep every PyTorch weight workflow exact.
 
     Forward: the attention kernel reads q/k/v as strided views of the packed GEMM's output and
     writes (B, L, heads, dim_head), which the output projection reads without a transpose; the
@@ -45,8 +47,6 @@ class AttentionBlock(nn.Module):
     torch.nn.functional.scaled_dot_product_attention on the same views. Under autocast the
     output takes the residual's dtype, as diffusers' does.
     """
-
-    _QKV = ("to_q", "to_k", "to_v")
 
     def __init__(self, channels: int, heads: Optional[int] = None, dim_head: Optional[int] = None,
                  norm_num_groups: Optional[int] = 32, eps: float = 1e-5,
@@ -82,11 +82,9 @@ class AttentionBlock(nn.Module):
         self.residual_connection = bool(residual_connection)
         self.group_norm = (None if norm_num_groups is None else
                            nn.GroupNorm(norm_num_groups, channels, eps=eps, affine=True, **kw))
-        # nn.Linear's initialisation for each of the three, packed
-        q, k, v = (nn.Linear(channels, self.inner_dim, bias=bias, **kw) for _ in range(3))
-        self.qkv_weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]).detach())
-        self.qkv_bias = (nn.Parameter(torch.cat([q.bias, k.bias, v.bias]).detach()) if bias
-                         else None)
+        self.to_q = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
+        self.to_k = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
+        self.to_v = nn.Linear(channels, self.inner_dim, bias=bias, **kw)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, channels, bias=out_bias, **kw)])
 
     @classmethod
@@ -105,40 +103,13 @@ class AttentionBlock(nn.Module):
         block.load_state_dict(attn.state_dict(), strict=True)
         return block
 
-    # -- diffusers' state-dict keys for the packed q/k/v ----------------------------------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for kind in ("weight", "bias"):
-            packed = destination.pop(f"{prefix}qkv_{kind}", None)
-            if packed is not None:
-                for name, part in zip(self._QKV, packed.chunk(3)):
-                    # clones: safetensors refuses tensors that share storage
-                    destination[f"{prefix}{name}.{kind}"] = part if keep_vars else part.clone()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        absent = []  # diffusers keys this checkpoint lacks, reported instead of qkv_*
-        for kind in ("weight", "bias"):
-            mine, packed = getattr(self, f"qkv_{kind}"), f"{prefix}qkv_{kind}"
-            keys = [f"{prefix}{name}.{kind}" for name in self._QKV]
-            if mine is None or packed in state_dict:
-                continue  # no such parameter (to_*.bias keys are then unexpected), or packed
-            parts = [state_dict.get(k) for k in keys]
-            miss = [k for k, t in zip(keys, parts) if t is None]
-            absent += miss
-            want = (self.inner_dim,) + tuple(mine.shape[1:])
-            bad = [k for k, t in zip(keys, parts) if t is not None and tuple(t.shape) != want]
-            error_msgs += [f"size mismatch for {k}: copying a param with shape "
-                           f"{tuple(state_dict[k].shape)} from checkpoint, the shape in current "
-                           f"model is {want}." for k in bad]
-            for k in keys:
-                state_dict.pop(k, None)
-            if not miss and not bad:
-                state_dict[packed] = torch.cat(parts)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        packed = {f"{prefix}qkv_weight", f"{prefix}qkv_bias"}
-        missing_keys[:] = [k for k in missing_keys if k not in packed] + absent
+    def qkv_params(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The (3·inner, C) weight and (3·inner,) bias of the one q/k/v GEMM, concatenated from
+        to_q/to_k/to_v now (inside autograd when they need grad)."""
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        if self.to_q.bias is None:
+            return w, None
+        return w, torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -156,7 +127,7 @@ class AttentionBlock(nn.Module):
             h = group_norm_silu(xc, gn.weight, gn.bias, gn.num_groups, gn.eps, activation=None)
         # channels_last (B, C, H, W) is (B, H, W, C) in memory: a (B·L, C) matrix, no copy
         h = h.permute(0, 2, 3, 1).reshape(B * L, C)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.heads, self.dim_head)
+        qkv = F.linear(h, *self.qkv_params()).view(B, L, 3, self.heads, self.dim_head)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, L, dh) strided views
         if HEAD_DIM_MIN <= self.dim_head <= HEAD_DIM_MAX:
             o = attention(q, k, v, self.scale)

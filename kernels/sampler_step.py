@@ -202,6 +202,7 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
             per_sample, mo_bs, mo_inner, mo_rs, var_off, alphas_cumprod.numel(),
             useed & 0xFFFFFFFF, useed >> 32, eta_hi, float(eta) - eta_hi, float(clip_range), b0,
             KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
-            FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one, USE_CLIPPED=bool(use_clipped),
+            FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one,
+            USE_CLIPPED=bool(use_clipped),
             SPLIT=mo_inner != per_sample, ALIGNED=per_sample % 4 == 0, WANT_X0=x0.numel() > 0,
             ROWS=rows, num_warps=4)

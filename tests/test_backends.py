@@ -1,6 +1,7 @@
 """Backend status, forcing and the dispatch rule."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -130,6 +131,14 @@ def test_run_op_calls_the_body_only_where_that_is_the_same():
 
     x = torch.randn(2)
     assert run_op(op, body, x, 3, None) == "body"
+    with torch.no_grad():  # a module's parameters
+        assert run_op(op, body, x, torch.nn.Parameter(torch.randn(2))) == "body"
+    traced = []
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated, still used
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(lambda r: traced.append(run_op(op, body, r)) or r * 2, (x,),
+                        check_trace=False)
+    assert traced == ["op"]
     assert run_op(op, body, x.clone().requires_grad_(), 3) == "op"
     with torch.no_grad():
         assert run_op(op, body, x.clone().requires_grad_(), 3) == "body"
@@ -143,3 +152,31 @@ def test_run_op_calls_the_body_only_where_that_is_the_same():
     seen = []
     torch.func.vmap(lambda r: seen.append(run_op(op, body, r)) or r)(torch.randn(3, 2))
     assert seen == ["op"]
+
+
+def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
+    """kernels.on_tensor_device makes the tensors' GPU current around a launch (Triton launches
+    on the current device): simulated here with a stand-in for a tensor on cuda:1."""
+    pytest.importorskip("triton")
+    import contextlib
+    from fastdiff.kernels import on_tensor_device
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+
+    class OnGPU1:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    launch = on_tensor_device(lambda first, n: (first, n))
+    t = OnGPU1()
+    assert launch(t, 3) == (t, 3) and entered == [torch.device("cuda", 1)]
+    OnGPU1.device = torch.device("cuda", 0)  # already current: no switch
+    launch(t, 3)
+    cpu = torch.randn(2)
+    assert launch(cpu, 1)[0] is cpu and len(entered) == 1

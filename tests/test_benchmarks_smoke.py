@@ -207,7 +207,7 @@ def test_lost_device_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setitem(SUITES, "broken", suites.Suite("broken", "broken", "", "GB/s",
                                                        broken_suite))
     assert run.main(["--device", "cpu", "--no-compile", "--ops", "broken,q_sample",
-                     "--out", str(tmp_path)]) == 0
+                     "--out", str(tmp_path)]) == 1  # an incomplete run is a failure
     (js,) = tmp_path.glob("*.json")
     result = json.loads(js.read_text())
     assert [r["impl"] for r in result["rows"]] == ["eager"]  # the first case's
@@ -222,7 +222,8 @@ def test_default_budget_and_partial_files(tmp_path, monkeypatch):
                            "--no-compile", "--out", str(tmp_path), "--budget-s", "inf"])
     result = run.run(args)
     assert result["env"]["budget_s"] == float("inf") and result["rows"]
-    assert list(tmp_path.glob("*_partial.json"))  # checkpoints of a run in progress
+    (partial,) = tmp_path.glob("*_partial.json")  # checkpoints of a run in progress
+    json.loads(partial.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert run.DEFAULT_BUDGET_S <= 540
     args = run.parse_args(["--device", "cpu", "--ops", "q_sample", "--out", str(tmp_path),
                            "--budget-s", "0"])

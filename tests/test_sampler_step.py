@@ -508,6 +508,8 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
     (dict(t_prev=torch.tensor([0, 2])), ValueError,
      r"kind='ddpm' needs t_prev < t \(a step towards t = 0\): got t_prev=2 >= t=2 for sample 1"),
     (dict(t_prev=5), ValueError, r"t_prev=5 >= t=1 for sample 0"),
+    (dict(t=5, t_prev=10), ValueError, r"t_prev=10 >= t=5 for sample 0"),
+    (dict(t=torch.tensor(5), t_prev=torch.tensor(5)), ValueError, r"t_prev=5 >= t=5 for sample 0"),
     (dict(x_t=torch.randn(2), model_output=torch.randn(4), variance_type="learned_range"),
      ValueError, "learned_range' needs x_t with a channel dim"),
     (dict(sample_max_value=0.0, thresholding=True), ValueError, "sample_max_value"),

@@ -103,7 +103,7 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
         return
     stats = [s for _, t, _ in ts for s in (t.min(), t.max())]
     if ordered:
-        a, b = ts[0][1], ts[1][1].to(ts[0][1].device)
+        a, b = ts[0][1], ts[1][1].to(ts[0][1].device, non_blocking=True)
         stats.append((b >= a).any().to(a.dtype))
     read = [None] * len(stats)
     for dev in {s.device for s in stats}:  # one stack, one .tolist() (sync) per device
@@ -117,7 +117,7 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
                              f"[{lo}, {num_timesteps})")
     if ordered and read[-1]:
         (na, a, _), (nb, b, _) = ts[0], ts[1]
-        a, b = torch.broadcast_tensors(a, b.to(a.device))
+        a, b = torch.broadcast_tensors(a.reshape(-1), b.to(a.device).reshape(-1))
         i = int((b >= a).nonzero()[0, 0])
         raise ValueError(f"{ordered}: got {nb}={int(b[i])} >= {na}={int(a[i])} for sample {i}")
 
@@ -181,6 +181,9 @@ def noise_and_seed(ref_name: str, ref: torch.Tensor, noise, seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (FakeTensor, DTensor...) take the op
+
+
 def run_op(op, body, *args):
     """op(*args), or its Python `body` called straight where that is the same thing: plain CPU/CUDA
     tensors, no autograd to record, no torch.compile tracing, no dispatch mode (FakeTensor,
@@ -188,12 +191,13 @@ def run_op(op, body, *args):
     ~15-20 µs of host time per call (this decision ~3 µs; measured on CPU with tiny tensors),
     which an eager loop not captured in a CUDA graph pays on every op. torch.compile, autograd,
     tensor subclasses and dispatch modes still see the op."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the op
         return op(*args)
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, torch.Tensor) and (
-                type(a) is not torch.Tensor or not (a.is_cuda or a.is_cpu)
+                type(a) not in _PLAIN or not (a.is_cuda or a.is_cpu)
                 or (grad and a.requires_grad)
                 or torch._C._functorch.is_functorch_wrapped_tensor(a)):
             return op(*args)

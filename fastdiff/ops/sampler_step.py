@@ -156,7 +156,8 @@ def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
         direction = (bp - std * std).clamp(min=0.0).sqrt()
         x_prev = per_sample(ap.sqrt()) * x0c + per_sample(direction) * eps
         if eta > 0 and noise is not None:  # not at the last step (t_prev < 0)
-            x_prev = x_prev + torch.where((t_prev >= 0).view(view), per_sample(std) * noise.to(mdt), 0.0)
+            z = per_sample(std) * noise.to(mdt)
+            x_prev = x_prev + torch.where((t_prev >= 0).view(view), z, 0.0)
     x_prev = x_prev.to(x_t.dtype)
     return (x_prev, x0c.to(x_t.dtype)) if return_x0 else x_prev
 
