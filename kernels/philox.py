@@ -17,7 +17,7 @@ USE_LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
-def _log(x):
+def dev_log(x):  # any float dtype; also the float64 log of sampler_step's coefficients
     if USE_LIBDEVICE:
         return libdevice.log(x)
     else:
@@ -82,8 +82,8 @@ def normal4(seed_lo, seed_hi, g, step, stream):
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
     # sqrt_rn, not tl.sqrt: tl.sqrt is sqrt.approx.ftz.f32 on the GPU, CUDA's sqrtf (and the
     # CPU's) round correctly, and the normals must match them bit for bit
-    rad_a = tl.sqrt_rn(-2.0 * _log(_uniform(r0)))
-    rad_b = tl.sqrt_rn(-2.0 * _log(_uniform(r2)))
+    rad_a = tl.sqrt_rn(-2.0 * dev_log(_uniform(r0)))
+    rad_b = tl.sqrt_rn(-2.0 * dev_log(_uniform(r2)))
     th_a = TWO_PI * _uniform(r1)
     th_b = TWO_PI * _uniform(r3)
     return (rad_a * _cos(th_a), rad_a * _sin(th_a),

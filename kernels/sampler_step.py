@@ -16,11 +16,10 @@ float32. The same coefficient algebra as csrc/sampler_step.h:
 import numpy as np
 import triton
 import triton.language as tl
-
-from . import on_tensor_device
 from triton.language.extra import libdevice
 
-from .philox import MAX_GRID_Y, USE_LIBDEVICE, normal_tile
+from . import on_tensor_device
+from .philox import MAX_GRID_Y, USE_LIBDEVICE, dev_log, normal_tile
 
 # Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
 STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
@@ -33,16 +32,7 @@ CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = tl.constexpr(0), tl.constexpr(1), tl.con
 NOISE_NONE, NOISE_GIVEN, NOISE_DRAWN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
-# float64 log/sqrt: libdevice on the GPU (LLVM's f64 log has no NVPTX lowering); numpy in the
-# interpreter.
-@triton.jit
-def _log64(x):
-    if USE_LIBDEVICE:
-        return libdevice.log(x)
-    else:
-        return tl.log(x)
-
-
+# float64 sqrt: libdevice on the GPU (tl.sqrt_rn is float32 only), numpy in the interpreter
 @triton.jit
 def _sqrt64(x):
     if USE_LIBDEVICE:
@@ -91,8 +81,8 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
         elif VAR == FIXED_LARGE or VAR == FIXED_LARGE_LOG:
             std = _sqrt64(cur_beta)
         else:  # learned_range: std = exp(0.5 (frac max_log + (1 - frac) min_log)), frac = (v+1)/2
-            min_log = _log64(var)
-            d = _log64(tl.maximum(cur_beta, 1e-20)) - min_log  # t == t_prev: finite
+            min_log = dev_log(var)
+            d = dev_log(tl.maximum(cur_beta, 1e-20)) - min_log  # t == t_prev: finite
             l0 = 0.5 * min_log + 0.25 * d
             l1 = 0.25 * d
             std = zero
