@@ -530,3 +530,26 @@ def test_block_launches_no_copies():
     views = {"permute", "view", "t", "unbind", "transpose", "reshape", "_unsafe_view"}
     work = [op for op in log.ops if op not in views]
     assert work == ["group_norm_silu", "cat", "cat", "addmm", "attention", "addmm", "add_"], log.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", (40, 80))
+def test_unaligned_views(seed, backend, D):
+    # a base one element off 16 bytes and an odd row stride: the Triton launcher passes its
+    # strides in units of 1 element instead of 8 (no alignment it cannot prove)
+    from fastdiff.kernels.attention import stride_unit
+    buf = torch.randn(1 + 2 * 37 * (D + 3), device=DEVICE, dtype=torch.float16)
+    q = buf[1:].view(2, 37, D + 3)[None, :, :, :D]
+    k = torch.randn(1, 2, 21, D, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(1, 2, 21, D, device=DEVICE, dtype=torch.float16)
+    assert stride_unit(q, k, v) == 1 and stride_unit(k, v) == 8
+    assert_close(run(backend, q, k, v), ref64(q, k, v), msg=f"{backend} D={D}")
+
+
+@pytest.mark.parametrize("D, parts", [(32, (32, 0)), (40, (32, 16)), (48, (32, 16)),
+                                      (80, (64, 16)), (96, (64, 32)), (100, (64, 64)),
+                                      (160, (128, 32)), (255, (128, 128)), (256, (256, 0))])
+def test_head_dim_parts(D, parts):
+    pytest.importorskip("triton")
+    from fastdiff.kernels.attention import head_dim_parts
+    assert head_dim_parts(D) == parts

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for sm_90 through the real compiler, on a machine without a GPU
 (see tests/triton_offline.py). Skipped when this Triton has no NVIDIA backend, and on a machine
 with a GPU (there the op tests compile and run the kernels)."""
+import json
 import os
 import subprocess
 import sys
@@ -30,3 +31,26 @@ def test_triton_kernels_compile_for_sm90(op):
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, f"compiling the {op} Triton kernels failed:\n{r.stderr[-6000:]}"
     assert "launches compiled" in r.stdout and " 0 launches" not in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark measures it")
+def test_attention_code_at_benchmark_shapes():
+    """What the sm_90 code of every benchmark-shape fp16/bf16 attention variant must show:
+    only vector global loads (no scalar 2-byte loads: those came from masking a head dim that is
+    no multiple of 16, D = 40), K/V tiles moved by cp.async (the software pipeline), and no
+    stack or spill bytes (cuobjdump -res-usage)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_offline.py"),
+                        "attention_properties"], capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-6000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 22, r.stdout
+    for row in rows:
+        case = f"{row['dtype']} Lq={row['Lq']} Lk={row['Lk']} D={row['D']} {row['layout']}"
+        assert row["loads"], case
+        scalar = {op: n for op, n in row["loads"].items() if ".v2." not in op and ".v4." not in op}
+        assert not scalar, f"{case}: scalar global loads {scalar}"
+        assert row["cp_async"] > 0, f"{case}: K/V tiles not pipelined through cp.async"
+        assert row["stack"] == 0 and row["local"] == 0, f"{case}: spills {row}"

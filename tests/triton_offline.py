@@ -49,13 +49,38 @@ class OfflineDriver(CudaDriver):
 driver.set_active(OfflineDriver())
 _run = JITFunction.run
 COMPILED = []
+KERNELS = []  # the CompiledKernel of every launch, in order
 
 
 def _compile_only(self, *args, **kwargs):
     kwargs["warmup"] = True  # compile, do not launch
     kernel = _run(self, *args, **kwargs)
     COMPILED.append(f"{self.fn.__name__}: {len(kernel.asm['cubin'])} bytes of sm_90 cubin")
+    KERNELS.append(kernel)
     return kernel
+
+
+def code_properties(kernel) -> dict:
+    """What the compiled code shows: global loads by width, cp.async count (PTX), and registers,
+    stack and local (spill) bytes per thread (cuobjdump -res-usage on the cubin)."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    ptx = kernel.asm["ptx"]
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    res = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+    return {"loads": dict(collections.Counter(re.findall(r"ld\.global[.\w]*", ptx))),
+            "cp_async": len(re.findall(r"cp\.async\.", ptx)),
+            "regs": res["REG"], "stack": res["STACK"], "local": res["LOCAL"],
+            "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages}
 
 
 JITFunction.run = _compile_only
@@ -116,6 +141,34 @@ def attention():
         q = torch.randn(1, 2, lq, D).to(dtype)
         k = torch.randn(1, 2, lk, D).to(dtype)
         fastdiff.attention(q, k, k)
+
+
+# The attention shapes of the benchmark (anchors-h100.md) and of Stable Diffusion's
+# cross-attention (77 keys): (B, H, Lq, Lk, D). Tile choice depends on D, dtype and short
+# lengths only, so B = 1 and H = 2 compile the variant the benchmark runs.
+ATTENTION_BENCH_SHAPES = [(256, 256, 256), (1024, 1024, 128), (4096, 4096, 40), (1024, 1024, 80),
+                          (4096, 4096, 64), (4096, 77, 40), (1024, 77, 80), (256, 77, 160),
+                          (256, 256, 32), (256, 256, 160)]
+
+
+def attention_properties():
+    """One JSON line per benchmark-shape fp16/bf16 attention variant with its code properties."""
+    import json
+    for dtype in (torch.float16, torch.bfloat16):
+        for lq, lk, D in ATTENTION_BENCH_SHAPES:
+            q = torch.randn(1, 2, lq, D).to(dtype)
+            k = torch.randn(1, 2, lk, D).to(dtype)
+            fastdiff.attention(q, k, k)
+            props = code_properties(KERNELS[-1])
+            print(json.dumps({"dtype": str(dtype).split(".")[-1], "Lq": lq, "Lk": lk, "D": D,
+                              "layout": "dense", **props}))
+        # AttentionBlock's layout: q, k, v strided views of one packed (B, L, 3, H, D) GEMM
+        # output, SD's first level (8 heads of 40)
+        qkv = torch.randn(1, 4096, 3, 8, 40).to(dtype)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        fastdiff.attention(q, k, v)
+        print(json.dumps({"dtype": str(dtype).split(".")[-1], "Lq": 4096, "Lk": 4096, "D": 40,
+                          "layout": "packed qkv", **code_properties(KERNELS[-1])}))
 
 
 if __name__ == "__main__":
