@@ -16,7 +16,10 @@ C weights/biases and B·C adds, negligible). Paths:
 Layouts without copies: a group is a (Cg channels) x (S pixels) array with
   NCHW-like  (B, C, *spatial) dense:    offset = c·S + s   (a contiguous span of Cg·S)
   channels_last (B, *spatial, C) dense: offset = s·C + c   (Cg channels every C elements)
-and tiles are [BC, BS] blocks of that array, walked in memory order.
+and tiles are [BC, BS] blocks of that array, walked in memory order. Cg is a compile-time
+constant (one variant per channels-per-group count, a handful per model): in channels_last the
+compiler then knows a pixel's Cg channels are one aligned run and moves them as one vector
+(8-16 bytes at Cg = 4, 8, 20, 40; 4 bytes at Cg = 10), instead of a 2-byte access per element.
 
 Numerics: statistics in fp32 on d = (x - x_ref) + (add_c - add_ref), shifted by the group's first
 element (x_ref, add_ref), so mean 1e4 / std 1 inputs do not cancel. Each tile's (mean, M2) is
@@ -144,7 +147,7 @@ def _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, 
 
 
 @triton.jit
-def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, G, C, S, Cg, eps,
+def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, G, C, S, Cg: tl.constexpr, eps,
                      n_c_tiles, n_s_tiles,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, SINGLE: tl.constexpr,
@@ -180,7 +183,7 @@ def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, G, C,
 
 
 @triton.jit
-def _gn_partial_kernel(x_ptr, a_ptr, ws_ptr, G, C, S, Cg, n_c_tiles, n_s_tiles, tiles_per_chunk,
+def _gn_partial_kernel(x_ptr, a_ptr, ws_ptr, G, C, S, Cg: tl.constexpr, n_c_tiles, n_s_tiles, tiles_per_chunk,
                        K, HAS_ADD: tl.constexpr, CL: tl.constexpr,
                        BC: tl.constexpr, BS: tl.constexpr):
     """Split pass 1, grid (B·G, K): (count, mean, M2) of chunk k of group pid -> workspace."""
@@ -205,7 +208,7 @@ def _gn_partial_kernel(x_ptr, a_ptr, ws_ptr, G, C, S, Cg, n_c_tiles, n_s_tiles, 
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, ws_ptr, G, C, S, Cg,
+def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, ws_ptr, G, C, S, Cg: tl.constexpr,
                      eps, n_c_tiles, n_s_tiles, tiles_per_chunk, K,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, KP: tl.constexpr,

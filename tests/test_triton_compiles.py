@@ -54,3 +54,29 @@ def test_attention_code_at_benchmark_shapes():
         assert not scalar, f"{case}: scalar global loads {scalar}"
         assert row["cp_async"] > 0, f"{case}: K/V tiles not pipelined through cp.async"
         assert row["stack"] == 0 and row["local"] == 0, f"{case}: spills {row}"
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark measures it")
+def test_group_norm_code_at_benchmark_shapes():
+    """group_norm_silu's sm_90 code at the benchmark shapes, fp16/bf16, both layouts: the only
+    scalar 2-byte load is the group's shift element (one per program), stores are at least 4
+    bytes wide, and nothing spills. channels_last used to load and store every element on its
+    own (a runtime channels-per-group count); Cg is now a compile-time constant, so a group's
+    channels of one pixel move as one vector: 8-16 bytes at Cg = 4, 8, 20; 4 bytes at Cg = 10,
+    whose 20-byte runs start only 4-byte aligned."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_offline.py"),
+                        "group_norm_properties"], capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-6000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) >= 20, r.stdout
+    for row in rows:
+        case = f"{row['dtype']} {row['shape']} {row['layout']} {row['kernel']}"
+        assert row["loads"].get("ld.global.b16", 0) + row["loads"].get("ld.global.u16", 0) <= 1, \
+            f"{case}: scalar 2-byte loads {row['loads']}"
+        narrow = {op: n for op, n in row["stores"].items() if op.endswith((".b16", ".u16"))}
+        if row["kernel"] != "_gn_partial_kernel":  # that one writes only fp32 statistics
+            assert not narrow, f"{case}: scalar 2-byte stores {row['stores']}"
+        assert row["stack"] == 0 and row["local"] == 0, f"{case}: spills {row}"

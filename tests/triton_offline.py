@@ -175,6 +175,35 @@ def attention_properties():
                           "layout": "packed qkv", **code_properties(KERNELS[-1])}))
 
 
+# group_norm_silu at the benchmark's shapes (anchors-h100.md), 32 groups
+GROUP_NORM_BENCH_SHAPES = [(256, 128, 32, 32), (256, 256, 16, 16), (2, 320, 64, 64),
+                           (2, 640, 32, 32), (8, 128, 256, 256)]
+
+
+def group_norm_properties():
+    """One JSON line per kernel launched by group_norm_silu at the benchmark shapes (fp16/bf16,
+    NCHW and channels_last, with the time-embedding add) with its code properties."""
+    import collections
+    import json
+    import re
+    for dtype in (torch.float16, torch.bfloat16):
+        for shape in GROUP_NORM_BENCH_SHAPES:
+            for layout in ("nchw", "channels_last"):
+                x = torch.randn(shape).to(dtype)
+                if layout == "channels_last":
+                    x = x.to(memory_format=torch.channels_last)
+                C = shape[1]
+                n0 = len(KERNELS)
+                fastdiff.group_norm_silu(x, torch.randn(C), torch.randn(C), 32,
+                                         add=torch.randn(shape[0], C))
+                for kernel in KERNELS[n0:]:
+                    stores = collections.Counter(re.findall(r"st\.global[.\w]*",
+                                                            kernel.asm["ptx"]))
+                    print(json.dumps({"dtype": str(dtype).split(".")[-1], "shape": shape,
+                                      "layout": layout, "kernel": kernel.name,
+                                      "stores": dict(stores), **code_properties(kernel)}))
+
+
 if __name__ == "__main__":
     with fastdiff.use_backend("triton"):
         globals()[sys.argv[1]]()
