@@ -6,12 +6,15 @@ C weights/biases and B·C adds, negligible). Paths:
   * fused, group fits in one tile (padded Cg·S <= FUSED_MAX): one program per (b, g), the group
     is read once into registers, statistics and output come from there: exactly the floor.
   * fused, looped: one program per (b, g) walks the group twice (statistics, then normalize):
-    reads 2·N·e, writes N·e; the second read of a group mostly hits L2 (one group in flight per
-    program, e.g. 10 channels x 64x64 fp16 = 80 KB).
-  * split, when B·G programs would leave SMs idle (batch 1-2 at SD shapes: 64 groups on 132 SMs):
-    pass 1 writes the (count, mean, M2) of each of K chunks of a group to a workspace
-    (B·G·K·3 floats); pass 2 (grid (B·G, K)) combines the K partials with Chan's parallel formula
-    in a fixed order -- deterministic, no atomics -- and normalizes its chunk. Traffic as looped.
+    reads 2·N·e, writes N·e; the second pass walks the group backwards, so it starts with the
+    tiles the program read last, the ones still in L2 (at (8, 128, 256, 256) fp16 a group is
+    512 KB and 132 of them in flight exceed H100's 50 MB L2: what still hits is the recent part).
+  * split, when B·G programs would leave SMs idle (batch 1-2 at SD shapes: 64 groups on 132 SMs;
+    K chunks per group so that B·G·K fills one wave): pass 1 writes the (count, mean, M2) of each
+    of K chunks of a group to a workspace (B·G·K·3 floats); pass 2 (grid (B·G, K)) combines the K
+    partials with Chan's parallel formula in a fixed order -- deterministic, no atomics -- and
+    normalizes its chunk, programs in reverse order so that what pass 1 read last (still in L2)
+    is read first. Traffic as looped.
 
 Layouts without copies: a group is a (Cg channels) x (S pixels) array with
   NCHW-like  (B, C, *spatial) dense:    offset = c·S + s   (a contiguous span of Cg·S)
@@ -174,7 +177,9 @@ def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, G, C,
             tm, tm2 = _tile_stats(d, mask, nv)
             n, mean, m2 = _chan(n, mean, m2, nv, tm, tm2)
         rstd = 1.0 / tl.sqrt(m2 / n + eps)
-        for t in range(0, ntiles):
+        # second pass backwards: the tiles read last are the ones most likely still in L2
+        for r in range(0, ntiles):
+            t = ntiles - 1 - r
             offs, mask, cl, nv = _tile(t, n_c_tiles, n_s_tiles, C, S, Cg, CL, BC, BS)
             d, xr = _load_d(x_ptr, a_ptr, base, offs, mask, cl, b, g, C, Cg, xs, a0, False)
             _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, mask, cl,
@@ -214,9 +219,11 @@ def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, ws_pt
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, KP: tl.constexpr,
                      BC: tl.constexpr, BS: tl.constexpr):
     """Split pass 2, grid (B·G, K): combine the K partials of the group (the same fixed-order
-    reduction in every program, so all chunks use bit-identical statistics), normalize chunk k."""
-    pid = tl.program_id(0)
-    k = tl.program_id(1)
+    reduction in every program, so all chunks use bit-identical statistics), normalize chunk k.
+    Programs run in the reverse order of pass 1 and walk their chunk backwards: what pass 1 read
+    last is what L2 still holds when x is larger than L2."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    k = tl.num_programs(1) - 1 - tl.program_id(1)
     b, g, base = _group_base(pid, G, C, S, Cg, CL)
     xs, a0 = _shift(x_ptr, a_ptr, base, b, g, C, Cg, HAS_ADD)
     j = tl.arange(0, KP)
@@ -232,7 +239,8 @@ def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, ws_pt
     rstd = 1.0 / tl.sqrt(m2 / n + eps)
     t0 = k * tiles_per_chunk
     t1 = tl.minimum(t0 + tiles_per_chunk, n_c_tiles * n_s_tiles)
-    for t in range(t0, t1):
+    for r in range(t0, t1):
+        t = t0 + t1 - 1 - r
         offs, mask, cl, nv = _tile(t, n_c_tiles, n_s_tiles, C, S, Cg, CL, BC, BS)
         d, xr = _load_d(x_ptr, a_ptr, base, offs, mask, cl, b, g, C, Cg, xs, a0, False)
         _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, mask, cl, xr,
@@ -254,21 +262,32 @@ def _np2(n: int) -> int:
 
 
 def _plan(B, G, Cg, S, channels_last, device, block=None, split=None):
-    """(single, BC, BS, K): tile shape and number of chunks per group."""
+    """(single, BC, BS, K): tile shape and number of chunks per group.
+
+    Split only when the B·G programs of one per group would leave SMs idle (B·G < SMs: batch
+    1-2 at SD shapes). Then K chunks per group fill one wave, B·G·K <= SMs (a second, partial
+    wave would cost as much as the first), and the tiles are shrunk so that each chunk has
+    several of them (even chunks). With B·G >= SMs the looped path is used: its second pass reads
+    what the same program just read, mostly from L2, where a split's pass 2 would re-read a
+    tensor larger than L2 from DRAM."""
     if block is None and _np2(Cg) * _np2(S) <= FUSED_MAX:
         return True, _np2(Cg), _np2(S), 1
+    sms = _sm_count(device)
+    if split is None:
+        split = 1 if B * G >= sms else max(2, sms // (B * G))
+    tile = TILE
+    if split > 1 and block is None:  # about 4 tiles per chunk, tiles of 512 elements at least
+        per_tile = max(Cg * S // (4 * split), 1)
+        tile = min(TILE, max(512, 1 << (per_tile.bit_length() - 1)))  # a power of 2, rounded down
     if block is not None:
         BC, BS = block
     elif channels_last:  # channels are contiguous: tile spans them, pixels fill the rest
         BC = min(_np2(Cg), 128)
-        BS = min(_np2(S), max(TILE // BC, 1))
+        BS = min(_np2(S), max(tile // BC, 1))
     else:  # pixels are contiguous
-        BS = min(_np2(S), TILE)
-        BC = min(_np2(Cg), max(TILE // BS, 1))
+        BS = min(_np2(S), tile)
+        BC = min(_np2(Cg), max(tile // BS, 1))
     ntiles = triton.cdiv(Cg, BC) * triton.cdiv(S, BS)
-    if split is None:
-        target = 2 * _sm_count(device)
-        split = 1 if B * G >= target else min(ntiles, triton.cdiv(target, B * G))
     split = max(1, min(int(split), ntiles))
     return ntiles == 1 and split == 1, BC, BS, split
 

@@ -261,6 +261,16 @@ def test_triton_plan_splits_small_batches():
     assert not single and K > 1 and BC * BS <= 4096
     assert _plan(64, 32, 10, 64 * 64, False, dev)[3] == 1
     assert _plan(2, 32, 40, 8 * 8, True, dev)[0]
+    # a split fills one wave of the (nominal, 132-SM) GPU with even chunks, never a second one
+    for B, Cg, S in ((1, 10, 64 * 64), (2, 10, 64 * 64), (2, 20, 32 * 32), (2, 40, 16 * 16)):
+        for cl in (False, True):
+            _, BC, BS, K = _plan(B, 32, Cg, S, cl, dev)
+            ntiles = -(-Cg // BC) * -(-S // BS)
+            per_chunk = -(-ntiles // K)
+            chunks = -(-ntiles // per_chunk)
+            assert K > 1 and B * 32 * chunks <= 132 and ntiles % per_chunk == 0, (B, Cg, S, cl)
+    # B·G = 256 >= the SMs: looped, not split (a split's pass 2 re-reads a 134 MB x from DRAM)
+    assert _plan(8, 32, 4, 256 * 256, False, dev)[3] == 1
 
 
 @pytest.mark.gpu
