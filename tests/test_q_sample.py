@@ -405,3 +405,67 @@ def test_cuda_graph_replay_reads_seed_and_first_index(gpu_backend, schedule):
             eager = fastdiff.q_sample(x0, t, schedule, seed=seed, first_index=first)
             torch.cuda.synchronize()
             assert torch.equal(out[1], eager[1]) and torch.equal(out[0], eager[0]), (seed, first)
+
+
+# -- the CPU kernel's vectorized loop, per instruction set (issue 14) --------------------------
+
+def _cpu_capabilities():
+    try:
+        import fastdiff._C as C
+        return list(C.cpu_capabilities())
+    except (ImportError, AttributeError):
+        return []
+
+
+@pytest.fixture(params=_cpu_capabilities() or ["none"])
+def cpu_capability(request):
+    """Each compiled variant of the vectorized CPU loops this CPU runs (restored afterwards)."""
+    if request.param == "none" or not fastdiff.backends.available("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    import fastdiff._C as C
+    C.set_cpu_capability(request.param)
+    yield request.param
+    C.set_cpu_capability("")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 4, 17, 9), (2, 1, 64, 64), (2, 4, 16, 16)])
+def test_cpu_vector_loop_every_capability(cpu_capability, dtype, shape, schedule):
+    """Samples of many vector blocks plus a scalar tail (612 elements: 153 Philox groups),
+    exact blocks (4096, 1024): the vectorized Philox/Box-Muller and x_t/v loops against the
+    float64 reference, in both layouts, drawn and given noise, offset (unaligned) views."""
+    x0 = torch.randn(shape).to(dtype)
+    t = torch.randint(0, 1000, (shape[0],))
+    noise = torch.randn(shape).to(dtype)
+    for x in (x0, x0.to(memory_format=torch.channels_last),
+              torch.cat([x0.new_zeros(1), x0.flatten()])[1:].view(shape)):
+        with fastdiff.use_backend("cpu"):
+            x_t, eps, v = fastdiff.q_sample(x, t, schedule, seed=2 ** 33 + 5, first_index=9,
+                                            v_target=True)
+            g_t, _, g_v = fastdiff.q_sample(x, t, schedule, noise=noise, v_target=True)
+        ref_eps = memory_order_normal(2 ** 33 + 5, t, STREAM_Q_SAMPLE, x.double(), 9)
+        assert_close(eps, ref_eps, dtype, msg=f"{cpu_capability} eps")
+        ref_xt, ref_v = _ref(x, t, schedule, eps, True)
+        assert_close(x_t, ref_xt, dtype, msg=f"{cpu_capability} x_t")
+        assert_close(v, ref_v, dtype, msg=f"{cpu_capability} v")
+        ref_xt, ref_v = _ref(x, t, schedule, noise, True)
+        assert_close(g_t, ref_xt, dtype, msg=f"{cpu_capability} x_t given")
+        assert_close(g_v, ref_v, dtype, msg=f"{cpu_capability} v given")
+
+
+def test_cpu_same_bits_any_thread_count(schedule):
+    if not fastdiff.backends.available("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    x0 = torch.randn(5, 3, 40, 40)
+    t = torch.randint(0, 1000, (5,))
+    outs = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            with fastdiff.use_backend("cpu"):
+                outs.append(fastdiff.q_sample(x0, t, schedule, seed=4, v_target=True))
+    finally:
+        torch.set_num_threads(n)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))

@@ -919,3 +919,88 @@ def test_cuda_graph_replay_reads_seed_first_index_and_guidance(gpu_backend, sche
             eager = run(s, f, w)
             torch.cuda.synchronize()
             assert torch.equal(out, eager), (s, f, w)
+
+
+# -- the CPU kernel's vectorized loop, per instruction set (issue 14) --------------------------
+
+def _cpu_capabilities():
+    try:
+        import fastdiff._C as C
+        return list(C.cpu_capabilities())
+    except (ImportError, AttributeError):
+        return []
+
+
+@pytest.fixture(params=_cpu_capabilities() or ["none"])
+def cpu_capability(request):
+    if request.param == "none" or not fastdiff.backends.available("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    import fastdiff._C as C
+    C.set_cpu_capability(request.param)
+    yield request.param
+    C.set_cpu_capability("")
+
+
+VEC_CASES = [
+    dict(kind="ddpm", variance_type="fixed_small", clip_sample=True),
+    dict(kind="ddpm", variance_type="learned_range", prediction_type="v_prediction"),
+    dict(kind="ddpm", variance_type="learned", thresholding=True, sample_max_value=2.0),
+    dict(kind="ddpm", variance_type="fixed_large", prediction_type="sample", guided=True),
+    dict(kind="ddpm", variance_type="learned", guided=True, clip_sample=True, clip_sample_range=1.5),
+    dict(kind="ddim", eta=0.5, thresholding=True, dynamic_thresholding_ratio=0.9,
+         sample_max_value=2.0, guided=True),
+    dict(kind="ddim", eta=0.0, use_clipped_model_output=True, clip_sample=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", VEC_CASES, ids=_case_id)
+def test_cpu_vector_loop_every_capability(cpu_capability, dtype, case, schedule):
+    """Samples of many vector blocks plus a scalar tail (3 x 17 x 9 = 459 elements), drawn and
+    given noise, x0 returned: the vectorized loop of each compiled instruction set against the
+    float64 reference (and the two-pass formula for guidance)."""
+    case = dict(case)
+    guided = case.pop("guided", False)
+    v = case.get("variance_type")
+    # t = 999 would amplify float32 rounding 156x (1/sqrt(ab)): every backend alike
+    x, mo, t, tp, noise = _inputs((3, 3, 17, 9), [1, 500, 900], [0, 480, -20], dtype=dtype,
+                                  learned=v if v in LEARNED else False, seed=60, guided=guided)
+    w = 2.5 if guided else None
+    with fastdiff.use_backend("cpu"):
+        got, x0 = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, guidance_scale=w,
+                                        return_x0=True, **case)
+        drawn = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=12, first_index=40,
+                                      guidance_scale=w, **case)
+    z = memory_order_normal(12, t, STREAM_SAMPLER_STEP, x.double(), 40)
+    for out, nz, what in ((got, noise, "given"), (drawn, z, "drawn")):
+        if guided:
+            want = _two_pass(schedule, x, mo, t, tp, nz, w, {**case, "return_x0": True})
+        else:
+            want = _ref(schedule, x, mo, t, tp, nz, return_x0=True, **case)
+        if dtype == torch.float32:
+            # float32 rounding amplified by 1/sqrt(ab[900]) ~ 50 in x0 (every backend alike)
+            _close(out, want[0], 2e-5, f"{cpu_capability} {what}")
+            if what == "given":
+                _close(x0, want[1], 2e-5, f"{cpu_capability} x0")
+        else:
+            assert_close(out, want[0], dtype, scale=float(want[0].abs().max()),
+                         msg=f"{cpu_capability} {what}")
+
+
+def test_cpu_same_bits_any_thread_count(schedule):
+    if not fastdiff.backends.available("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    x, mo, t, tp, _ = _inputs((5, 3, 40, 40), [5, 50, 500, 900, 999], [4, 49, 499, 899, 998],
+                              learned="learned", seed=61, guided=True)
+    outs = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            with fastdiff.use_backend("cpu"):
+                outs.append(fastdiff.sampler_step(x, mo, t, tp, schedule, seed=3,
+                                                  variance_type="learned", guidance_scale=3.0))
+    finally:
+        torch.set_num_threads(n)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])

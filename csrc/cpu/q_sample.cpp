@@ -4,11 +4,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <type_traits>
+
+#include "cpu/q_sample_vec.h"
 #include "noise_key.h"
 #include "q_sample.h"
 
 namespace fastdiff {
 namespace {
+
+constexpr int64_t kUnit = kVecUnit;
 
 template <typename scalar_t>
 void q_sample_cpu_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
@@ -24,10 +30,35 @@ void q_sample_cpu_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tens
                    is_aligned4(xtp) && is_aligned4(ep) && is_aligned4(vp);
   const QSampleArgs a{per_sample, sqrt_ab.numel(), key, vec, t.data_ptr<int64_t>(),
                       sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
-  const int64_t gps = groups_per_sample(per_sample);
+  const int64_t gps = groups_per_sample(per_sample), units = (gps + kUnit - 1) / kUnit;
+  // the vectorized loop (float, half, bfloat16) takes whole blocks of W groups; the shared
+  // scalar body (csrc/q_sample.h, the CUDA kernel's) the rest
+  constexpr bool kVecType = has_vec_loop<scalar_t>();
+  const int64_t W = FD_CPU_DISPATCH(vec_groups);
+  const int64_t full = per_sample / 4;  // groups with all four elements inside the sample
   auto run = [&](auto group) {
-    at::parallel_for(0, B * gps, 2048, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) group(g / gps, g % gps, a, x0p, np, xtp, ep, vp);
+    at::parallel_for(0, B * units, std::max<int64_t>(1, 32768 / (4 * kUnit)),
+                     [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / units, k0 = (u % units) * kUnit;
+        const int64_t k1 = std::min(k0 + kUnit, gps);
+        int64_t k = k0;
+        if (kVecType) {
+          const int64_t nb = (std::min(k1, full) - k0) / W;
+          if (nb > 0) {
+            const int64_t tb = a.t[b];
+            const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+            const int64_t i = b * per_sample + 4 * k0;
+            const QSampleBlocks r{x0p + i, np ? np + i : nullptr, xtp + i, ep ? ep + i : nullptr,
+                                  vp ? vp + i : nullptr, nb, c.a, c.s, key.seed,
+                                  image_index(key_first(key), b), static_cast<uint32_t>(k0),
+                                  static_cast<uint32_t>(tb)};
+            FD_CPU_DISPATCH(q_sample_blocks, vec_dtype<scalar_t>(), r);
+            k += nb * W;
+          }
+        }
+        for (; k < k1; ++k) group(b, k, a, x0p, np, xtp, ep, vp);
+      }
     });
   };
   if (np) {

@@ -5,15 +5,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "cpu/sampler_step_vec.h"
 #include "sampler_step_args.h"
 
 namespace fastdiff {
 namespace {
 
-// Parallel over the Philox groups of all samples (groups never straddle samples); each group
-// goes to sampler_step_part (the same body the CUDA kernel runs).
+// Parallel over fixed work units of kVecUnit Philox groups of one sample (groups never
+// straddle samples): whole blocks of W groups take the vectorized loop (sampler_step_vec.cpp),
+// the rest (sample tails, channels_last learned variances, float64) the shared scalar body
+// sampler_step_part (the CUDA kernel's).
 template <typename scalar_t, int kNoise, int kStd, bool kSplit>
 void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
                            const c10::optional<at::Tensor>& noise, const float* thr,
@@ -29,13 +33,41 @@ void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
   const uint64_t seed = key_seed(L.key);
   const uint32_t first = key_first(L.key);
   const float w = guidance_scale(L);
-  const int64_t gps = groups_per_sample(L.per_sample);
-  at::parallel_for(0, B * gps, 1024, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = g / gps;
-      sampler_step_part<scalar_t, kNoise, kStd, kSplit>(
-          b, g % gps, clamp_index(tp[b], num_t), seed, image_index(first, b), w, coef[b],
-          thr ? thr[b] : 1.0f, cfg.clip, clip_range, L, xp, mp, np, op, x0p);
+  const bool guided = L.cond_off != 0;
+  const int64_t ps = L.per_sample, gps = groups_per_sample(ps);
+  const int64_t units = (gps + kVecUnit - 1) / kVecUnit, full = ps / 4;
+  constexpr bool kVec = has_vec_loop<scalar_t>() && !kSplit;
+  const int64_t W = FD_CPU_DISPATCH(vec_groups);
+  at::parallel_for(0, B * units, std::max<int64_t>(1, 32768 / (4 * kVecUnit)),
+                   [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / units, k0 = (u % units) * kVecUnit;
+      const int64_t k1 = std::min(k0 + kVecUnit, gps);
+      const int64_t tb = clamp_index(tp[b], num_t);
+      const float th = thr ? thr[b] : 1.0f;
+      const SamplerStepCoef& c = coef[b];
+      int64_t k = k0;
+      if (kVec) {
+        const int64_t nb = (std::min(k1, full) - k0) / W;
+        if (nb > 0) {
+          const int64_t i = b * ps + 4 * k0, mo_off = b * L.mo_bs + 4 * k0;
+          const bool add_noise = kNoise != kNoiseNone && c.noise_on;
+          const int64_t var_at = mo_off + L.var_off + (guided ? L.cond_off : 0);
+          const SamplerStepBlocks r{
+              xp + i, mp + mo_off, guided ? mp + mo_off + L.cond_off : nullptr,
+              kStd != kStdFixed ? mp + var_at : nullptr,
+              kNoise == kNoiseGiven ? np + i : nullptr, op + i, x0p ? x0p + i : nullptr, nb, c,
+              th, clip_range, w, cfg.clip, kStd, add_noise, seed, image_index(first, b),
+              static_cast<uint32_t>(k0), static_cast<uint32_t>(tb)};
+          FD_CPU_DISPATCH(sampler_step_blocks, vec_dtype<scalar_t>(), r);
+          k += nb * W;
+        }
+      }
+      for (; k < k1; ++k) {
+        sampler_step_part<scalar_t, kNoise, kStd, kSplit>(
+            b, k, tb, seed, image_index(first, b), w, c, th, cfg.clip, clip_range, L, xp, mp,
+            np, op, x0p);
+      }
     }
   });
 }
