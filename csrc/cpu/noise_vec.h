@@ -1,0 +1,138 @@
+// Vectorized Philox4x32-10 + Box-Muller and 16-bit loads/stores for the *_vec.cpp kernels of
+// q_sample and sampler_step (compiled once per CPU capability, see cpu/vec.h; everything here
+// is in namespace fastdiff::CPU_CAPABILITY). The same normals as fastdiff::normal4 (common.h) up
+// to the rounding of the vectorized log/sin/cos (Sleef, <= 1 ulp): one lane per Philox group,
+// the 32-bit multiply-high done in SIMD lanes (vpmuludq on the even and odd lanes).
+#pragma once
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace fastdiff {
+namespace CPU_CAPABILITY {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t W = fVec::size();  // Philox groups per block: 4W elements
+
+// W uint32 lanes, one per Philox group.
+#if defined(CPU_CAPABILITY_AVX512)
+struct U32 {
+  __m512i v;
+  static U32 bcast(uint32_t a) { return {_mm512_set1_epi32(static_cast<int>(a))}; }
+  static U32 iota(uint32_t a) {
+    return {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(a)),
+                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};
+  }
+};
+inline U32 operator^(U32 a, U32 b) { return {_mm512_xor_si512(a.v, b.v)}; }
+inline void mulhilo(U32 a, uint32_t m, U32& hi, U32& lo) {
+  const __m512i mm = _mm512_set1_epi32(static_cast<int>(m));
+  const __m512i even = _mm512_mul_epu32(a.v, mm);                          // lanes 0, 2, ...
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mm);    // lanes 1, 3, ...
+  hi = {_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd)};
+  lo = {_mm512_mullo_epi32(a.v, mm)};
+}
+inline fVec uniform(U32 r) {  // ((r >> 9) + 0.5) * 2^-23
+  return (fVec(_mm512_cvtepi32_ps(_mm512_srli_epi32(r.v, 9))) + fVec(0.5f)) *
+         fVec(1.1920928955078125e-07f);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+struct U32 {
+  __m256i v;
+  static U32 bcast(uint32_t a) { return {_mm256_set1_epi32(static_cast<int>(a))}; }
+  static U32 iota(uint32_t a) {
+    return {_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(a)),
+                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+  }
+};
+inline U32 operator^(U32 a, U32 b) { return {_mm256_xor_si256(a.v, b.v)}; }
+inline void mulhilo(U32 a, uint32_t m, U32& hi, U32& lo) {
+  const __m256i mm = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i even = _mm256_mul_epu32(a.v, mm);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), mm);
+  hi = {_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA)};
+  lo = {_mm256_mullo_epi32(a.v, mm)};
+}
+inline fVec uniform(U32 r) {
+  return (fVec(_mm256_cvtepi32_ps(_mm256_srli_epi32(r.v, 9))) + fVec(0.5f)) *
+         fVec(1.1920928955078125e-07f);
+}
+#else
+struct U32 {  // plain lanes (the compiler's own vectorization, or NEON through at::vec's width)
+  uint32_t v[W];
+  static U32 bcast(uint32_t a) { U32 r; for (int64_t i = 0; i < W; ++i) r.v[i] = a; return r; }
+  static U32 iota(uint32_t a) {
+    U32 r; for (int64_t i = 0; i < W; ++i) r.v[i] = a + static_cast<uint32_t>(i); return r;
+  }
+};
+inline U32 operator^(U32 a, U32 b) { for (int64_t i = 0; i < W; ++i) a.v[i] ^= b.v[i]; return a; }
+inline void mulhilo(U32 a, uint32_t m, U32& hi, U32& lo) {
+  for (int64_t i = 0; i < W; ++i) {
+    const uint64_t p = static_cast<uint64_t>(a.v[i]) * m;
+    hi.v[i] = static_cast<uint32_t>(p >> 32);
+    lo.v[i] = static_cast<uint32_t>(p);
+  }
+}
+inline fVec uniform(U32 r) {
+  alignas(64) float f[W];
+  for (int64_t i = 0; i < W; ++i) f[i] = static_cast<float>(r.v[i] >> 9);
+  return (fVec::loadu(f) + fVec(0.5f)) * fVec(1.1920928955078125e-07f);
+}
+#endif
+
+// The 4W normals of Philox groups k .. k+W-1 of image `image` (counter (k + lane, image, step,
+// stream)), in element order: out[4 * lane + l] = normal l of group k + lane.
+inline void normals_block(uint64_t seed, uint32_t image, uint32_t k, uint32_t step,
+                          uint32_t stream, float* out) {
+  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  U32 c0 = U32::iota(k), c1 = U32::bcast(image), c2 = U32::bcast(step), c3 = U32::bcast(stream);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    U32 hi0, lo0, hi1, lo1;
+    mulhilo(c0, M0, hi0, lo0);
+    mulhilo(c2, M1, hi1, lo1);
+    c0 = hi1 ^ c1 ^ U32::bcast(k0);
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ U32::bcast(k1);
+    c3 = lo0;
+    k0 += W0; k1 += W1;
+  }
+  const fVec two_pi(6.2831854820251465f), m2(-2.0f);
+  const fVec rad_a = (m2 * uniform(c0).log()).sqrt();
+  const fVec rad_b = (m2 * uniform(c2).log()).sqrt();
+  const fVec th_a = two_pi * uniform(c1), th_b = two_pi * uniform(c3);
+  alignas(64) float n[4][W];
+  (rad_a * th_a.cos()).store(n[0]);
+  (rad_a * th_a.sin()).store(n[1]);
+  (rad_b * th_b.cos()).store(n[2]);
+  (rad_b * th_b.sin()).store(n[3]);
+  for (int64_t i = 0; i < W; ++i) {
+    out[4 * i] = n[0][i]; out[4 * i + 1] = n[1][i]; out[4 * i + 2] = n[2][i]; out[4 * i + 3] = n[3][i];
+  }
+}
+
+// 2W consecutive elements of T as two float vectors (16-bit types: one vector of T).
+template <typename T>
+struct Io {
+  using bVec = at::vec::Vectorized<T>;
+  static_assert(bVec::size() == 2 * W, "a 16-bit vector holds two float vectors");
+  static void load(const T* p, fVec& a, fVec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(bVec::loadu(p));
+  }
+  static void store(T* p, const fVec& a, const fVec& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+};
+
+template <>
+struct Io<float> {
+  static void load(const float* p, fVec& a, fVec& b) { a = fVec::loadu(p); b = fVec::loadu(p + W); }
+  static void store(float* p, const fVec& a, const fVec& b) { a.store(p); b.store(p + W); }
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastdiff
