@@ -155,7 +155,8 @@ def test_autoencoder_kl(backend):
         assert p in paths
 
 
-def test_triton_interpreter():
+@pytest.mark.parametrize("time_norm", ["default", "scale_shift"])
+def test_triton_interpreter(time_norm):
     """The Triton kernels (interpreted) inside the smallest model with attention."""
     if not backends.available("triton") or torch.cuda.is_available():
         pytest.skip("needs triton under TRITON_INTERPRET=1 on CPU")
@@ -163,7 +164,7 @@ def test_triton_interpreter():
     m = perturbed(UNet2DModel(sample_size=4, in_channels=3, out_channels=3, layers_per_block=1,
                               block_out_channels=(32,), down_block_types=("AttnDownBlock2D",),
                               up_block_types=("AttnUpBlock2D",), norm_num_groups=8,
-                              attention_head_dim=32))
+                              attention_head_dim=32, resnet_time_scale_shift=time_norm))
     x, t = unet2d_inputs(B=1, S=4)
     out, want = before_after(m, lambda m: m(x, t).sample, "triton")
     assert rel(out, want) <= REL
