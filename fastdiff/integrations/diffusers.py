@@ -3,22 +3,25 @@
 Kept: the user's objects, module tree, parameters, state_dict keys, hooks and adapters. Swapped:
 
 * `ResnetBlock2D` → `FusedResnetBlock2D` (a subclass; the instance's class is set, nothing is
-  rebuilt): norm1→SiLU and (x + temb)→norm2→SiLU (scale_shift: norm2·(1+scale)+shift→SiLU) are
-  one `group_norm_silu` call each.
+  rebuilt): norm1→SiLU and (x + temb)→norm2→SiLU (scale_shift: norm2·(1+scale)+shift→SiLU)
+  are one `group_norm_silu` call each.
 * A GroupNorm that the forward of a known diffusers class directly follows with a SiLU
-  (`conv_norm_out`/`conv_act` of the U-Nets and of the VAE encoder/decoder, `skip_norm`/`act` of
-  the skip up-blocks): the GroupNorm becomes `FusedGroupNormSiLU`, the SiLU a `FoldedSiLU` that
-  passes its input through.
+  (`conv_norm_out`/`conv_act` of the U-Nets and of the VAE encoder/decoder, `skip_norm`/`act`
+  of the skip up-blocks): the GroupNorm becomes `FusedGroupNormSiLU`, the SiLU a `FoldedSiLU`
+  that passes its input through. Every other plain nn.GroupNorm (e.g. Transformer2DModel.norm)
+  becomes `FastdiffGroupNorm`: `group_norm_silu` without the activation.
 * diffusers `Attention` with its default processor (`AttnProcessor2_0` / `AttnProcessor`) gets
   a `FastdiffAttnProcessor` through `Attention.set_processor`: the same projection modules are
   called (LoRA/peft layers on to_q/to_k/to_v/to_out keep working), the attention itself runs
-  in `fastdiff.attention`, the processor's GroupNorm in `group_norm_silu`.
+  in `fastdiff.attention`, the processor's GroupNorm in `group_norm_silu`. Head dims outside
+  the kernel's 32..256 keep diffusers' processor (SDPA).
 * On CUDA: 4-D parameters (conv weights) to channels_last, so cuDNN keeps the activations
   channels_last, the layout the fused ops read without copies.
 
-Everything else is left as it is and listed in the report (`model.fastdiff_report`, also logged
-at INFO on the `fastdiff.integrations.diffusers` logger). `restore(model)` sets every class and
-processor back and the parameters' memory format; `optimize` twice changes nothing.
+Everything else is left as it is; the report (`model.fastdiff_report`, also logged at INFO on
+the `fastdiff.integrations.diffusers` logger) lists what was replaced, and what was left and
+why. `restore(model)` sets every class, processor and parameter memory format back;
+`optimize` twice changes nothing.
 
 diffusers is imported here only, when first needed; `import fastdiff` does not import it.
 """
