@@ -4,7 +4,8 @@ Rows per case: diffusers eager (the reference), torch.compile of it, and a copy 
 model (same weights) after `fastdiff.optimize` -- no compile step. Stable Diffusion 1.5's U-Net
 (UNet2DConditionModel from its config, random weights, no download) at 512 px (64×64 latents,
 77 text tokens of 768) B1 and B8, and its AutoencoderKL decoder at 512 px B1, fp16 on a GPU; on
-CPU the same models scaled down (fewer channels, smaller latents) at fp32.
+CPU (the "cpu" size) the same models scaled down (fewer channels, smaller latents) at fp32;
+"tiny": two-level models for the harness' smoke test.
 """
 from __future__ import annotations
 
@@ -28,12 +29,21 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
 SMALL_UNET = dict(SD15_UNET, sample_size=16, block_out_channels=(64, 128, 128, 128),
                   cross_attention_dim=64, attention_head_dim=2)
 SMALL_VAE = dict(SD15_VAE, block_out_channels=(32, 64, 64, 64), sample_size=64)
+# the harness smoke test (--tiny): two levels, a few channels
+TINY_UNET = dict(SD15_UNET, sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                 cross_attention_dim=32, attention_head_dim=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(SD15_VAE, layers_per_block=1, block_out_channels=(32, 32), sample_size=8,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2)
 
 # model, config, batch, latent side, text tokens
 CASES = {"full": [("unet", SD15_UNET, 1, 64, 77), ("unet", SD15_UNET, 8, 64, 77),
                   ("vae_decoder", SD15_VAE, 1, 64, 0)],
-         "tiny": [("unet", SMALL_UNET, 1, 16, 77), ("unet", SMALL_UNET, 8, 16, 77),
-                  ("vae_decoder", SMALL_VAE, 1, 8, 0)]}
+         "cpu": [("unet", SMALL_UNET, 1, 16, 77), ("unet", SMALL_UNET, 8, 16, 77),
+                 ("vae_decoder", SMALL_VAE, 1, 8, 0)],
+         "tiny": [("unet", TINY_UNET, 1, 8, 7), ("vae_decoder", TINY_VAE, 1, 4, 0)]}
 CASES["quick"] = CASES["full"]
 
 
@@ -71,7 +81,8 @@ def optimize_suite(ctx: Ctx):
     default = [torch.float16] if ctx.cuda else [torch.float32]
     for dtype in ctx.dtypes_for(default):
         for kind, cfg, B, S, L in ctx.shapes(CASES):
-            label = "SD-1.5" if cfg in (SD15_UNET, SD15_VAE) else "scaled-down"
+            label = {id(SD15_UNET): "SD-1.5", id(SD15_VAE): "SD-1.5", id(TINY_UNET): "tiny",
+                     id(TINY_VAE): "tiny"}.get(id(cfg), "scaled-down")
             shape = (B, 4, S, S) if kind != "unet" else (B, 4, S, S, L)
             case = Case("optimize", f"{kind} ({label})", shape, dtype, "NCHW")
             if ctx.only and ctx.only not in case.label:

@@ -292,6 +292,14 @@ def test_lora_scale_still_works():
     assert rel(out[0], out[1]) > 1e-3  # the adapter scale still changes the output
     for o, w in zip(out, want):
         assert rel(o, w) <= REL
+    # an adapter added after optimize lands on the same projections the processor calls
+    m2 = fastdiff.optimize(unet_cond())
+    with torch.no_grad():
+        plain = m2(x, t, e).sample
+        m2.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        assert rel(run(m2, 1.0), plain) > 1e-3
+        assert rel(run(m2, 0.0), plain) <= REL
 
 
 # -- idempotence, restore, the report ---------------------------------------------------------
