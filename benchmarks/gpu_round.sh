@@ -30,8 +30,9 @@ test)
   t attention tests/test_attention.py -m "not gpu and not slow" &
   t sampler_step tests/test_sampler_step.py &
   t group_norm_silu tests/test_group_norm_silu.py &
+  t optimize tests/test_optimize.py &
   t rest tests --ignore=tests/test_attention.py --ignore=tests/test_sampler_step.py \
-    --ignore=tests/test_group_norm_silu.py &
+    --ignore=tests/test_group_norm_silu.py --ignore=tests/test_optimize.py &
   wait
   echo "tests done at ${SECONDS}s"
   for f in "$OUT"/tests_*.log; do

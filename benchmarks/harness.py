@@ -309,8 +309,10 @@ class Ctx:
                     # warm-up and check: warnings recorded (a failure's reason may be in them)
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
+                        mem0 = self._mem_start()
                         out = impl.fn(*sets[0])
                         self.sync()
+                        peak = self._mem_peak(mem0)
                     if impl.expect is not None:
                         expected = impl.expect(sets[0], out)
                     elif case.expect is not None:
@@ -332,7 +334,7 @@ class Ctx:
                 why = next((str(w.message).splitlines()[0][:200] for w in caught or ()), None)
                 self._failed(case, impl.name, e, why)
                 continue
-            m.update(err=err, ok=None if err is None else bool(err <= tol))
+            m.update(err=err, ok=None if err is None else bool(err <= tol), peak_mib=peak)
             results[impl.name] = m
             flag = "" if err is None else (f"  err {err:.1e}" + ("" if m["ok"] else "  WRONG"))
             self.log(f"    {impl.name:<34} {m['ms']:10.4f} ms"
@@ -349,6 +351,18 @@ class Ctx:
                 yield make_row(case, impl, results[impl.name]["ms"], base, self.bandwidth,
                                self.matmul_rate, extra)
         del sets, want
+
+    def _mem_start(self) -> Optional[int]:
+        if not self.cuda:
+            return None
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def _mem_peak(self, mem0: Optional[int]) -> Optional[float]:
+        """MiB allocated above what was live before the warm-up call, at its peak (CUDA)."""
+        if mem0 is None:
+            return None
+        return (torch.cuda.max_memory_allocated(self.device) - mem0) / 2 ** 20
 
     def _failed(self, case: Case, impl: str, e: BaseException, warning: Optional[str] = None):
         self.skip(case.suite, case.label, impl, reason(e) + (f" ({warning})" if warning else ""))
@@ -503,6 +517,9 @@ def format_table(rows: list, metric: str = "GB/s") -> str:
     """Markdown table of result rows (one suite-variant). A GB/s figure of a case under
     SMALL_BYTES carries a † (launch-bound: its GB/s says little)."""
     head = [c if c != "rate" else metric for c in COLUMNS]
+    peak = any(r.get("peak_mib") is not None for r in rows)
+    if peak:  # the extra memory of a call at its peak (CUDA): a column where it was measured
+        head.append("peak MiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rate = r["tflops"] if metric == "TFLOP/s" else r["gbps"]
@@ -516,7 +533,8 @@ def format_table(rows: list, metric: str = "GB/s") -> str:
             "" if p20 is None else f"{_ms(p20)}–{_ms(p80)}", "" if wall is None else _ms(wall),
             _fmt(rate, ".1f", " †" if small else ""),
             _fmt(r["pct_floor"], ".1f"),
-            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×"), check]) + " |")
+            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×"), check]
+            + ([_fmt(r.get("peak_mib"), ".0f")] if peak else [])) + " |")
     return "\n".join(lines)
 
 
@@ -566,9 +584,10 @@ def format_markdown(result: dict, suites: dict) -> str:
              "whose GB/s says little; TFLOP/s = the case's FLOPs ÷ time (10¹² FLOP per s). "
              "% of floor = max(minimal bytes ÷ copy bandwidth, FLOPs ÷ "
              "matmul rate) ÷ time. × eager / × compile = that row's speed-up over the eager and "
-             "torch.compile rows of the same case, measured in the same run. fastdiff backends "
-             "marked (auto) are the ones `auto` picks; the `torch` backend is the reference "
-             "(timed only when auto picks it). FASTDIFF_CHECKS="
+             "torch.compile rows of the same case, measured in the same run. peak MiB (CUDA) = "
+             "memory allocated during the row's warm-up call above what was live before it, at "
+             "its peak. fastdiff backends marked (auto) are the ones `auto` picks; the `torch` "
+             "backend is the reference (timed only when auto picks it). FASTDIFF_CHECKS="
              f"{env['fastdiff_checks']}.", "",
              f"fastdiff `auto` picks on {env['device_type']} tensors: "
              + ", ".join(_auto_str(op, b) for op, b in env.get("auto", {}).items()) + ".", ""]
