@@ -330,6 +330,7 @@ class UNet2DModel(nn.Module):
         torch_dtype: the floating dtype of the parameters (default float32); device: where they
         go (default CPU). Old attention names (query/key/value/proj_attn) are renamed as
         diffusers does. Any problem raises before a model exists (nothing half-loaded)."""
+        _check_dtype(torch_dtype)
         folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
         cfg_path = os.path.join(folder, CONFIG)
         if not os.path.isfile(cfg_path):
@@ -358,9 +359,7 @@ class UNet2DModel(nn.Module):
 
     @classmethod
     def _build(cls, config: dict, state: dict, torch_dtype, device) -> "UNet2DModel":
-        if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype)
-                                        or not torch_dtype.is_floating_point):
-            raise ValueError(f"torch_dtype must be a floating torch.dtype, got {torch_dtype!r}")
+        _check_dtype(torch_dtype)
         dtype = torch_dtype or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):  # no random init: every parameter comes from `state`
@@ -390,6 +389,12 @@ class UNet2DModel(nn.Module):
                 json.dump(config, f, indent=2, sort_keys=True)
                 f.write("\n")
         _atomic_write(os.path.join(path, CONFIG), write_config)
+
+
+def _check_dtype(torch_dtype) -> None:
+    if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype)
+                                    or not torch_dtype.is_floating_point):
+        raise ValueError(f"torch_dtype must be a floating torch.dtype, got {torch_dtype!r}")
 
 
 def _atomic_write(dest: str, write) -> None:
