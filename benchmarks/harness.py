@@ -503,6 +503,8 @@ def format_table(rows: list, metric: str = "GB/s") -> str:
     """Markdown table of result rows (one suite-variant). A GB/s figure of a case under
     SMALL_BYTES carries a † (launch-bound: its GB/s says little)."""
     head = [c if c != "rate" else metric for c in COLUMNS]
+    peak = any("peak_mib" in r for r in rows)  # suites that measure memory (unet)
+    head += ["peak MiB"] if peak else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rate = r["tflops"] if metric == "TFLOP/s" else r["gbps"]
@@ -516,7 +518,8 @@ def format_table(rows: list, metric: str = "GB/s") -> str:
             "" if p20 is None else f"{_ms(p20)}–{_ms(p80)}", "" if wall is None else _ms(wall),
             _fmt(rate, ".1f", " †" if small else ""),
             _fmt(r["pct_floor"], ".1f"),
-            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×"), check]) + " |")
+            _fmt(r["x_eager"], ".2f", "×"), _fmt(r["x_compile"], ".2f", "×"), check]
+            + ([_fmt(r.get("peak_mib"), ".0f")] if peak else [])) + " |")
     return "\n".join(lines)
 
 
