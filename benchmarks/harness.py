@@ -503,7 +503,7 @@ def format_table(rows: list, metric: str = "GB/s") -> str:
     """Markdown table of result rows (one suite-variant). A GB/s figure of a case under
     SMALL_BYTES carries a † (launch-bound: its GB/s says little)."""
     head = [c if c != "rate" else metric for c in COLUMNS]
-    peak = any("peak_mib" in r for r in rows)  # suites that measure memory (unet)
+    peak = any(r.get("peak_mib") is not None for r in rows)  # suites that measure memory
     head += ["peak MiB"] if peak else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -368,6 +368,8 @@ class UNet2DModel(nn.Module):
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                  for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
+        if device.type == "cuda":  # conv weights in the activations' layout: no copy per call
+            model.to(memory_format=torch.channels_last)
         model.time_proj.requires_grad_(not isinstance(model.time_proj,
                                                       GaussianFourierProjection))
         return model.eval()
