@@ -61,10 +61,10 @@ def _peak_mib(ctx: Ctx, fn, args):
 @suite("unet",
        "U-Net forward: fastdiff.UNet2DModel vs diffusers UNet2DModel (eager, torch.compile), same "
        "weights (GPU: CIFAR-10 config B256 fp16, 256-px config B8 fp16; CPU: a small config fp32)",
-       floor="max(read x + weights + write y ÷ copy bandwidth, FLOPs ÷ matmul rate); FLOPs counted "
-             "by torch.utils.flop_counter on diffusers' model. eager = diffusers UNet2DModel, "
-             "compile = torch.compile of it. peak MiB: CUDA memory above the inputs and weights "
-             "during one forward.",
+       floor="max(read x + weights + write y ÷ copy bandwidth, FLOPs ÷ matmul rate); FLOPs "
+             "counted by torch.utils.flop_counter on diffusers' model. eager = diffusers "
+             "UNet2DModel, compile = torch.compile of it. peak MiB: CUDA memory above the "
+             "inputs and weights during one forward.",
        metric="TFLOP/s")
 def unet_suite(ctx: Ctx):
     try:

@@ -29,7 +29,8 @@ CIFAR10 = dict(  # google/ddpm-cifar10-32
     attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
     norm_eps=1e-6)
 
-PX256_SMALL = dict(  # the 256-px config (google/ddpm-*-256) scaled down: 6 levels, attention at 1/16
+# the 256-px config (google/ddpm-*-256) scaled down: 6 levels, attention at 1/16 of the size
+PX256_SMALL = dict(
     sample_size=32, block_out_channels=(16, 16, 32, 32, 64, 64), layers_per_block=1,
     norm_num_groups=8,
     down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
