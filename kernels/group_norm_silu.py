@@ -153,7 +153,8 @@ def _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, 
 def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, G, C, S, Cg: tl.constexpr, eps,
                      n_c_tiles, n_s_tiles,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, SINGLE: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     SILU: tl.constexpr, CL: tl.constexpr, SINGLE: tl.constexpr,
                      BC: tl.constexpr, BS: tl.constexpr):
     """One program per (b, g). SINGLE: the whole group is one tile, read once."""
     b, g, base = _group_base(tl.program_id(0), G, C, S, Cg, CL)
@@ -216,7 +217,8 @@ def _gn_partial_kernel(x_ptr, a_ptr, ws_ptr, G, C, S, Cg: tl.constexpr, n_c_tile
 def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, ws_ptr, G, C, S, Cg: tl.constexpr,
                      eps, n_c_tiles, n_s_tiles, tiles_per_chunk, K,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, KP: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     SILU: tl.constexpr, CL: tl.constexpr, KP: tl.constexpr,
                      BC: tl.constexpr, BS: tl.constexpr):
     """Split pass 2, grid (B·G, K): combine the K partials of the group (the same fixed-order
     reduction in every program, so all chunks use bit-identical statistics), normalize chunk k.
@@ -323,7 +325,8 @@ def group_norm_silu_triton(x, weight, bias, add, num_groups, eps, activation, ou
     sc = scale if scale is not None else x
     sh = shift if shift is not None else x
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=activation == "silu", CL=bool(cl), BC=BC, BS=BS)
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                 SILU=activation == "silu", CL=bool(cl), BC=BC, BS=BS)
     warps = 8 if BC * BS >= 2048 else 4
     if weight is not None and not weight.is_contiguous():
         w = weight.contiguous()

@@ -1,5 +1,5 @@
-// GroupNorm (+ add before, + scale/shift and SiLU after) on the CPU: one task per (batch, group), two passes over
-// the group (statistics, then normalize; the second pass mostly hits cache).
+// GroupNorm (+ add before, + scale/shift and SiLU after) on the CPU: one task per (batch, group),
+// two passes over the group (statistics, then normalize; the second pass mostly hits cache).
 //
 // NCHW-like layouts: a group is Cg contiguous rows of S pixels -> inner loops run along a row.
 // channels_last: a group is S pixels of Cg contiguous channels -> inner loops run across the
@@ -52,7 +52,8 @@ GnStats row_stats(const scalar_t* row, int64_t n, float shift) {
 
 template <typename scalar_t>
 void gn_cpu_impl(const at::Tensor& x, const float* w, const float* bias, const float* add,
-                 const float* scale, const float* shift, int64_t G, float eps, bool silu, bool channels_last, at::Tensor& out) {
+                 const float* scale, const float* shift, int64_t G, float eps, bool silu,
+                 bool channels_last, at::Tensor& out) {
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / (B * C), Cg = C / G;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
@@ -179,7 +180,8 @@ void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& w
   const float* sh = shift ? shift->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu",
                                   [&] {
-    gn_cpu_impl<scalar_t>(x, w, b, a, sc, sh, num_groups, static_cast<float>(eps), silu, layout == 1, out);
+    gn_cpu_impl<scalar_t>(x, w, b, a, sc, sh, num_groups, static_cast<float>(eps), silu,
+                          layout == 1, out);
   });
 }
 

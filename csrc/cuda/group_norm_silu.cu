@@ -1,4 +1,5 @@
-// GroupNorm (+ add before, + scale/shift and SiLU after) on CUDA, same plan as kernels/group_norm_silu.py.
+// GroupNorm (+ add before, + scale/shift and SiLU after) on CUDA, same plan as
+// kernels/group_norm_silu.py.
 //
 // Bytes: the floor is read x + write y (N·e each). With K == 1 one block owns a group: it reads
 // the group for the statistics and again to normalize (the re-read mostly hits L2/L1).
