@@ -350,8 +350,7 @@ class _Sampler:
         at t = T - 1 (stream 0), contiguous NCHW."""
         z = torch.zeros(shape, device=device, dtype=dtype)
         T = self.schedule.num_train_timesteps
-        kw = {"first_index": first_index} if first_index else {}
-        return q_sample(z, T - 1, self.schedule, seed=seed, **kw)[1]
+        return q_sample(z, T - 1, self.schedule, seed=seed, first_index=first_index)[1]
 
     def _eta(self, eta):
         return 0.0
@@ -534,9 +533,7 @@ class _Loop:
         if noise is not None:
             kw["noise"] = noise.to(device=x.device, dtype=x.dtype)
         elif self.stochastic:
-            kw["seed"] = seed
-            if not (isinstance(first_index, int) and first_index == 0):
-                kw["first_index"] = first_index
+            kw.update(seed=seed, first_index=first_index)
         return sampler_step(x, out, t, t_prev, self.sampler.schedule, **kw)
 
     def _bar(self, progress):
@@ -631,7 +628,7 @@ class _CapturedStep:
         try:
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up: lazy inits, autotuning, cuDNN choices
+            with torch.cuda.stream(side), trusted_values():  # warm-up: lazy inits, autotuning
                 for _ in range(2):
                     step()
             torch.cuda.current_stream(dev).wait_stream(side)
