@@ -85,7 +85,9 @@ def sample(argv) -> int:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--steps", type=int, help="inference steps (default: ddim 50, ddpm all)")
     p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--n", "-n", "--num-images", dest="n", type=int, default=16,
+                   help="number of images (default 16); under torchrun write -n or --num-images "
+                        "(torchrun's own parser takes --n for an abbreviation of its flags)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_label", type=int,
