@@ -2,10 +2,9 @@
 
 GPU: the CIFAR-10 U-Net (google/ddpm-cifar10-32's config, random weights), batch 256 fp16,
 DDPM 1000 steps and DDIM 100 steps (images/s), and batch 16 DDIM (ms/step); diffusers'
-DDPMPipeline / DDIMPipeline eager and with a torch.compile'd U-Net, fastdiff's sampler (its own
-U-Net when this checkout has fastdiff.UNet2DModel, else diffusers' U-Net driven by fastdiff's
-loop, named so), and fastdiff's time to first image (the first call: CUDA-graph capture
-included, no compile step). CPU: the same rows for a small U-Net at fp32, fewer steps.
+DDPMPipeline / DDIMPipeline eager and with a torch.compile'd U-Net, fastdiff's sampler with
+fastdiff.UNet2DModel (the same weights), and fastdiff's time to first image (the first call:
+CUDA-graph capture included, no compile step). CPU: the same rows for a small U-Net at fp32, fewer steps.
 
 A row's `ms` is one whole loop (the batch's images); img_per_s and ms_per_step are beside it.
 DDIM rows (eta 0) start from the same x_T as diffusers and carry the output's relative error.
@@ -17,7 +16,7 @@ import time
 import torch
 
 from .harness import Case, Impl, make_row, reason
-from .suites import SuiteSkip, _need, suite
+from .suites import _need, suite
 
 CIFAR = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
              block_out_channels=(128, 256, 256, 256),
@@ -64,10 +63,7 @@ def sampling_suite(ctx):
     cfg = CIFAR if ctx.cuda else SMALL
     torch.manual_seed(0)
     ref_unet = UNet2DModel(**cfg).to(ctx.device, dtype).eval()
-    if hasattr(fastdiff, "UNet2DModel"):
-        fd_unet, fd_name = fastdiff.UNet2DModel.from_diffusers(ref_unet).eval(), "fastdiff"
-    else:
-        fd_unet, fd_name = ref_unet, "fastdiff sampler + diffusers UNet"
+    fd_unet, fd_name = fastdiff.UNet2DModel.from_diffusers(ref_unet).eval(), "fastdiff"
     compiled = None
     if ctx.compile:
         try:
@@ -153,5 +149,3 @@ def _unet_flops(unet, cfg, device, dtype) -> int:
     except Exception:  # noqa: BLE001
         return 0
 
-
-__all__ = ["sampling_suite", "SuiteSkip"]

@@ -1,6 +1,7 @@
 """DDPMPipeline / DDIMPipeline: drop-ins for diffusers' pipelines of the same names.
 
-    pipe = fastdiff.DDIMPipeline.from_pretrained("path/to/pipeline")   # model_index.json, unet/, scheduler/
+    # a folder with model_index.json, unet/, scheduler/
+    pipe = fastdiff.DDIMPipeline.from_pretrained("path/to/pipeline")
     images = pipe(batch_size=16, num_inference_steps=50, seed=0).images
 
 A pipeline is a U-Net (fastdiff.UNet2DModel) and a sampler; `pipe(...)` is `sampler.sample(...)`
@@ -135,7 +136,8 @@ class _Pipeline:
             latents = torch.randn((batch_size or 1, C) + size, generator=generator,
                                   device=generator.device, dtype=self.dtype).to(self.device)
         images = self.scheduler.sample(
-            self.unet, batch_size=batch_size, num_inference_steps=num_inference_steps, seed=seed, first_index=first_index, latents=latents,
+            self.unet, batch_size=batch_size, num_inference_steps=num_inference_steps, seed=seed,
+            first_index=first_index, latents=latents,
             class_labels=class_labels, guidance_scale=guidance_scale, eta=eta,
             progress=progress, cuda_graph=cuda_graph, callback=callback, output_type=output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)

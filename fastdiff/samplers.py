@@ -150,7 +150,8 @@ class _Sampler:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
                              f"{prediction_type!r}")
         if timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got "
+                             f"{timestep_spacing!r}")
         if clip_sample and thresholding:
             raise ValueError("clip_sample and thresholding are exclusive: set clip_sample=False "
                              "to use thresholding")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import fastdiff
 import fastdiff.generate as gen
 from fastdiff import cli
 
@@ -19,19 +18,14 @@ diffusers = pytest.importorskip("diffusers")
 
 from test_samplers import tiny_unet  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "cli_sample_worker.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+FASTDIFF = [sys.executable, "-m", "fastdiff"]
 
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # the subprocesses run one thread too: the same arithmetic
-    if not hasattr(fastdiff, "UNet2DModel"):  # as tests/cli_sample_worker.py
-        monkeypatch.setattr(fastdiff.pipelines, "load_unet", lambda path, torch_dtype=None,
-                            device=None: diffusers.UNet2DModel.from_pretrained(
-                                path, subfolder="unet").to(device, torch_dtype))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     yield
@@ -51,7 +45,7 @@ def files(d):
 
 
 def run(*argv, **kw):
-    return subprocess.run([sys.executable, WORKER, *argv], env=ENV, capture_output=True,
+    return subprocess.run([*FASTDIFF, *argv], env=ENV, capture_output=True,
                           text=True, timeout=300, **kw)
 
 
@@ -130,8 +124,8 @@ def test_torchrun_two_processes_equal_one(folder, tmp_path):
     # torchrun's parser takes `--n` for an abbreviation of its own flags: -n / --num-images
     targs = ["--num-images" if a == "--n" else a for a in ARGS]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=29533", WORKER, "sample", "--model", folder, *targs,
-                        "--out", str(two)], env=ENV, capture_output=True, text=True, timeout=300)
+                        "--master_port=29533", "-m", "fastdiff", "sample", "--model", folder,
+                        *targs, "--out", str(two)], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == str(two)  # printed by rank 0 only
     a, b = files(one), files(two)
@@ -144,7 +138,7 @@ def test_ctrl_c_leaves_whole_images_and_resume_completes(folder, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = ["sample", "--model", folder, "--steps", "30", "--n", "24", "--batch-size", "2",
             "--device", "cpu", "--no-progress", "--sampler", "ddpm"]
-    p = subprocess.Popen([sys.executable, WORKER, *args, "--out", str(out)], env=ENV,
+    p = subprocess.Popen([*FASTDIFF, *args, "--out", str(out)], env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (out.exists() and

@@ -22,14 +22,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def unet_of(path):
-    """fastdiff's U-Net from the folder when it exists (the unet helper's), else diffusers' own
-    (same call signature), so the folder handling is tested either way."""
-    if hasattr(fastdiff, "UNet2DModel"):
-        return None  # from_pretrained loads fastdiff.UNet2DModel
-    return diffusers.UNet2DModel.from_pretrained(path, subfolder="unet")
-
-
 def diffusers_folder(tmp_path, cls="DDIMPipeline", sched=None, **unet_kw):
     unet = tiny_unet(**unet_kw)
     sched = sched or diffusers.DDIMScheduler(clip_sample=False)
@@ -44,7 +36,7 @@ def test_ddim_pipeline_equals_diffusers(tmp_path):
     ref = ref_pipe(batch_size=16, generator=torch.Generator().manual_seed(0),
                    num_inference_steps=20, output_type="np").images
     x_T = torch.randn((16, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    pipe = fastdiff.DDIMPipeline.from_pretrained(tmp_path, unet=unet_of(tmp_path))
+    pipe = fastdiff.DDIMPipeline.from_pretrained(tmp_path)
     out = pipe(batch_size=16, latents=x_T, num_inference_steps=20, output_type="np",
                progress=False).images
     assert out.shape == ref.shape == (16, 8, 8, 3)
@@ -62,7 +54,7 @@ def test_ddim_pipeline_equals_diffusers(tmp_path):
 def test_ddpm_pipeline_from_ddim_folder_and_defaults(tmp_path):
     diffusers_folder(tmp_path, sched=diffusers.DDIMScheduler(num_train_timesteps=40,
                                                               clip_sample=False))
-    pipe = fastdiff.DDPMPipeline.from_pretrained(tmp_path, unet=unet_of(tmp_path))
+    pipe = fastdiff.DDPMPipeline.from_pretrained(tmp_path)
     assert isinstance(pipe.scheduler, fastdiff.DDPMSampler)
     assert pipe.scheduler.config["num_train_timesteps"] == 40
     res = pipe(batch_size=2, seed=3, progress=False)
@@ -77,7 +69,7 @@ def test_ddpm_pipeline_from_ddim_folder_and_defaults(tmp_path):
 
 def test_save_pretrained_roundtrip_loads_in_diffusers(tmp_path):
     diffusers_folder(tmp_path / "a")
-    pipe = fastdiff.DDIMPipeline.from_pretrained(tmp_path / "a", unet=unet_of(tmp_path / "a"))
+    pipe = fastdiff.DDIMPipeline.from_pretrained(tmp_path / "a")
     pipe.save_pretrained(tmp_path / "b")
     index = json.loads((tmp_path / "b" / "model_index.json").read_text())
     assert index["_class_name"] == "DDIMPipeline"

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import fastdiff
 from fastdiff import DDIMSampler, DDPMSampler
 
 from conftest import HAS_CUDA
