@@ -194,6 +194,9 @@ def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
         raise ValueError(f"format={format!r} writes a folder: give out (--out DIR)")
     elif str(out).lower().endswith(".png") or os.path.isfile(out):
         raise ValueError(f"out={out!r} must be a folder for format={format!r}")
+    if eta is not None and sampler == "ddpm":
+        raise ValueError("eta applies to the ddim sampler only (DDPM's variance is fixed by "
+                         "the schedule)")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -215,6 +218,8 @@ def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
         pipe = load_pipeline(model, sampler, device=device, dtype=dtype)
         dtype = pipe.dtype
         steps = steps if steps is not None else pipe.scheduler.default_inference_steps()
+        if sampler == "ddim":  # the manifest records what is used: --eta 0 equals no --eta
+            eta = pipe.scheduler._eta(eta)
         kw = dict(num_inference_steps=steps, seed=seed, eta=eta, guidance_scale=guidance,
                   progress=False, cuda_graph=cuda_graph, output_type="np")
         if format == "grid":

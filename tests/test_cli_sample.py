@@ -174,6 +174,8 @@ def test_errors(folder, tmp_path, monkeypatch, capsys):
         gen.generate(folder, format="png", out=str(tmp_path / "a.png"), **kw)
     with pytest.raises(ValueError, match="dtype must be one of"):
         gen.generate(folder, dtype="int8", out=str(tmp_path / "g.png"), **kw)
+    with pytest.raises(ValueError, match="eta applies to the ddim sampler only"):
+        gen.generate(folder, sampler="ddpm", eta=0.5, out=str(tmp_path / "g.png"), **kw)
     with pytest.raises(ValueError, match="sampler must be one of"):
         gen.generate(folder, sampler="euler", out=str(tmp_path / "g.png"), **kw)
     with pytest.raises(ValueError, match="the model is not class-conditional"):

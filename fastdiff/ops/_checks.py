@@ -149,7 +149,8 @@ def values_checked(t: torch.Tensor) -> bool:
     """Whether t's values may be read on the host: not while torch.compile traces or a CUDA graph
     is captured (a sync), nor with FASTDIFF_CHECKS=0 or inside trusted_values(), nor on the meta
     device."""
-    if not checks_enabled() or _TRUSTED.get() or torch.compiler.is_compiling() \
+    # is_compiling() first: Dynamo cannot trace ContextVar.get (it short-circuits before it)
+    if not checks_enabled() or torch.compiler.is_compiling() or _TRUSTED.get() \
             or t.device.type == "meta":
         return False
     return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
