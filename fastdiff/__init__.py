@@ -8,3 +8,5 @@ from .ops import q_sample, sampler_step, group_norm_silu, attention  # noqa: F40
 from . import nn  # noqa: F401
 from .integrations.diffusers import optimize, restore  # noqa: F401  (diffusers imported lazily)
 from .unet import UNet2DModel  # noqa: F401
+from .samplers import DDPMSampler, DDIMSampler  # noqa: F401
+from .pipelines import DDPMPipeline, DDIMPipeline  # noqa: F401

@@ -1,4 +1,4 @@
-"""`python -m fastdiff <command>`: info, bench (sample and train arrive with the U-Net)."""
+"""`python -m fastdiff <command>`: info, sample, bench."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,49 @@ def bench(argv) -> int:
     return int(mod.main(argv) or 0)
 
 
+def sample(argv) -> int:
+    """`python -m fastdiff sample`: fastdiff.generate.generate with its keywords as flags."""
+    from .generate import FORMATS, ManifestMismatch, SAMPLERS, generate
+    p = argparse.ArgumentParser(prog="python -m fastdiff sample", description=(
+        "Sample images: one PNG grid (default), or --out DIR --n N for a folder of PNGs / .npz "
+        "shards that a rerun completes (resume) and `torchrun --nproc_per_node=K -m fastdiff "
+        "sample ...` shards over K processes."))
+    p.add_argument("--model", help="a diffusers pipeline folder (default: the embedded model)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, help="inference steps (default: ddim 50, ddpm all)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--n", "-n", "--num-images", dest="n", type=int, default=16,
+                   help="number of images (default 16); under torchrun write -n or --num-images "
+                        "(torchrun's own parser takes --n for an abbreviation of its flags)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class", dest="class_label", type=int,
+                   help="class label of every image (default: classes in turn by image index)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--device", help="default: cuda (the local rank's) if available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--out", help="grid: a .png path (default samples.png); png/npz: a folder")
+    p.add_argument("--format", choices=FORMATS,
+                   help="grid (default unless --out is a folder), png or npz")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    try:
+        path = generate(a.model, sampler=a.sampler, steps=a.steps, eta=a.eta, n=a.n,
+                        batch_size=a.batch_size, seed=a.seed, class_label=a.class_label,
+                        guidance=a.guidance, device=a.device, dtype=a.dtype, out=a.out,
+                        format=a.format, progress=a.progress)
+    except KeyboardInterrupt:
+        print("interrupted: only whole images were written; the same command resumes",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ManifestMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fastdiff", description=__doc__)
@@ -81,8 +124,12 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device, and which backends are active and why")
     sub.add_parser("bench", help="the GPU benchmark suite (benchmarks/run.py; its flags follow)",
                    add_help=False)
+    sub.add_parser("sample", help="sample images: a grid, or a resumable, shardable folder "
+                   "(its flags follow)", add_help=False)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
+    if argv[:1] == ["sample"]:
+        return sample(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args)

@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -129,10 +131,27 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
         raise ValueError(f"{ordered}: got {nb}={int(b[i])} >= {na}={int(a[i])} for sample {i}")
 
 
+_TRUSTED = contextvars.ContextVar("fastdiff_trusted_values", default=False)
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Inside, the ops read no timestep values back to check them (no host sync): for loops
+    whose timesteps were checked once before the loop (the samplers)."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
 def values_checked(t: torch.Tensor) -> bool:
     """Whether t's values may be read on the host: not while torch.compile traces or a CUDA graph
-    is captured (a sync), nor with FASTDIFF_CHECKS=0, nor on the meta device."""
-    if not checks_enabled() or torch.compiler.is_compiling() or t.device.type == "meta":
+    is captured (a sync), nor with FASTDIFF_CHECKS=0 or inside trusted_values(), nor on the meta
+    device."""
+    # is_compiling() first: Dynamo cannot trace ContextVar.get (it short-circuits before it)
+    if not checks_enabled() or torch.compiler.is_compiling() or _TRUSTED.get() \
+            or t.device.type == "meta":
         return False
     return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
