@@ -11,6 +11,7 @@ FASTDIFF_CUDA_ARCHS="8.0;9.0" (default: 8.0;9.0, or TORCH_CUDA_ARCH_LIST), MAX_J
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -20,6 +21,45 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def log(msg):
     print(f"fastdiff setup: {msg}", file=sys.stderr)
+
+
+# csrc/cpu/*_vec.cpp (the SIMD inner loops) are compiled once per CPU capability, as ATen compiles
+# its own kernels, and csrc/cpu/vec.cpp picks the variant at run time (csrc/cpu/vec.h). Flags as
+# torch's build uses for its AVX2 / AVX512 kernels.
+VEC_CAPABILITIES = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def vec_capabilities():
+    if sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"DEFAULT": []}  # elsewhere at::vec's DEFAULT is already that CPU's SIMD (NEON...)
+    return VEC_CAPABILITIES
+
+
+def vec_build_ext(base):
+    """build_ext that also compiles the *_vec.cpp sources once per capability and links them."""
+    class BuildExt(base):
+        def build_extension(self, ext):
+            vec = getattr(ext, "vec_sources", [])
+            if vec:
+                args = ext.extra_compile_args
+                cxx = list(args["cxx"] if isinstance(args, dict) else args)
+                objects = []
+                for cap, flags in vec_capabilities().items():
+                    macros = list(ext.define_macros) + [("CPU_CAPABILITY", cap),
+                                                        (f"CPU_CAPABILITY_{cap}", None)]
+                    post = cxx + flags
+                    objects += self.compiler.compile(
+                        vec, output_dir=os.path.join(self.build_temp, f"vec_{cap}"),
+                        macros=macros, include_dirs=ext.include_dirs, depends=ext.depends,
+                        extra_postargs={"cxx": post} if isinstance(args, dict) else post)
+                ext.extra_objects = [o for o in (ext.extra_objects or [])
+                                     if o not in objects] + objects
+            super().build_extension(ext)
+    return BuildExt
 
 
 def extension_modules():
@@ -34,9 +74,11 @@ def extension_modules():
             "(install torch first and use `pip install --no-build-isolation`)")
         return [], {}
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    vec_sources = sorted(glob.glob("csrc/cpu/*_vec.cpp"))
+    sources = sorted(s for s in glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                     if s not in vec_sources)
     cxx_flags = ["-O3", "-std=c++17"]
-    define_macros = []
+    define_macros = [(f"FD_HAVE_{cap}", None) for cap in vec_capabilities() if cap != "DEFAULT"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = (
         os.environ.get("FASTDIFF_SKIP_CUDA") != "1"
@@ -70,7 +112,8 @@ def extension_modules():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    ext.vec_sources = vec_sources
+    build_ext = vec_build_ext(cpp_extension.BuildExtension).with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 
 

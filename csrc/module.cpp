@@ -3,6 +3,8 @@
 // kernels via TORCH_LIBRARY_IMPL for CPU and, when built with CUDA, CUDA).
 #include <torch/extension.h>
 
+#include "cpu/vec.h"
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdiff C++/CUDA kernels (ops registered under torch.ops.fastdiff_ext)";
   m.def("with_cuda", []() {
@@ -12,4 +14,11 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True when the CUDA kernels were compiled in.");
+  m.def("cpu_capability", []() {
+    return std::string(fastdiff::cpu::capability_name(fastdiff::cpu::capability()));
+  }, "The instruction set of the vectorized CPU kernels in use (DEFAULT, AVX2, AVX512).");
+  m.def("cpu_capabilities", &fastdiff::cpu::capabilities,
+        "The variants of the vectorized CPU kernels compiled in that this CPU can run.");
+  m.def("set_cpu_capability", &fastdiff::cpu::set_capability, pybind11::arg("name"),
+        "Run the vectorized CPU kernels of that variant ('' = the widest this CPU runs; tests).");
 }
