@@ -152,12 +152,14 @@ class AttentionBlock(nn.Module):
 
 
 class GroupNormSiLU(nn.Module):
-    """act(GroupNorm(x + add)) as one fused op (fastdiff.ops.group_norm_silu).
+    """act(GroupNorm(x + add) * (1 + scale) + shift) as one fused op
+    (fastdiff.ops.group_norm_silu).
 
     Same parameters and state-dict keys as `torch.nn.GroupNorm` (weight, bias when affine), so
     `m.load_state_dict(group_norm.state_dict())` works. `activation="silu"` (default) or None
-    (plain GroupNorm). `forward(x, add=None)`: add is an optional (B, C) per-channel bias (the
-    time embedding) added before the norm.
+    (plain GroupNorm). `forward(x, add=None, scale=None, shift=None)`: optional (B, C)
+    per-channel tensors: add (the time embedding) before the norm, scale and shift (the
+    "scale_shift" time embedding) after its affine.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
@@ -177,9 +179,10 @@ class GroupNormSiLU(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                shift: Optional[Tensor] = None) -> Tensor:
         return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, add=add,
-                               activation=self.activation)
+                               scale=scale, shift=shift, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "

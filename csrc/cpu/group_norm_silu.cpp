@@ -1,4 +1,4 @@
-// GroupNorm (+ add before, + SiLU after) on the CPU, vectorized (group_norm_silu_vec.cpp holds
+// GroupNorm (+ add before, + scale/shift and SiLU after) on the CPU, vectorized (group_norm_silu_vec.cpp holds
 // the SIMD loops, one variant per instruction set).
 //
 // The statistics of a group are a fixed function of its data, whatever the thread count: the
@@ -66,7 +66,9 @@ void group_coefs(const GnProblem& P, int64_t b, int64_t g, GnStats st, const flo
   const float rstd = gn_rstd(st, P.eps);
   for (int64_t c = 0; c < P.Cg; ++c) {
     const int64_t ch = g * P.Cg + c;
-    GnCoef co = gn_coef(st.mean, rstd, P.w ? P.w[ch] : 1.f, P.bias ? P.bias[ch] : 0.f, da[c]);
+    const GnCoef co = gn_coef(st.mean, rstd, P.w ? P.w[ch] : 1.f, P.bias ? P.bias[ch] : 0.f,
+                              da[c], P.scale ? 1.f + P.scale[b * P.C + ch] : 1.f,
+                              P.shift ? P.shift[b * P.C + ch] : 0.f);
     a[c] = co.scale;
     k[c] = co.k;
   }
@@ -226,6 +228,7 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
 // Checks shared with the CUDA entry point; returns the layout (0 NCHW-like, 1 channels_last).
 int gn_check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                   int64_t num_groups, const at::Tensor& out) {
   FD_CHECK(x.dim() >= 3 && x.dim() <= 8, "group_norm_silu: x must be (B, C, *spatial), got ",
            x.sizes());
@@ -244,6 +247,8 @@ int gn_check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
   check_param(weight, "weight", {C});
   check_param(bias, "bias", {C});
   check_param(add, "add", {B, C});
+  check_param(scale, "scale", {B, C});
+  check_param(shift, "shift", {B, C});
   FD_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
            out.device() == x.device(), "group_norm_silu: out must match x in shape, dtype, device");
   const int lx = gn_layout(x.sizes().data(), x.strides().data(), static_cast<int>(x.dim()));
@@ -257,9 +262,11 @@ namespace {
 
 void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& add, int64_t num_groups, double eps,
+                         const c10::optional<at::Tensor>& add,
+                         const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps,
                          bool silu, at::Tensor out) {
-  const int layout = gn_check_args(x, weight, bias, add, num_groups, out);
+  const int layout = gn_check_args(x, weight, bias, add, scale, shift, num_groups, out);
   if (x.numel() == 0) return;
   GnProblem P;
   P.x = static_cast<const char*>(x.data_ptr());
@@ -281,8 +288,8 @@ void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& w
   P.w = weight ? weight->data_ptr<float>() : nullptr;
   P.bias = bias ? bias->data_ptr<float>() : nullptr;
   P.add = add ? add->data_ptr<float>() : nullptr;
-  P.scale = nullptr;
-  P.shift = nullptr;
+  P.scale = scale ? scale->data_ptr<float>() : nullptr;
+  P.shift = shift ? shift->data_ptr<float>() : nullptr;
   P.eps = static_cast<float>(eps);
   P.silu = silu;
   const GnVecKernels& K = gn_vec_kernels(P.dtype);
@@ -297,8 +304,8 @@ void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& w
 }  // namespace fastdiff
 
 TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
-  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, int num_groups, "
-        "float eps, bool silu, Tensor(a!) out) -> ()");
+  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, "
+        "Tensor? shift, int num_groups, float eps, bool silu, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) {
