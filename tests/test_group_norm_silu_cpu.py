@@ -114,3 +114,15 @@ def test_capability_errors_and_default():
     finally:
         C.set_cpu_capability("")
     assert C.cpu_capability() == C.cpu_capabilities()[-1]
+
+
+@pytest.mark.parametrize("capability", _capabilities(), indirect=True)
+@pytest.mark.parametrize("cl", [False, True], ids=["NCHW", "NHWC"])
+def test_every_variant_extreme_activations(capability, cl, seed):
+    """Normalized values up to ~±1000 (weight 300): SiLU of very negative values is ~0, never
+    NaN (the vectorized exp saturates; its reciprocal must not turn that into 0 * inf)."""
+    x, p = _inputs((2, 64, 8, 8), torch.float32, cl, mod=False)
+    p.update(weight=torch.full((64,), 300.0), bias=torch.zeros(64), add=None)
+    y = _run(x, 32, p)
+    assert torch.isfinite(y).all()
+    assert_close(y, _ref(x, 32, p), torch.float32, scale=300.0, msg=capability)

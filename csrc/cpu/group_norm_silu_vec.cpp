@@ -60,23 +60,27 @@ struct Io<float> {
 };
 
 // 1 / d for d >= 1: a vector division costs ~5 cycles of throughput per register on current x86
-// cores, more than the rest of the kernel; the hardware estimate plus one Newton step is ~23 bits
+// cores, more than the rest of the kernel; the hardware estimate plus one Newton step is ~23 bits.
+// d is capped at 1e30 first (an inf would make the Newton step 0 * inf = NaN; 1e-30 is 0 here)
 inline fVec reciprocal(const fVec& d) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 r = _mm512_rcp14_ps(d);
-  return fVec(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
+  const __m512 dc = _mm512_min_ps(d, _mm512_set1_ps(1e30f));
+  const __m512 r = _mm512_rcp14_ps(dc);
+  return fVec(_mm512_mul_ps(r, _mm512_fnmadd_ps(dc, r, _mm512_set1_ps(2.f))));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 r = _mm256_rcp_ps(d);
-  return fVec(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f))));
+  const __m256 dc = _mm256_min_ps(d, _mm256_set1_ps(1e30f));
+  const __m256 r = _mm256_rcp_ps(dc);
+  return fVec(_mm256_mul_ps(r, _mm256_fnmadd_ps(dc, r, _mm256_set1_ps(2.f))));
 #else
   return fVec(1.f) / d;
 #endif
 }
 
 inline fVec silu(const fVec& y) {
-  // y * sigmoid(y); the exp argument clamped as in gn_silu, so very negative y gives ~0.
-  // exp_u20: ATen's polynomial exp (about 2e-6 relative), several times cheaper than Sleef's
-  const fVec e = at::vec::minimum(fVec(0.f) - y, fVec(80.f)).exp_u20();
+  // y * sigmoid(y). exp_u20: ATen's polynomial exp (about 2e-6 relative), several times cheaper
+  // than Sleef's; it clamps its argument to the finite range itself (very negative y: e ~ 3e38,
+  // y * (1 / e) ~ 0, as gn_silu's clamp gives), so no clamp of our own is spent here
+  const fVec e = (fVec(0.f) - y).exp_u20();
   return y * reciprocal(fVec(1.f) + e);
 }
 
