@@ -12,7 +12,8 @@
 // Threads: with enough groups (NCHW) or images (channels_last) for the threads, one task per
 // group / image computes its statistics and then normalizes it while it is in cache. With few
 // (batch 1-2 against many threads), each pass is split over the units instead: statistics of every
-// unit in parallel, the folds, then the normalization of every unit in parallel. Both orders
+// unit in parallel, the folds (on the calling thread), then the normalization of every unit in
+// parallel. Both orders
 // compute the same units and fold them the same way, so the output bits do not depend on which
 // one ran, nor on the thread count.
 #include <ATen/core/Tensor.h>
@@ -34,6 +35,14 @@ namespace {
 constexpr int64_t kRowBlock = 4096;       // NCHW: elements of one row per statistics unit
 constexpr int64_t kClBlockElems = 32768;  // channels_last: about this many elements (whole pixels)
 constexpr int64_t kTasksPerThread = 4;    // fewer groups / images than this per thread: split
+
+// One task per group / image when there are enough for the threads to share evenly: a multiple
+// of the thread count, or many of them. Otherwise the split passes (two more parallel regions:
+// on a loaded machine every region waits for its slowest thread).
+bool whole_tasks(int64_t n) {
+  const int64_t t = at::get_num_threads();
+  return n >= kTasksPerThread * t || (n >= t && n % t == 0);
+}
 
 struct GnProblem {
   const char* x;
@@ -95,7 +104,7 @@ void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
     }
     return st;
   };
-  if (B * G >= kTasksPerThread * at::get_num_threads()) {  // one task per group
+  if (whole_tasks(B * G)) {  // one task per group
     at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> da(Cg), a(Cg), k(Cg);
       for (int64_t p = p0; p < p1; ++p) {
@@ -125,16 +134,16 @@ void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
       part[u] = unit_stats(b, ch, u % nb, refs[b * G + ch / Cg]);
     }
   });
-  at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
+  {  // the folds: a few scalar operations per unit, on this thread (no third parallel region)
     std::vector<float> da(Cg);
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p = 0; p < B * G; ++p) {
       const int64_t b = p / G, g = p % G;
       group_da(P, b, g, da.data());
       const GnStats* gp = part.data() + (b * C + g * Cg) * nb;
       const GnStats st = fold(da.data(), [&](int64_t c, int64_t j) { return gp[c * nb + j]; });
       group_coefs(P, b, g, st, da.data(), a.data() + b * C + g * Cg, k.data() + b * C + g * Cg);
     }
-  });
+  }
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bc = u / nb, j = u % nb;
@@ -179,7 +188,7 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
       group_coefs(P, b, g, st, da + g * Cg, a + g * Cg, k + g * Cg);
     }
   };
-  if (B >= kTasksPerThread * at::get_num_threads()) {  // one task per image
+  if (whole_tasks(B)) {  // one task per image
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> buf(6 * C), sums(2 * C * nb);
       float *ref = buf.data(), *da = ref + C, *mean = da + C, *m2 = mean + C, *a = m2 + C,
@@ -208,12 +217,12 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
       K.cl_sums(P.x + unit_ptr(b, j), C, unit_pix(j), ref.data() + b * C, s, s + C);
     }
   });
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  {  // the folds: a few vector operations per unit, on this thread
     std::vector<float> mean(C), m2(C);
-    for (int64_t b = b0; b < b1; ++b)
+    for (int64_t b = 0; b < B; ++b)
       finish(b, da.data() + b * C, mean.data(), m2.data(), sums.data() + b * nb * 2 * C, 2 * C,
              a.data() + b * C, k.data() + b * C);
-  });
+  }
   at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / nb, j = u % nb;
