@@ -428,7 +428,7 @@ def _wall_ms(call, est_ms: float, device) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-CPU_WARMUP_MS, CPU_REP_MS, CPU_MIN_CALLS, CPU_ROUNDS = 50, 400, 30, 3
+CPU_WARMUP_MS, CPU_REP_MS, CPU_MIN_CALLS, CPU_ROUNDS = 50, 300, 30, 5
 
 
 def _cpu_times(call, warmup_ms, rep_ms, max_calls=1000, min_calls=10) -> list:
