@@ -22,7 +22,6 @@ namespace {
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t W = fVec::size();
-constexpr int64_t kSubPixels = 16;  // channels_last: pixels per pass over the channel blocks
 
 template <typename T>
 struct Io {  // c10::Half, c10::BFloat16: one 16-bit vector <-> two float vectors
@@ -154,32 +153,29 @@ void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k,
   }
 }
 
+// channels_last: pixel by pixel, across all C channels, so memory is read in order (the DRAM
+// prefetchers follow it; a channel-block-outer order strided by C and ran at half the speed);
+// the per-channel accumulators / coefficients stay in L1
 template <typename T>
 void cl_sums(const void* xv, int64_t C, int64_t npix, const float* ref, float* s1, float* s2) {
   const T* x = static_cast<const T*>(xv);
   const int64_t Cv = C - C % (2 * W);
-  for (int64_t q0 = 0; q0 < npix; q0 += kSubPixels) {  // the sub-block stays in L1 across blocks
-    const int64_t q1 = std::min(npix, q0 + kSubPixels);
+  for (int64_t q = 0; q < npix; ++q) {
+    const T* px = x + q * C;
     for (int64_t c = 0; c < Cv; c += 2 * W) {
-      const fVec ra = fVec::loadu(ref + c), rb = fVec::loadu(ref + c + W);
-      fVec s1a = fVec::loadu(s1 + c), s1b = fVec::loadu(s1 + c + W);
-      fVec s2a = fVec::loadu(s2 + c), s2b = fVec::loadu(s2 + c + W);
-      for (int64_t q = q0; q < q1; ++q) {
-        fVec a, b;
-        Io<T>::load(x + q * C + c, a, b);
-        a = a - ra; b = b - rb;
-        s1a = s1a + a; s1b = s1b + b;
-        s2a = at::vec::fmadd(a, a, s2a); s2b = at::vec::fmadd(b, b, s2b);
-      }
-      s1a.store(s1 + c); s1b.store(s1 + c + W);
-      s2a.store(s2 + c); s2b.store(s2 + c + W);
+      fVec a, b;
+      Io<T>::load(px + c, a, b);
+      a = a - fVec::loadu(ref + c);
+      b = b - fVec::loadu(ref + c + W);
+      (fVec::loadu(s1 + c) + a).store(s1 + c);
+      (fVec::loadu(s1 + c + W) + b).store(s1 + c + W);
+      at::vec::fmadd(a, a, fVec::loadu(s2 + c)).store(s2 + c);
+      at::vec::fmadd(b, b, fVec::loadu(s2 + c + W)).store(s2 + c + W);
     }
-    for (int64_t q = q0; q < q1; ++q) {
-      for (int64_t c = Cv; c < C; ++c) {
-        const float d = static_cast<float>(x[q * C + c]) - ref[c];
-        s1[c] += d;
-        s2[c] += d * d;
-      }
+    for (int64_t c = Cv; c < C; ++c) {
+      const float d = static_cast<float>(px[c]) - ref[c];
+      s1[c] += d;
+      s2[c] += d * d;
     }
   }
 }
@@ -190,29 +186,24 @@ void cl_apply(const void* xv, void* yv, int64_t C, int64_t npix, const float* re
   const T* x = static_cast<const T*>(xv);
   T* y = static_cast<T*>(yv);
   const int64_t Cv = C - C % (2 * W);
-  for (int64_t q0 = 0; q0 < npix; q0 += kSubPixels) {
-    const int64_t q1 = std::min(npix, q0 + kSubPixels);
+  for (int64_t q = 0; q < npix; ++q) {
+    const T* px = x + q * C;
+    T* py = y + q * C;
     for (int64_t c = 0; c < Cv; c += 2 * W) {
-      const fVec ra = fVec::loadu(ref + c), rb = fVec::loadu(ref + c + W);
-      const fVec aa = fVec::loadu(a + c), ab = fVec::loadu(a + c + W);
-      const fVec ka = fVec::loadu(k + c), kb = fVec::loadu(k + c + W);
-      for (int64_t q = q0; q < q1; ++q) {
-        fVec u, v;
-        Io<T>::load(x + q * C + c, u, v);
-        u = at::vec::fmadd(u - ra, aa, ka);
-        v = at::vec::fmadd(v - rb, ab, kb);
-        if (silu_on) {
-          u = silu(u);
-          v = silu(v);
-        }
-        Io<T>::store(y + q * C + c, u, v);
+      fVec u, v;
+      Io<T>::load(px + c, u, v);
+      u = at::vec::fmadd(u - fVec::loadu(ref + c), fVec::loadu(a + c), fVec::loadu(k + c));
+      v = at::vec::fmadd(v - fVec::loadu(ref + c + W), fVec::loadu(a + c + W),
+                         fVec::loadu(k + c + W));
+      if (silu_on) {
+        u = silu(u);
+        v = silu(v);
       }
+      Io<T>::store(py + c, u, v);
     }
-    for (int64_t q = q0; q < q1; ++q) {
-      for (int64_t c = Cv; c < C; ++c)
-        y[q * C + c] = static_cast<T>(
-            gn_apply(static_cast<float>(x[q * C + c]) - ref[c], GnCoef{a[c], k[c]}, silu_on));
-    }
+    for (int64_t c = Cv; c < C; ++c)
+      py[c] = static_cast<T>(gn_apply(static_cast<float>(px[c]) - ref[c], GnCoef{a[c], k[c]},
+                                      silu_on));
   }
 }
 
