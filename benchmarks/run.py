@@ -4,13 +4,18 @@
     python benchmarks/run.py --quick --ops attention
     python benchmarks/run.py --only NHWC --dtypes bf16 --no-compile
     python -m fastdiff bench [same options]
+    python benchmarks/run.py --threads 2             # no GPU: the CPU table at 2 threads
 
 On a CUDA device: measures the copy bandwidth and matmul rate, then each case of each suite, and
 writes benchmarks/results/<gpu>_<date>[_quick].{json,md,png} (and prints the table). A run
 starts no new case after --budget-s (default 540 s on a GPU: the whole command stays within
-10 minutes; the cases left are listed as not run). Without a GPU: says so and runs the CPU
-microbenchmarks (`pytest benchmarks --benchmark-only`) instead. `--device cpu` runs the
-suites themselves on CPU at tiny shapes (a check of the harness, not a measurement to keep).
+10 minutes; the cases left are listed as not run). Without a GPU (or with `--device cpu`): the
+same suites on CPU tensors at their "cpu" shapes, with a side-by-side table first (fastdiff's
+`auto` choice against eager PyTorch and diffusers, minimum times, GB/s against the measured CPU
+copy bandwidth; thread count and CPU name in the header), written as
+benchmarks/results/<cpu>_<date>.{json,md}; torch.compile rows only with --compile there.
+`--tiny` runs the suites at tiny shapes instead (a check of the harness, not a measurement to
+keep); `--micro` the pytest-benchmark microbenchmarks (`pytest benchmarks --benchmark-only`).
 """
 from __future__ import annotations
 
@@ -49,8 +54,17 @@ def parse_args(argv=None):
                    help="comma-separated, of fp16,bf16,fp32 (default: each suite's anchor dtypes)")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--compile", action="store_true",
+                   help="on CPU: add the torch.compile rows too (off by default there: inductor "
+                        "compiles each case for tens of seconds on a small CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                   help="default: cuda when available, else the CPU microbenchmarks")
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (torch.set_num_threads; default: torch's)")
+    p.add_argument("--tiny", action="store_true",
+                   help="on CPU: tiny shapes (a check of the harness, not a measurement)")
+    p.add_argument("--micro", action="store_true",
+                   help="run the pytest-benchmark microbenchmarks instead of the suites")
     p.add_argument("--budget-s", type=float, default=None, metavar="S",
                    help=f"start no new case after S seconds (the cases left are listed as not "
                         f"run; default {DEFAULT_BUDGET_S:.0f} on a GPU, 'inf' for no limit); "
@@ -122,8 +136,14 @@ def run_suite(ctx: Ctx, s, checkpoint=None) -> list:
 
 
 def run(args) -> dict:
-    ctx = Ctx(args.device, quick=args.quick, compile=not args.no_compile, dtypes=args.dtype_list,
-              only=args.only, compile_backend=args.compile_backend)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    cpu = torch.device(args.device).type == "cpu"
+    compile_rows = not args.no_compile and (not cpu or getattr(args, "compile", False)
+                                            or getattr(args, "tiny", False))
+    ctx = Ctx(args.device, quick=args.quick, compile=compile_rows, dtypes=args.dtype_list,
+              only=args.only, compile_backend=args.compile_backend,
+              tiny=getattr(args, "tiny", False))
     ctx.t0 = time.perf_counter()
     budget = getattr(args, "budget_s", None)
     if budget is None and ctx.cuda:
@@ -132,7 +152,9 @@ def run(args) -> dict:
         ctx.deadline = ctx.t0 + budget
     env = environment(ctx)
     print(f"fastdiff bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-          f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}")
+          f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}"
+          + (f"; {env['threads']} threads, C++ kernels {env['cpu_capability']}, shapes "
+             f"{ctx.size!r}" if not ctx.cuda else ""))
     if ctx.deadline is not None:
         print(f"time budget: no new case after {budget:.0f} s (--budget-s inf for none)")
     floors = ctx.measure_floors()
@@ -163,13 +185,17 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else None
-    if args.device is None or (args.device == "cuda" and not torch.cuda.is_available()):
-        print("The GPU benchmark suite needs a CUDA device and none is visible: running the CPU "
-              "microbenchmarks instead (pytest benchmarks --benchmark-only; `--device cpu` runs "
-              "the suites at tiny shapes).", flush=True)
+    if args.micro:
         return cpu_microbenchmarks(args)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print("No CUDA device is visible: running the suites on CPU tensors (the CPU table; "
+                  "--tiny for a quick check of the harness, --micro for the microbenchmarks).",
+                  flush=True)
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is visible here.", file=sys.stderr)
+        return 2
     # Time the kernels as a CUDA-graph-captured sampling or training step runs them: without the
     # timestep value check, which costs a host sync per call on a CUDA t (recorded in the header;
     # FASTDIFF_CHECKS=1 in the environment times it with the check).

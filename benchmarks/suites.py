@@ -6,6 +6,12 @@ backend that can run here, and the other baselines (diffusers, torch SDPA backen
 them to `ctx.run_case`. The op under test is imported inside its suite, so a missing op skips its
 suite with the reason. End-to-end suites (U-Net forward, a full sampling loop against a diffusers
 pipeline) register the same way: `@suite("unet", ...)`.
+
+Shape tables have a "full" and "quick" set (GPU), "tiny" (the harness check on CPU) and "cpu":
+the cases of the CPU side-by-side table that `benchmarks/run.py` prints on a machine without a
+GPU (the issue-14 shapes). A suite without a "cpu" entry is skipped there, with that reason; give
+it one (shapes a 2-core CPU runs in seconds) to put it in the CPU table, and `ctx.dtypes_for(gpu
+dtypes, cpu=[...])` its CPU dtypes.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Ctx, Impl, reason
+from .harness import Case, Ctx, Impl, SuiteSkip, reason  # noqa: F401 (SuiteSkip: re-exported)
 
 SUITES: dict = {}
 
@@ -29,10 +35,6 @@ class Suite:
     floor: str
     metric: str  # "GB/s" or "TFLOP/s": the rate column of its tables
     fn: Callable
-
-
-class SuiteSkip(Exception):
-    """The suite cannot run here; the message says why."""
 
 
 def suite(name, title, floor="", metric="GB/s"):
@@ -86,7 +88,8 @@ def _bcast(table, t):
 # -- q_sample -------------------------------------------------------------------------------
 Q_SHAPES = {"full": [(256, 3, 32, 32), (64, 4, 64, 64), (32, 3, 256, 256)],
             "quick": [(256, 3, 32, 32), (32, 3, 256, 256)],
-            "tiny": [(2, 3, 8, 8), (3, 4, 5, 7)]}
+            "tiny": [(2, 3, 8, 8), (3, 4, 5, 7)],
+            "cpu": [(16, 4, 64, 64)]}
 
 
 @suite("q_sample", "q_sample: x_t = sqrt(ab[t]) x0 + sqrt(1 - ab[t]) eps (per-sample t)",
@@ -103,7 +106,7 @@ def q_sample_suite(ctx: Ctx):
         x0, t, _ = inputs
         return _bcast(a32, t) * x0.float() + _bcast(s32, t) * out[1].float()
 
-    for dtype in ctx.dtypes_for([torch.float32, torch.bfloat16]):
+    for dtype in ctx.dtypes_for([torch.float32, torch.bfloat16], cpu=[torch.float32]):
         given, _ = fastdiff_impls(ctx, "q_sample", implemented,
                                   lambda x0, t, eps: q_sample(x0, t, sched, noise=eps), dtype)
         drawn, _ = fastdiff_impls(ctx, "q_sample", implemented,
@@ -136,7 +139,8 @@ def q_sample_suite(ctx: Ctx):
 # -- sampler_step ---------------------------------------------------------------------------
 S_SHAPES = {"full": [(256, 3, 32, 32), (16, 4, 64, 64), (16, 3, 256, 256)],
             "quick": [(256, 3, 32, 32), (16, 3, 256, 256)],
-            "tiny": [(2, 3, 8, 8)]}
+            "tiny": [(2, 3, 8, 8)],
+            "cpu": [(16, 4, 64, 64)]}
 T_STEP, DDIM_STEPS = 500, 50  # DDPM: t 500 -> 499; DDIM (50 of 1000 steps): 500 -> 480
 
 
@@ -226,7 +230,8 @@ def sampler_step_suite(ctx: Ctx):
 G_SHAPES = {"full": [(256, 128, 32, 32), (256, 256, 16, 16), (2, 320, 64, 64), (2, 640, 32, 32),
                      (8, 128, 256, 256)],
             "quick": [(256, 128, 32, 32), (2, 320, 64, 64)],
-            "tiny": [(2, 32, 4, 4), (1, 64, 3, 5)]}
+            "tiny": [(2, 32, 4, 4), (1, 64, 3, 5)],
+            "cpu": [(16, 128, 32, 32), (2, 320, 64, 64)]}
 
 
 @suite("group_norm_silu", "group_norm_silu: SiLU(GroupNorm(x)), 32 groups, NCHW and channels_last",
@@ -238,7 +243,8 @@ def group_norm_silu_suite(ctx: Ctx):
     def eager(x, w, b):
         return F.silu(F.group_norm(x, G, w, b))
 
-    for dtype in ctx.dtypes_for([torch.float16, torch.bfloat16]):
+    for dtype in ctx.dtypes_for([torch.float16, torch.bfloat16],
+                                cpu=[torch.float32, torch.bfloat16]):
         impls, _ = fastdiff_impls(ctx, "group_norm_silu", implemented,
                                   lambda x, w, b: gns(x, w, b, G), dtype)
         for shape in ctx.shapes(G_SHAPES):
@@ -258,7 +264,8 @@ def group_norm_silu_suite(ctx: Ctx):
 A_SHAPES = {"full": [(256, 1, 256, 256), (16, 1, 1024, 128), (8, 8, 4096, 40), (8, 8, 1024, 80),
                      (8, 8, 4096, 64)],
             "quick": [(256, 1, 256, 256), (8, 8, 4096, 40)],
-            "tiny": [(2, 1, 16, 32), (1, 2, 9, 40)]}
+            "tiny": [(2, 1, 16, 32), (1, 2, 9, 40)],
+            "cpu": [(2, 8, 1024, 40)]}
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
@@ -283,7 +290,7 @@ def attention_suite(ctx: Ctx):
                 ctx.skip("attention", "", f"sdpa:{name}", "not in this torch's SDPBackend")
     except ImportError as e:
         ctx.skip("attention", "", "sdpa backends", reason(e))
-    for dtype in ctx.dtypes_for([torch.float16]):
+    for dtype in ctx.dtypes_for([torch.float16], cpu=[torch.float32]):
         impls, _ = fastdiff_impls(ctx, "attention", implemented,
                                   lambda q, k, v: attention(q, k, v), dtype)
         impls += sdpa_impls
@@ -299,7 +306,8 @@ def attention_suite(ctx: Ctx):
 # -- the U-Net attention block --------------------------------------------------------------
 BLOCK_SHAPES = {"full": [(256, 256, 16, 16, 1, 256), (2, 320, 64, 64, 8, 40)],
                 "quick": [(256, 256, 16, 16, 1, 256), (2, 320, 64, 64, 8, 40)],
-                "tiny": [(2, 64, 4, 4, 1, 64), (1, 64, 3, 5, 2, 32)]}  # B, C, H, W, heads, dh
+                "tiny": [(2, 64, 4, 4, 1, 64), (1, 64, 3, 5, 2, 32)],
+                "cpu": [(2, 320, 32, 32, 8, 40)]}  # B, C, H, W, heads, dh
 
 
 @suite("attention_block",
@@ -316,7 +324,7 @@ def attention_block_suite(ctx: Ctx):
     except Exception as e:  # noqa: BLE001 -- diffusers is optional
         Attention = None
         ctx.skip("attention_block", "", "diffusers Attention", f"not importable ({reason(e)})")
-    for dtype in ctx.dtypes_for([torch.float16]):
+    for dtype in ctx.dtypes_for([torch.float16], cpu=[torch.float32]):
         for B, C, H, W, heads, dh in ctx.shapes(BLOCK_SHAPES):
             kw = dict(device=ctx.device, dtype=dtype)
             if Attention is not None:

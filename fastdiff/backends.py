@@ -11,8 +11,9 @@ The rule (`pick`):
     implements it; an op without that implementation (e.g. attention has no `cpu` kernel) uses
     the `auto` choice. A forced backend that cannot run on the tensors' device raises.
   * `auto` on CUDA tensors: the order measured fastest for that op (AUTO_CUDA_ORDER, from
-    benchmarks/results); on CPU tensors: `cpu` when the extension is built, else `torch`;
-    under TRITON_INTERPRET=1 on CPU tensors the same as on CPU (the interpreter is for tests).
+    benchmarks/results); on CPU tensors likewise from the CPU table (AUTO_CPU_ORDER, per op and
+    where it differs per dtype / memory layout); the first available backend of the order runs.
+    Under TRITON_INTERPRET=1, CPU tensors follow the CPU table (the interpreter is for tests).
 """
 from __future__ import annotations
 
@@ -40,6 +41,23 @@ AUTO_CUDA_ORDER = {
 AUTO_CUDA_ORDER_BY_DTYPE = {
     ("attention", "float32"): ("torch", "triton"),
 }
+
+# Fastest first, per op, on CPU tensors: from benchmarks/results/<cpu>_<date>.md (2 threads,
+# torch 2.13): the C++ group_norm_silu kernel beats the PyTorch reference in both layouts and every
+# dtype; attention has no C++ kernel (the `torch` backend is PyTorch's SDPA, whose CPU flash kernel
+# a new one would have to beat); q_sample / sampler_step with in-kernel noise run 10-100x faster
+# in C++ than the reference's Philox in PyTorch ops.
+AUTO_CPU_ORDER = {
+    "q_sample": ("cpu", "torch"),
+    "sampler_step": ("cpu", "torch"),
+    "group_norm_silu": ("cpu", "torch"),
+    "attention": ("torch",),
+}
+
+# Per (op, dtype, layout) exceptions to AUTO_CPU_ORDER (dtype as "float16", layout as
+# "channels_last" / "contiguous"; None matches any). Empty: no case measured where the order
+# above loses.
+AUTO_CPU_ORDER_BY = {}
 
 _state = threading.local()
 
@@ -169,9 +187,24 @@ def _runs_on(name: str, device_type: str) -> bool:
     return False
 
 
-def pick(op: str, implemented, device, dtype=None) -> str:
-    """Name of the backend that runs `op` on tensors on `device` (of `dtype`, when the auto
-    order depends on it).
+def auto_order(op: str, device_type: str, dtype=None, layout=None) -> tuple:
+    """The backends `auto` tries for `op`, fastest first, on that device type (dtype and layout
+    pick the tables' exceptions)."""
+    dname = str(dtype).replace("torch.", "") if dtype is not None else None
+    if device_type == "cuda":
+        return AUTO_CUDA_ORDER_BY_DTYPE.get((op, dname)) or \
+            AUTO_CUDA_ORDER.get(op, ("triton", "cuda", "torch"))
+    if device_type == "cpu":
+        for key in ((op, dname, layout), (op, dname, None), (op, None, layout)):
+            if key in AUTO_CPU_ORDER_BY:
+                return AUTO_CPU_ORDER_BY[key]
+        return AUTO_CPU_ORDER.get(op, ("cpu", "torch"))
+    return ("torch",)
+
+
+def pick(op: str, implemented, device, dtype=None, layout=None) -> str:
+    """Name of the backend that runs `op` on tensors on `device` (of `dtype`, in memory `layout`
+    "contiguous" / "channels_last", when the auto order depends on them).
 
     `implemented`: the backends this op has. Raises ValueError/RuntimeError for a forced
     backend that is unavailable or cannot run on this device."""
@@ -187,15 +220,7 @@ def pick(op: str, implemented, device, dtype=None) -> str:
         if not _runs_on(want, device_type):
             raise ValueError(f"backend {want!r} cannot run {op} on {device_type} tensors")
         return want
-    if device_type == "cuda":
-        dname = str(dtype).replace("torch.", "") if dtype is not None else None
-        order = AUTO_CUDA_ORDER_BY_DTYPE.get((op, dname)) or \
-            AUTO_CUDA_ORDER.get(op, ("triton", "cuda", "torch"))
-    elif device_type == "cpu":
-        order = ("cpu", "torch")
-    else:
-        order = ("torch",)
-    for name in order:
+    for name in auto_order(op, device_type, dtype, layout):
         if name in implemented and available(name) and _runs_on(name, device_type) and (
                 name not in ("cpu", "cuda") or _extension_has(op)):
             return name

@@ -43,19 +43,33 @@ def info(args=None) -> int:
         print(f"  {op:<16} {' > '.join(order)}{_picked(backends, op)}")
     for (op, dtype), order in backends.AUTO_CUDA_ORDER_BY_DTYPE.items():
         print(f"  {op:<16} {' > '.join(order)}   ({dtype} inputs)")
-    print(f"  on CPU tensors: {'cpu (C++)' if backends.available('cpu') else 'torch (reference)'}")
+    print("\nauto choice per op on CPU tensors (first available):")
+    for op, order in backends.AUTO_CPU_ORDER.items():
+        print(f"  {op:<16} {' > '.join(order)}{_picked(backends, op, 'cpu')}")
+    for (op, dtype, layout), order in backends.AUTO_CPU_ORDER_BY.items():
+        where = ", ".join(w for w in (dtype and f"{dtype} inputs", layout) if w)
+        print(f"  {op:<16} {' > '.join(order)}   ({where})")
+    ext, _ = backends.extension()
+    if ext is not None and hasattr(ext, "cpu_capability"):
+        print(f"  C++ CPU kernels: {ext.cpu_capability()} variant "
+              f"(compiled: {', '.join(ext.cpu_capabilities())}), {_threads()} threads")
     print(f"\nrequested now: {backends.requested()}")
     return 0
 
 
-def _picked(backends, op: str) -> str:
-    """' -> <backend>': what auto runs for op on this machine's GPU ('' without one)."""
+def _threads() -> int:
     import torch
-    if not torch.cuda.is_available():
+    return torch.get_num_threads()
+
+
+def _picked(backends, op: str, device: str = "cuda") -> str:
+    """' -> <backend>': what auto runs for op on this machine's GPU or CPU ('' without a GPU)."""
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
         return ""
     try:
         implemented = __import__(f"fastdiff.ops.{op}", fromlist=["IMPLEMENTED"]).IMPLEMENTED
-        return f"   -> {backends.pick(op, implemented, 'cuda')} here"
+        return f"   -> {backends.pick(op, implemented, device)} here"
     except Exception as e:  # noqa: BLE001 - report, never fail `info`
         return f"   -> ? ({e.__class__.__name__}: {e})"
 

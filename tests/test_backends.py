@@ -1,4 +1,5 @@
 """Backend status, forcing and the dispatch rule."""
+import importlib
 import subprocess
 import sys
 import warnings
@@ -180,3 +181,64 @@ def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
     launch(t, 3)
     cpu = torch.randn(2)
     assert launch(cpu, 1)[0] is cpu and len(entered) == 1
+
+
+def test_auto_order_on_cpu_follows_the_cpu_table(monkeypatch):
+    """CPU tensors: the op's order in AUTO_CPU_ORDER, its (op, dtype, layout) exceptions first;
+    group_norm_silu passes its layout."""
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "available", lambda name: True)
+    monkeypatch.setattr(backends, "_extension_has", lambda op: True)
+    allb = ("torch", "triton", "cuda", "cpu")
+    for op, order in backends.AUTO_CPU_ORDER.items():
+        impl = allb if op != "attention" else ("torch", "triton")
+        assert backends.pick(op, impl, "cpu", torch.float16) == order[0], op
+    assert backends.AUTO_CPU_ORDER["attention"][0] == "torch"  # SDPA; no C++ kernel to prefer
+    monkeypatch.setattr(backends, "AUTO_CPU_ORDER_BY", {
+        ("group_norm_silu", None, "channels_last"): ("torch", "cpu"),
+        ("group_norm_silu", "bfloat16", "contiguous"): ("torch",)})
+    pick = backends.pick
+    assert pick("group_norm_silu", allb, "cpu", torch.float32, "channels_last") == "torch"
+    assert pick("group_norm_silu", allb, "cpu", torch.float32, "contiguous") == "cpu"
+    assert pick("group_norm_silu", allb, "cpu", torch.bfloat16, "contiguous") == "torch"
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+    seen = []
+    real = backends.pick
+    monkeypatch.setattr(backends, "pick", lambda *a, **k: seen.append(a[3:]) or real(*a, **k))
+    x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        group_norm_silu(x, None, None, 2)
+    assert seen == [(torch.float32, "channels_last")]
+
+
+def test_cli_info_shows_the_cpu_choice():
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "auto choice per op on CPU tensors" in r.stdout
+    for op, order in backends.AUTO_CPU_ORDER.items():
+        assert f"  {op:<16} {' > '.join(order)}   -> " in r.stdout
+    if backends.available("cpu"):
+        assert "C++ CPU kernels: " in r.stdout and "DEFAULT" in r.stdout
+
+
+def test_torch_attention_on_cpu_is_sdpa(monkeypatch, seed):
+    """The `torch` backend on CPU tensors runs PyTorch's SDPA (no Lq×Lk matrix), not the
+    reference; float64 still runs the reference."""
+    import torch.nn.functional as F
+    att = importlib.import_module("fastdiff.ops.attention")
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+
+    def no_ref(*a, **k):
+        raise AssertionError("the reference ran")
+    monkeypatch.setattr(att, "attention_ref", no_ref)
+    q, k, v = (torch.randn(1, 2, 9, 32) for _ in range(3))
+    with fastdiff.use_backend("torch"), torch.no_grad():
+        o = att.attention(q, k, v)
+    assert calls == [torch.float32] and o.shape == q.shape
+    monkeypatch.undo()
+    assert torch.allclose(o, att.attention_ref(q.double(), k.double(), v.double()).float(),
+                          atol=1e-5)

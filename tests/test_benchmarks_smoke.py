@@ -32,22 +32,67 @@ def test_microbenchmarks_run_once():
     assert " passed" in r.stdout and "error" not in r.stdout.lower()
 
 
-def test_no_gpu_falls_back_to_microbenchmarks(monkeypatch, capsys):
+def test_micro_runs_the_microbenchmarks(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(run, "_pytest_main", lambda args: calls.append(args) or 0)
-    assert run.main(["--quick", "--ops", "q_sample,attention"]) == 0
-    assert "needs a CUDA device" in capsys.readouterr().out
+    assert run.main(["--micro", "--quick", "--ops", "q_sample,attention"]) == 0
     (args,) = calls
     assert "--benchmark-only" in args and "--benchmark-max-time=0.05" in args
     assert [Path(a).name for a in args if a.endswith(".py")] == ["test_bench_q_sample.py",
                                                                  "test_bench_attention.py"]
     monkeypatch.setattr(run, "_pytest_main", lambda args: 5)  # nothing collected is not a failure
-    assert run.main([]) == 0
+    assert run.main(["--micro"]) == 0
+
+
+def test_no_gpu_runs_the_cpu_table(monkeypatch, capsys, tmp_path):
+    """Without a GPU the suites run on CPU at their "cpu" shapes (the CPU table), at the thread
+    count asked, without torch.compile rows unless --compile."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run, "run", lambda args: seen.append(args) or pytest.skip("wired"))
+    threads = torch.get_num_threads()
+    try:
+        run.main(["--threads", "1", "--out", str(tmp_path)])
+    except pytest.skip.Exception:
+        pass
+    assert "No CUDA device is visible" in capsys.readouterr().out
+    (args,) = seen
+    assert args.device == "cpu" and args.threads == 1 and not args.tiny and not args.compile
+    monkeypatch.undo()
+    ctx = harness.Ctx("cpu", tiny=False)
+    assert ctx.size == "cpu" and ctx.min_calls >= 30
+    for name in ("q_sample", "sampler_step", "group_norm_silu", "attention"):
+        from benchmarks import suites
+        table = {"q_sample": suites.Q_SHAPES, "sampler_step": suites.S_SHAPES,
+                 "group_norm_silu": suites.G_SHAPES, "attention": suites.A_SHAPES}[name]
+        assert ctx.shapes(table), name
+    with pytest.raises(harness.SuiteSkip, match="no 'cpu' shapes"):
+        ctx.shapes({"full": [(1,)], "tiny": [(1,)]})
+    torch.set_num_threads(threads)
+
+
+def test_cpu_table_rows(tmp_path):
+    """The CPU side-by-side table: one line per case and baseline, the `auto` row against eager
+    and diffusers, minimum times; threads and CPU in the header."""
+    threads = torch.get_num_threads()
+    argv = ["--device", "cpu", "--tiny", "--threads", "1", "--no-compile", "--ops",
+            "sampler_step,group_norm_silu", "--only", "2x", "--out", str(tmp_path)]
+    result = run.run(run.parse_args(argv))
+    torch.set_num_threads(threads)
+    assert result["env"]["threads"] == 1 and result["env"]["cpu_capability"] is not None
+    assert all(r["min_ms"] <= r["ms"] for r in result["rows"])
+    lines = harness.cpu_summary(result)
+    assert lines[0].startswith("## CPU side by side (1 threads, ")
+    body = [ln for ln in lines if ln.startswith("| sampler_step") or ln.startswith("| group")]
+    assert any("| PyTorch eager |" in ln and "(auto)" in ln for ln in body)
+    assert any("| diffusers DDPMScheduler.step |" in ln for ln in body)
+    assert all(ln.count("×**") == 1 and "GB/s" in ln for ln in body)
+    md = harness.format_markdown(result, SUITES)
+    assert "## CPU side by side" in md and "threads of" in md
 
 
 def test_suites_on_cpu_write_results(tmp_path, capsys):
-    assert run.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path)]) == 0
+    assert run.main(["--device", "cpu", "--tiny", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     stems = {p.suffix: p for p in tmp_path.iterdir()}
     assert ".json" in stems and ".md" in stems
@@ -95,7 +140,7 @@ def test_suites_on_cpu_write_results(tmp_path, capsys):
 
 
 def test_compile_rows_and_compile_failure(tmp_path, monkeypatch):
-    argv = ["--device", "cpu", "--ops", "q_sample", "--only", "eps given 2x3x8x8 fp32",
+    argv = ["--device", "cpu", "--tiny", "--ops", "q_sample", "--only", "eps given 2x3x8x8 fp32",
             "--compile-backend", "eager", "--out", str(tmp_path)]
     result = run.run(run.parse_args(argv))
     by_impl = {r["impl"]: r for r in result["rows"]}
@@ -164,7 +209,7 @@ def test_cli_bench_wiring(tmp_path):
     cli = pytest.importorskip("fastdiff.cli")
     if not hasattr(cli, "bench"):
         pytest.skip("fastdiff.cli has no bench subcommand yet")
-    assert cli.main(["bench", "--device", "cpu", "--ops", "attention", "--no-compile",
+    assert cli.main(["bench", "--device", "cpu", "--tiny", "--ops", "attention", "--no-compile",
                      "--only", "2x1x16x32", "--out", str(tmp_path)]) == 0
     assert any(p.suffix == ".md" for p in tmp_path.iterdir())
 
@@ -206,7 +251,7 @@ def test_lost_device_stops_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setitem(SUITES, "broken", suites.Suite("broken", "broken", "", "GB/s",
                                                        broken_suite))
-    assert run.main(["--device", "cpu", "--no-compile", "--ops", "broken,q_sample",
+    assert run.main(["--device", "cpu", "--tiny", "--no-compile", "--ops", "broken,q_sample",
                      "--out", str(tmp_path)]) == 1  # an incomplete run is a failure
     (js,) = tmp_path.glob("*.json")
     result = json.loads(js.read_text())
@@ -218,14 +263,14 @@ def test_lost_device_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_default_budget_and_partial_files(tmp_path, monkeypatch):
-    args = run.parse_args(["--device", "cpu", "--ops", "q_sample", "--only", "2x3x8x8 fp32",
+    args = run.parse_args(["--device", "cpu", "--tiny", "--ops", "q_sample", "--only", "2x3x8x8 fp32",
                            "--no-compile", "--out", str(tmp_path), "--budget-s", "inf"])
     result = run.run(args)
     assert result["env"]["budget_s"] == float("inf") and result["rows"]
     (partial,) = tmp_path.glob("*_partial.json")  # checkpoints of a run in progress
     json.loads(partial.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert run.DEFAULT_BUDGET_S <= 540
-    args = run.parse_args(["--device", "cpu", "--ops", "q_sample", "--out", str(tmp_path),
+    args = run.parse_args(["--device", "cpu", "--tiny", "--ops", "q_sample", "--out", str(tmp_path),
                            "--budget-s", "0"])
     result = run.run(args)
     assert not result["rows"] and all("time budget" in k["reason"] for k in result["skipped"])

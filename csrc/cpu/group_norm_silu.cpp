@@ -1,129 +1,233 @@
-// GroupNorm (+ add before, + scale/shift and SiLU after) on the CPU: one task per (batch, group),
-// two passes over the group (statistics, then normalize; the second pass mostly hits cache).
+// GroupNorm (+ add before, + scale/shift and SiLU after) on the CPU, vectorized (group_norm_silu_vec.cpp holds
+// the SIMD loops, one variant per instruction set).
 //
-// NCHW-like layouts: a group is Cg contiguous rows of S pixels -> inner loops run along a row.
-// channels_last: a group is S pixels of Cg contiguous channels -> inner loops run across the
-// channels with per-channel accumulators. Both inner loops keep independent fp32 lanes, so they
-// vectorize without reassociating a reduction; blocks of at most kChunk elements are folded into
-// the group's statistics with Chan's formula (group_norm_silu.h).
+// The statistics of a group are a fixed function of its data, whatever the thread count: the
+// data is cut into fixed units (NCHW-like: blocks of at most kRowBlock elements of one channel's
+// row; channels_last: blocks of kClBlockElems / C pixels of one image), each unit's fp32 sums are
+// turned into (count, mean, M2), and the units are folded with Chan's formula in one fixed order
+// (per channel over its units, then over the group's channels). Shifted values d = x - x_ref
+// (x_ref: the group's first element; add enters as add_c - add_ref) keep inputs with |mean| >>
+// std from cancelling.
+//
+// Threads: with enough groups (NCHW) or images (channels_last) for the threads, one task per
+// group / image computes its statistics and then normalizes it while it is in cache. With few
+// (batch 1-2 against many threads), each pass is split over the units instead: statistics of every
+// unit in parallel, the folds (on the calling thread), then the normalization of every unit in
+// parallel. Both orders
+// compute the same units and fold them the same way, so the output bits do not depend on which
+// one ran, nor on the thread count.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
-#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu/group_norm_silu_vec.h"
 #include "group_norm_silu.h"
 
 namespace fastdiff {
 namespace {
 
-constexpr int64_t kLanes = 16;
-constexpr int64_t kChunk = 1024;   // elements of a row per fp32 block (16 lanes x 64)
-constexpr int64_t kChunkCL = 128;  // pixels per fp32 block in channels_last (1 lane per channel)
+constexpr int64_t kRowBlock = 4096;       // NCHW: elements of one row per statistics unit
+constexpr int64_t kClBlockElems = 32768;  // channels_last: about this many elements (whole pixels)
+constexpr int64_t kTasksPerThread = 4;    // fewer groups / images than this per thread: split
 
-template <typename scalar_t>
-GnStats row_stats(const scalar_t* row, int64_t n, float shift) {
-  GnStats st{0.f, 0.f, 0.f};
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, n - c0);
-    float s1[kLanes] = {0.f}, s2[kLanes] = {0.f};
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float d = static_cast<float>(row[c0 + i + l]) - shift;
-        s1[l] += d;
-        s2[l] += d * d;
-      }
-    }
-    for (int64_t l = 0; i < len; ++i, ++l) {
-      const float d = static_cast<float>(row[c0 + i]) - shift;
-      s1[l] += d;
-      s2[l] += d * d;
-    }
-    float t1 = 0.f, t2 = 0.f;
-    for (int64_t l = 0; l < kLanes; ++l) { t1 += s1[l]; t2 += s2[l]; }
-    st = gn_combine(st, gn_from_sums(static_cast<float>(len), t1, t2));
-  }
-  return st;
+// One task per group / image when there are enough for the threads to share evenly: a multiple
+// of the thread count, or many of them. Otherwise the split passes (two more parallel regions:
+// on a loaded machine every region waits for its slowest thread).
+bool whole_tasks(int64_t n) {
+  const int64_t t = at::get_num_threads();
+  return n >= kTasksPerThread * t || (n >= t && n % t == 0);
 }
 
-template <typename scalar_t>
-void gn_cpu_impl(const at::Tensor& x, const float* w, const float* bias, const float* add,
-                 const float* scale, const float* shift, int64_t G, float eps, bool silu,
-                 bool channels_last, at::Tensor& out) {
-  const int64_t B = x.size(0), C = x.size(1), S = x.numel() / (B * C), Cg = C / G;
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  scalar_t* yp = out.data_ptr<scalar_t>();
-  at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> da(Cg), s1(Cg), s2(Cg);
-    std::vector<GnCoef> coef(Cg);
-    std::vector<GnStats> cst(Cg);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / G, g = p % G;
-      const int64_t base = b * C * S + (channels_last ? g * Cg : g * Cg * S);
-      const float xs = static_cast<float>(xp[base]);
-      const float a0 = add ? add[b * C + g * Cg] : 0.f;
-      for (int64_t c = 0; c < Cg; ++c) da[c] = add ? add[b * C + g * Cg + c] - a0 : 0.f;
+struct GnProblem {
+  const char* x;
+  char* y;
+  int64_t esize;
+  GnDtype dtype;
+  int64_t B, C, S, G, Cg;
+  const float *w, *bias, *add, *scale, *shift;
+  float eps;
+  bool silu;
+};
 
+float load_float(const char* p, GnDtype dt) {
+  switch (dt) {
+    case GnDtype::kHalf: return static_cast<float>(*reinterpret_cast<const c10::Half*>(p));
+    case GnDtype::kBFloat16: return static_cast<float>(*reinterpret_cast<const c10::BFloat16*>(p));
+    default: return *reinterpret_cast<const float*>(p);
+  }
+}
+
+// da[c] = add[b, ch] - add[b, first channel of the group], for the group's Cg channels
+void group_da(const GnProblem& P, int64_t b, int64_t g, float* da) {
+  const float* a = P.add ? P.add + b * P.C + g * P.Cg : nullptr;
+  for (int64_t c = 0; c < P.Cg; ++c) da[c] = a ? a[c] - a[0] : 0.f;
+}
+
+// a[c], k[c] of y = act((x - ref) * a + k) for the group's channels, from its statistics
+void group_coefs(const GnProblem& P, int64_t b, int64_t g, GnStats st, const float* da, float* a,
+                 float* k) {
+  const float rstd = gn_rstd(st, P.eps);
+  for (int64_t c = 0; c < P.Cg; ++c) {
+    const int64_t ch = g * P.Cg + c;
+    const GnCoef co = gn_coef(st.mean, rstd, P.w ? P.w[ch] : 1.f, P.bias ? P.bias[ch] : 0.f,
+                              da[c], P.scale ? 1.f + P.scale[b * P.C + ch] : 1.f,
+                              P.shift ? P.shift[b * P.C + ch] : 0.f);
+    a[c] = co.scale;
+    k[c] = co.k;
+  }
+}
+
+// -- NCHW-like: a group is Cg rows of S contiguous elements ------------------------------------
+void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
+  const int64_t B = P.B, C = P.C, S = P.S, G = P.G, Cg = P.Cg, es = P.esize;
+  const int64_t nb = (S + kRowBlock - 1) / kRowBlock;  // units per row
+  auto row = [&](int64_t b, int64_t ch) { return (b * C + ch) * S * es; };
+  auto ref_of = [&](int64_t b, int64_t g) { return load_float(P.x + row(b, g * Cg), P.dtype); };
+  auto unit_len = [&](int64_t j) { return std::min(kRowBlock, S - j * kRowBlock); };
+  auto unit_stats = [&](int64_t b, int64_t ch, int64_t j, float ref) {
+    return K.row_stats(P.x + row(b, ch) + j * kRowBlock * es, unit_len(j), ref);
+  };
+  // the group's statistics from its units' (in the one fixed order)
+  auto fold = [&](const float* da, auto&& unit) {
+    GnStats st{0.f, 0.f, 0.f};
+    for (int64_t c = 0; c < Cg; ++c) {
+      GnStats sc{0.f, 0.f, 0.f};
+      for (int64_t j = 0; j < nb; ++j) sc = gn_combine(sc, unit(c, j));
+      sc.mean += da[c];
+      st = gn_combine(st, sc);
+    }
+    return st;
+  };
+  if (whole_tasks(B * G)) {  // one task per group
+    at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> da(Cg), a(Cg), k(Cg);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / G, g = p % G;
+        const float ref = ref_of(b, g);
+        group_da(P, b, g, da.data());
+        const GnStats st = fold(da.data(), [&](int64_t c, int64_t j) {
+          return unit_stats(b, g * Cg + c, j, ref);
+        });
+        group_coefs(P, b, g, st, da.data(), a.data(), k.data());
+        for (int64_t c = 0; c < Cg; ++c) {
+          const int64_t off = row(b, g * Cg + c);
+          K.row_apply(P.x + off, P.y + off, S, ref, a[c], k[c], P.silu);
+        }
+      }
+    });
+    return;
+  }
+  // few groups: every pass split over the units
+  const int64_t units = B * C * nb;
+  std::vector<GnStats> part(units);
+  std::vector<float> refs(B * G), a(B * C), k(B * C);
+  for (int64_t p = 0; p < B * G; ++p) refs[p] = ref_of(p / G, p % G);
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bc = u / nb, b = bc / C, ch = bc % C;
+      part[u] = unit_stats(b, ch, u % nb, refs[b * G + ch / Cg]);
+    }
+  });
+  {  // the folds: a few scalar operations per unit, on this thread (no third parallel region)
+    std::vector<float> da(Cg);
+    for (int64_t p = 0; p < B * G; ++p) {
+      const int64_t b = p / G, g = p % G;
+      group_da(P, b, g, da.data());
+      const GnStats* gp = part.data() + (b * C + g * Cg) * nb;
+      const GnStats st = fold(da.data(), [&](int64_t c, int64_t j) { return gp[c * nb + j]; });
+      group_coefs(P, b, g, st, da.data(), a.data() + b * C + g * Cg, k.data() + b * C + g * Cg);
+    }
+  }
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bc = u / nb, j = u % nb;
+      const int64_t off = row(bc / C, bc % C) + j * kRowBlock * es;
+      K.row_apply(P.x + off, P.y + off, unit_len(j), refs[(bc / C) * G + (bc % C) / Cg], a[bc],
+                  k[bc], P.silu);
+    }
+  });
+}
+
+// -- channels_last: an image is S pixels of C contiguous channels ------------------------------
+void gn_cl(const GnProblem& P, const GnVecKernels& K) {
+  const int64_t B = P.B, C = P.C, S = P.S, G = P.G, Cg = P.Cg, es = P.esize;
+  const int64_t kp = std::max<int64_t>(1, kClBlockElems / C);  // pixels per unit
+  const int64_t nb = (S + kp - 1) / kp;                         // units per image
+  auto unit_ptr = [&](int64_t b, int64_t j) { return (b * S + j * kp) * C * es; };
+  auto unit_pix = [&](int64_t j) { return std::min(kp, S - j * kp); };
+  // per image: ref[c] = the first element of c's group; da[c]
+  auto refs_of = [&](int64_t b, float* ref, float* da) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float r = load_float(P.x + unit_ptr(b, 0) + g * Cg * es, P.dtype);
+      std::fill(ref + g * Cg, ref + (g + 1) * Cg, r);
+      group_da(P, b, g, da + g * Cg);
+    }
+  };
+  // channel statistics (folded over the image's units in order) -> group statistics -> a, k
+  auto finish = [&](int64_t b, const float* da, float* mean, float* m2, const float* sums,
+                    int64_t sums_stride, float* a, float* k) {
+    std::fill(mean, mean + C, 0.f);
+    std::fill(m2, m2 + C, 0.f);
+    float n = 0.f;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* s = sums + j * sums_stride;
+      const float nj = static_cast<float>(unit_pix(j));
+      gn_cl_fold(C, n, mean, m2, nj, s, s + C);
+      n += nj;
+    }
+    for (int64_t g = 0; g < G; ++g) {
       GnStats st{0.f, 0.f, 0.f};
-      if (!channels_last) {
-        for (int64_t c = 0; c < Cg; ++c) {
-          // d = (x - xs) + da_c: a row shifted by (xs - da_c)
-          GnStats r = row_stats(xp + base + c * S, S, xs);
-          r.mean += da[c];
-          st = gn_combine(st, r);
-        }
-      } else {
-        for (int64_t c = 0; c < Cg; ++c) cst[c] = {0.f, 0.f, 0.f};
-        for (int64_t q0 = 0; q0 < S; q0 += kChunkCL) {
-          const int64_t len = std::min(kChunkCL, S - q0);
-          std::fill(s1.begin(), s1.end(), 0.f);
-          std::fill(s2.begin(), s2.end(), 0.f);
-          float* s1p = s1.data();
-          float* s2p = s2.data();
-          for (int64_t q = q0; q < q0 + len; ++q) {
-            const scalar_t* px = xp + base + q * C;
-            for (int64_t c = 0; c < Cg; ++c) {  // contiguous channels: vectorizes
-              const float d = static_cast<float>(px[c]) - xs;
-              s1p[c] += d;
-              s2p[c] += d * d;
-            }
-          }
-          for (int64_t c = 0; c < Cg; ++c)
-            cst[c] = gn_combine(cst[c], gn_from_sums(static_cast<float>(len), s1[c], s2[c]));
-        }
-        for (int64_t c = 0; c < Cg; ++c) {
-          GnStats r = cst[c];
-          r.mean += da[c];
-          st = gn_combine(st, r);
-        }
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        st = gn_combine(st, GnStats{n, mean[c] + da[c], m2[c]});
+      group_coefs(P, b, g, st, da + g * Cg, a + g * Cg, k + g * Cg);
+    }
+  };
+  if (whole_tasks(B)) {  // one task per image
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf(6 * C), sums(2 * C * nb);
+      float *ref = buf.data(), *da = ref + C, *mean = da + C, *m2 = mean + C, *a = m2 + C,
+            *k = a + C;
+      for (int64_t b = b0; b < b1; ++b) {
+        refs_of(b, ref, da);
+        std::fill(sums.begin(), sums.end(), 0.f);
+        for (int64_t j = 0; j < nb; ++j)
+          K.cl_sums(P.x + unit_ptr(b, j), C, unit_pix(j), ref, sums.data() + 2 * C * j,
+                    sums.data() + 2 * C * j + C);
+        finish(b, da, mean, m2, sums.data(), 2 * C, a, k);
+        for (int64_t j = 0; j < nb; ++j)
+          K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, unit_pix(j), ref, a, k,
+                     P.silu);
       }
-      const float rstd = gn_rstd(st, eps);
-      for (int64_t c = 0; c < Cg; ++c) {
-        const int64_t ch = g * Cg + c;
-        coef[c] = gn_coef(st.mean, rstd, w ? w[ch] : 1.f, bias ? bias[ch] : 0.f, da[c],
-                          scale ? 1.f + scale[b * C + ch] : 1.f, shift ? shift[b * C + ch] : 0.f);
-      }
-      if (!channels_last) {
-        for (int64_t c = 0; c < Cg; ++c) {
-          const scalar_t* row = xp + base + c * S;
-          scalar_t* yrow = yp + base + c * S;
-          const GnCoef k = coef[c];
-          for (int64_t i = 0; i < S; ++i)
-            yrow[i] = static_cast<scalar_t>(gn_apply(static_cast<float>(row[i]) - xs, k, silu));
-        }
-      } else {
-        const GnCoef* kp = coef.data();
-        for (int64_t q = 0; q < S; ++q) {
-          const scalar_t* px = xp + base + q * C;
-          scalar_t* py = yp + base + q * C;
-          for (int64_t c = 0; c < Cg; ++c)
-            py[c] = static_cast<scalar_t>(gn_apply(static_cast<float>(px[c]) - xs, kp[c], silu));
-        }
-      }
+    });
+    return;
+  }
+  // few images: every pass split over the units
+  std::vector<float> ref(B * C), da(B * C), a(B * C), k(B * C), sums(B * nb * 2 * C, 0.f);
+  for (int64_t b = 0; b < B; ++b) refs_of(b, ref.data() + b * C, da.data() + b * C);
+  at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / nb, j = u % nb;
+      float* s = sums.data() + u * 2 * C;
+      K.cl_sums(P.x + unit_ptr(b, j), C, unit_pix(j), ref.data() + b * C, s, s + C);
+    }
+  });
+  {  // the folds: a few vector operations per unit, on this thread
+    std::vector<float> mean(C), m2(C);
+    for (int64_t b = 0; b < B; ++b)
+      finish(b, da.data() + b * C, mean.data(), m2.data(), sums.data() + b * nb * 2 * C, 2 * C,
+             a.data() + b * C, k.data() + b * C);
+  }
+  at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / nb, j = u % nb;
+      K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, unit_pix(j), ref.data() + b * C,
+                 a.data() + b * C, k.data() + b * C, P.silu);
     }
   });
 }
@@ -173,16 +277,36 @@ void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& w
                          bool silu, at::Tensor out) {
   const int layout = gn_check_args(x, weight, bias, add, scale, shift, num_groups, out);
   if (x.numel() == 0) return;
-  const float* w = weight ? weight->data_ptr<float>() : nullptr;
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const float* a = add ? add->data_ptr<float>() : nullptr;
-  const float* sc = scale ? scale->data_ptr<float>() : nullptr;
-  const float* sh = shift ? shift->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu",
-                                  [&] {
-    gn_cpu_impl<scalar_t>(x, w, b, a, sc, sh, num_groups, static_cast<float>(eps), silu,
-                          layout == 1, out);
-  });
+  GnProblem P;
+  P.x = static_cast<const char*>(x.data_ptr());
+  P.y = static_cast<char*>(out.data_ptr());
+  P.esize = x.element_size();
+  switch (x.scalar_type()) {
+    case at::kFloat: P.dtype = GnDtype::kFloat; break;
+    case at::kHalf: P.dtype = GnDtype::kHalf; break;
+    case at::kBFloat16: P.dtype = GnDtype::kBFloat16; break;
+    default:
+      FD_CHECK(false, "group_norm_silu: x must be float32, float16 or bfloat16 (float64 runs the "
+               "reference), got ", x.scalar_type());
+  }
+  P.B = x.size(0);
+  P.C = x.size(1);
+  P.S = x.numel() / (P.B * P.C);
+  P.G = num_groups;
+  P.Cg = P.C / P.G;
+  P.w = weight ? weight->data_ptr<float>() : nullptr;
+  P.bias = bias ? bias->data_ptr<float>() : nullptr;
+  P.add = add ? add->data_ptr<float>() : nullptr;
+  P.scale = scale ? scale->data_ptr<float>() : nullptr;
+  P.shift = shift ? shift->data_ptr<float>() : nullptr;
+  P.eps = static_cast<float>(eps);
+  P.silu = silu;
+  const GnVecKernels& K = gn_vec_kernels(P.dtype);
+  if (layout == 1) {
+    gn_cl(P, K);
+  } else {
+    gn_nchw(P, K);
+  }
 }
 
 }  // namespace

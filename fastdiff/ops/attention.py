@@ -33,10 +33,11 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None
 
 
 def _attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """The `torch` backend and the autograd path: PyTorch's fused SDPA on CUDA (flash,
-    memory-efficient or cuDNN kernels: no Lq×Lk matrix, differentiable), the reference elsewhere
-    and for float64."""
-    if q.is_cuda and q.dtype != torch.float64:
+    """The `torch` backend and the autograd path: PyTorch's fused SDPA (on CUDA its flash,
+    memory-efficient or cuDNN kernels; on CPU its flash kernel, blocked over keys with fp32
+    accumulation, parallel over batch·heads·query blocks): no Lq×Lk matrix, differentiable.
+    The reference for float64 and on other devices."""
+    if q.device.type in ("cuda", "cpu") and q.dtype != torch.float64:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return attention_ref(q, k, v, scale)
 
@@ -121,12 +122,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     tensor cores and spills registers: `auto` sends float32 CUDA inputs to the `torch` backend
     (PyTorch's fused SDPA) instead; for speed, call it with fp16/bf16. float64 always runs the
     reference.
-    On CPU tensors (no `cpu` kernel for this op) the reference runs unless the `triton` backend
-    is forced under TRITON_INTERPRET=1.
+    On CPU tensors the `torch` backend runs PyTorch's SDPA (its CPU flash kernel; a C++ fastdiff
+    kernel would have to beat that oneDNN/AVX-512 code and does not exist), unless the `triton`
+    backend is forced under TRITON_INTERPRET=1.
 
     Autograd: when grad is enabled and q, k or v requires grad, the `torch` backend runs instead
-    (PyTorch's SDPA on CUDA, with its fused backward; the reference `attention_ref` on CPU); a
-    fastdiff backward kernel is not implemented.
+    (PyTorch's SDPA, with its fused backward, on CUDA and CPU); a fastdiff backward kernel is
+    not implemented.
 
     Returns:
         o: (B, H, Lq, D) in q's dtype. Without autograd it is a transposed view of a contiguous

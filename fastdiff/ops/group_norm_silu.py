@@ -110,7 +110,8 @@ def _group_norm_silu_body(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     """Inputs are checked; x is dense (contiguous or channels_last in any spatial rank)."""
     xd, cl = dense_layout(x)
     out = _out_like(xd)
-    backend = backends.pick("group_norm_silu", IMPLEMENTED, x.device)
+    backend = backends.pick("group_norm_silu", IMPLEMENTED, x.device, x.dtype,
+                            "channels_last" if cl else "contiguous")
     act = "silu" if silu else None
     if backend == "torch" or x.dtype == torch.float64 or x.numel() == 0:
         out.copy_(group_norm_silu_ref(xd, weight, bias, num_groups, eps, add, act, scale, shift))

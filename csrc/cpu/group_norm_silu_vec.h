@@ -1,0 +1,46 @@
+// The vectorized inner loops of the CPU group_norm_silu kernel, one variant per CPU capability
+// (group_norm_silu_vec.cpp, see vec.h). Plain pointers and sizes: the threading, the chunking
+// and the statistics of each group live in group_norm_silu.cpp.
+#pragma once
+#include <cstdint>
+
+#include "cpu/vec.h"
+#include "group_norm_silu.h"
+
+namespace fastdiff {
+
+enum class GnDtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// NCHW-like layouts: one row of n contiguous elements of one channel.
+//   row_stats: statistics of d = x - ref over the row
+//   row_apply: y = act((x - ref) * a + k)
+// channels_last: npix pixels of C contiguous channels, x at the first of them.
+//   cl_sums:  s1[c] += sum of d, s2[c] += sum of d^2 over the pixels, d = x[., c] - ref[c]
+//   cl_fold:  (n, mean[c], m2[c]) <- Chan's combination with the block (nb, s1[c], s2[c])
+//   cl_apply: y[., c] = act((x[., c] - ref[c]) * a[c] + k[c])
+struct GnVecKernels {
+  GnStats (*row_stats)(const void* x, int64_t n, float ref);
+  void (*row_apply)(const void* x, void* y, int64_t n, float ref, float a, float k, bool silu);
+  void (*cl_sums)(const void* x, int64_t C, int64_t npix, const float* ref, float* s1, float* s2);
+  void (*cl_apply)(const void* x, void* y, int64_t C, int64_t npix, const float* ref,
+                   const float* a, const float* k, bool silu);
+};
+
+}  // namespace fastdiff
+
+FD_CPU_DECLARE(const ::fastdiff::GnVecKernels& gn_vec_kernels(::fastdiff::GnDtype dtype))
+FD_CPU_DECLARE(void gn_cl_fold(int64_t C, float n, float* mean, float* m2, float nb,
+                               const float* s1, const float* s2))
+
+namespace fastdiff {
+
+inline const GnVecKernels& gn_vec_kernels(GnDtype dtype) {
+  return FD_CPU_DISPATCH(gn_vec_kernels, dtype);
+}
+
+inline void gn_cl_fold(int64_t C, float n, float* mean, float* m2, float nb, const float* s1,
+                       const float* s2) {
+  FD_CPU_DISPATCH(gn_cl_fold, C, n, mean, m2, nb, s1, s2);
+}
+
+}  // namespace fastdiff
