@@ -3,8 +3,8 @@
 // Statistics are fp32 on shifted values d = (x - x_ref) + (add_c - add_ref), where (x_ref,
 // add_ref) is the group's first element: GroupNorm is shift-invariant, and the shift keeps
 // inputs with |mean| >> std (mean 1e4, std 1) from cancelling. Partial statistics are merged
-// with Chan et al.'s pairwise formula; the output is folded per channel into
-// y = act((x - x_ref) * scale_c + k_c).
+// with Chan et al.'s pairwise formula; the output (affine, then * (1 + scale) + shift) is folded
+// per channel into y = act((x - x_ref) * scale_c + k_c).
 #pragma once
 #include <cstdint>
 #include <cmath>
@@ -46,10 +46,12 @@ struct GnCoef {
   float scale, k;
 };
 
-// y = ((x - x_ref) + da - mean) * rstd * w + b  ==  (x - x_ref) * scale + k
-FD_HD GnCoef gn_coef(float mean, float rstd, float w, float b, float da) {
+// y = (((x - x_ref) + da - mean) * rstd * w + b) * s1 + t  ==  (x - x_ref) * scale + k,
+// with s1 = 1 + scale_bc and t = shift_bc (the scale/shift modulation; 1 and 0 without it)
+FD_HD GnCoef gn_coef(float mean, float rstd, float w, float b, float da, float s1 = 1.f,
+                     float t = 0.f) {
   const float scale = rstd * w;
-  return {scale, b + (da - mean) * scale};
+  return {scale * s1, (b + (da - mean) * scale) * s1 + t};
 }
 
 FD_HD float gn_apply(float xr, GnCoef c, bool silu) {

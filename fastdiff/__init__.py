@@ -6,3 +6,4 @@ from .schedule import Schedule  # noqa: F401
 from . import ops  # noqa: F401
 from .ops import q_sample, sampler_step, group_norm_silu, attention  # noqa: F401
 from . import nn  # noqa: F401
+from .unet import UNet2DModel  # noqa: F401

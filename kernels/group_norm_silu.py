@@ -1,4 +1,5 @@
-"""GroupNorm (+ add before, + SiLU after) in Triton: y = act(GroupNorm(x + add[b, c])).
+"""GroupNorm (+ add before, + scale/shift and SiLU after) in Triton:
+y = act(GroupNorm(x + add[b, c]) * (1 + scale[b, c]) + shift[b, c]).
 
 Bytes moved (e = element size, N = x.numel()): the floor is read N·e + write N·e (plus
 C weights/biases and B·C adds, negligible). Paths:
@@ -19,7 +20,8 @@ and tiles are [BC, BS] blocks of that array, walked in memory order.
 
 Numerics: statistics in fp32 on d = (x - x_ref) + (add_c - add_ref), shifted by the group's first
 element (x_ref, add_ref), so mean 1e4 / std 1 inputs do not cancel. Each tile's (mean, M2) is
-computed exactly from registers (two-pass), tiles are merged with Chan's formula.
+computed exactly from registers (two-pass), tiles are merged with Chan's formula. The affine,
+scale and shift are folded into one per-channel multiply-add on the output.
 """
 import torch
 import triton
@@ -113,9 +115,10 @@ def _chan(n, mean, m2, nb, mb, m2b):
 
 
 @triton.jit
-def _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, base, offs, mask, cl, xr, b, g, C, Cg,
-                     a0, mean, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     HAS_ADD: tl.constexpr, SILU: tl.constexpr):
+def _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, mask, cl, xr,
+                     b, g, C, Cg, a0, mean, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     SILU: tl.constexpr):
     # y = ((x - x_ref) + (add_c - add_ref) - mean) * rstd * w_c + b_c, folded per channel into
     # y = (x - x_ref) * scale_c + k_c
     cm = cl < Cg
@@ -128,6 +131,12 @@ def _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, base, offs, mask, cl, xr, b,
         k = (da - mean) * scale
     if HAS_B:
         k = k + tl.load(bias_ptr + g * Cg + cl, mask=cm, other=0.0).to(tl.float32)
+    if HAS_SCALE:  # GN * (1 + s) + t  ==  (x - x_ref) * scale (1 + s) + (k (1 + s) + t)
+        s1 = 1.0 + tl.load(sc_ptr + b * C + g * Cg + cl, mask=cm, other=0.0).to(tl.float32)
+        scale = scale * s1
+        k = k * s1
+    if HAS_SHIFT:
+        k = k + tl.load(sh_ptr + b * C + g * Cg + cl, mask=cm, other=0.0).to(tl.float32)
     y = xr * scale[:, None] + k[:, None]
     if SILU:
         y = _silu(y)
@@ -135,10 +144,10 @@ def _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, base, offs, mask, cl, xr, b,
 
 
 @triton.jit
-def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, G, C, S, Cg, eps,
+def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, G, C, S, Cg, eps,
                      n_c_tiles, n_s_tiles,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
-                     SILU: tl.constexpr, CL: tl.constexpr, SINGLE: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, SINGLE: tl.constexpr,
                      BC: tl.constexpr, BS: tl.constexpr):
     """One program per (b, g). SINGLE: the whole group is one tile, read once."""
     b, g, base = _group_base(tl.program_id(0), G, C, S, Cg, CL)
@@ -148,8 +157,9 @@ def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, G, C, S, Cg, eps,
         d, xr = _load_d(x_ptr, a_ptr, base, offs, mask, cl, b, g, C, Cg, xs, a0, HAS_ADD)
         mean, m2 = _tile_stats(d, mask, nv)
         rstd = 1.0 / tl.sqrt(m2 / nv + eps)
-        _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, base, offs, mask, cl, xr, b, g, C, Cg,
-                         a0, mean, rstd, HAS_W, HAS_B, HAS_ADD, SILU)
+        _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, mask, cl, xr,
+                         b, g, C, Cg, a0, mean, rstd, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
+                         HAS_SHIFT, SILU)
     else:
         ntiles = n_c_tiles * n_s_tiles
         offs, mask, cl, n = _tile(0, n_c_tiles, n_s_tiles, C, S, Cg, CL, BC, BS)
@@ -164,8 +174,9 @@ def _gn_fused_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, G, C, S, Cg, eps,
         for t in range(0, ntiles):
             offs, mask, cl, nv = _tile(t, n_c_tiles, n_s_tiles, C, S, Cg, CL, BC, BS)
             d, xr = _load_d(x_ptr, a_ptr, base, offs, mask, cl, b, g, C, Cg, xs, a0, False)
-            _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, base, offs, mask, cl, xr, b, g, C,
-                             Cg, a0, mean, rstd, HAS_W, HAS_B, HAS_ADD, SILU)
+            _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, mask, cl,
+                             xr, b, g, C, Cg, a0, mean, rstd, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
+                             HAS_SHIFT, SILU)
 
 
 @triton.jit
@@ -194,10 +205,10 @@ def _gn_partial_kernel(x_ptr, a_ptr, ws_ptr, G, C, S, Cg, n_c_tiles, n_s_tiles, 
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, ws_ptr, G, C, S, Cg, eps,
-                     n_c_tiles, n_s_tiles, tiles_per_chunk, K,
+def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, y_ptr, ws_ptr, G, C, S, Cg,
+                     eps, n_c_tiles, n_s_tiles, tiles_per_chunk, K,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
-                     SILU: tl.constexpr, CL: tl.constexpr, KP: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, KP: tl.constexpr,
                      BC: tl.constexpr, BS: tl.constexpr):
     """Split pass 2, grid (B·G, K): combine the K partials of the group (the same fixed-order
     reduction in every program, so all chunks use bit-identical statistics), normalize chunk k."""
@@ -221,8 +232,9 @@ def _gn_apply_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, ws_ptr, G, C, S, Cg, 
     for t in range(t0, t1):
         offs, mask, cl, nv = _tile(t, n_c_tiles, n_s_tiles, C, S, Cg, CL, BC, BS)
         d, xr = _load_d(x_ptr, a_ptr, base, offs, mask, cl, b, g, C, Cg, xs, a0, False)
-        _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, base, offs, mask, cl, xr, b, g, C, Cg,
-                         a0, mean, rstd, HAS_W, HAS_B, HAS_ADD, SILU)
+        _normalize_store(y_ptr, w_ptr, bias_ptr, a_ptr, sc_ptr, sh_ptr, base, offs, mask, cl, xr,
+                         b, g, C, Cg, a0, mean, rstd, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
+                         HAS_SHIFT, SILU)
 
 
 def _sm_count(device) -> int:
@@ -260,9 +272,10 @@ def _plan(B, G, Cg, S, channels_last, device, block=None, split=None):
 
 @on_tensor_device
 def group_norm_silu_triton(x, weight, bias, add, num_groups, eps, activation, out, *,
-                           block=None, split=None, channels_last=None):
+                           block=None, split=None, channels_last=None, scale=None, shift=None):
     """x, out: (B, C, *spatial), dense in the same order (contiguous or channels_last, any spatial
-    rank); weight, bias: (C,) or None; add: (B, C) or None (any float dtypes, loaded as fp32).
+    rank); weight, bias: (C,) or None; add, scale, shift: (B, C) or None (any float dtypes, loaded
+    as fp32).
     `block=(BC, BS)` and `split=K` override the tile shape / chunk count (tests use them to
     exercise every path on small shapes)."""
     from fastdiff.ops.group_norm_silu import _channels_last_flag
@@ -279,21 +292,23 @@ def group_norm_silu_triton(x, weight, bias, add, num_groups, eps, activation, ou
     Cg = C // G
     single, BC, BS, K = _plan(B, G, Cg, S, cl, x.device, block, split)
     n_c_tiles, n_s_tiles = triton.cdiv(Cg, BC), triton.cdiv(S, BS)
-    if add is not None and not add.is_contiguous():
-        add = add.contiguous()
+    # the (B, C) and (C,) tensors may be strided views: the kernels index them densely
+    add, scale, shift = (t if t is None or t.is_contiguous() else t.contiguous()
+                         for t in (add, scale, shift))
     w = weight if weight is not None else x
     bi = bias if bias is not None else x
     a = add if add is not None else x
+    sc = scale if scale is not None else x
+    sh = shift if shift is not None else x
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
-                 SILU=activation == "silu", CL=bool(cl), BC=BC, BS=BS)
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=activation == "silu", CL=bool(cl), BC=BC, BS=BS)
     warps = 8 if BC * BS >= 2048 else 4
-    # weight/bias may be strided views: the kernels index them densely
     if weight is not None and not weight.is_contiguous():
         w = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
         bi = bias.contiguous()
     if K == 1:
-        _gn_fused_kernel[(B * G,)](x, w, bi, a, out, G, C, S, Cg, float(eps),
+        _gn_fused_kernel[(B * G,)](x, w, bi, a, sc, sh, out, G, C, S, Cg, float(eps),
                                    n_c_tiles, n_s_tiles, SINGLE=single, num_warps=warps, **flags)
         return out
     ntiles = n_c_tiles * n_s_tiles
@@ -303,7 +318,7 @@ def group_norm_silu_triton(x, weight, bias, add, num_groups, eps, activation, ou
     _gn_partial_kernel[(B * G, K)](x, a, ws, G, C, S, Cg, n_c_tiles, n_s_tiles, tpc, K,
                                    HAS_ADD=flags["HAS_ADD"], CL=flags["CL"], BC=BC, BS=BS,
                                    num_warps=warps)
-    _gn_apply_kernel[(B * G, K)](x, w, bi, a, out, ws, G, C, S, Cg, float(eps),
+    _gn_apply_kernel[(B * G, K)](x, w, bi, a, sc, sh, out, ws, G, C, S, Cg, float(eps),
                                  n_c_tiles, n_s_tiles, tpc, K, KP=_np2(K), num_warps=warps,
                                  **flags)
     return out

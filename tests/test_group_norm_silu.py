@@ -35,14 +35,19 @@ def _inputs(shape, G, dtype, *, add=True, affine=True, mean=0.0, device=DEVICE):
     return x, w, b, a
 
 
-def _ref64(x, w, b, G, eps=1e-5, add=None, activation="silu"):
+def _ref64(x, w, b, G, eps=1e-5, add=None, activation="silu", scale=None, shift=None):
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    return group_norm_silu_ref(d(x), d(w), d(b), G, eps, d(add), activation)
+    return group_norm_silu_ref(d(x), d(w), d(b), G, eps, d(add), activation, d(scale), d(shift))
 
 
-def _run(backend, x, w, b, G, eps=1e-5, add=None, activation="silu"):
+def _run(backend, x, w, b, G, eps=1e-5, add=None, activation="silu", scale=None, shift=None):
     with backends.use_backend(backend):
-        return group_norm_silu(x, w, b, G, eps, add=add, activation=activation)
+        return group_norm_silu(x, w, b, G, eps, add=add, scale=scale, shift=shift,
+                               activation=activation)
+
+
+def _scale_shift(B, C, device=DEVICE):
+    return torch.randn(B, C, device=device) * 0.5, torch.randn(B, C, device=device)
 
 
 def _channels_last(x):
@@ -81,6 +86,59 @@ def test_options(backend, add, affine, activation, seed):
     if activation is None and not add:  # and it is torch's GroupNorm
         assert_close(y, F.group_norm(x.double(), 2, None if w is None else w.double(),
                                      None if b is None else b.double()), torch.float32, scale=4.0)
+
+
+def test_scale_shift_reference_is_the_formula(seed):
+    """The reference itself: act(GroupNorm_affine(x + add) * (1 + scale) + shift), written out."""
+    x, w, b, a = _inputs((2, 8, 5, 6), 4, torch.float64)
+    sc, sh = (t.double() for t in _scale_shift(2, 8))
+    per = lambda t: t[:, :, None, None]  # noqa: E731
+    want = F.silu(F.group_norm(x + per(a), 4, w.double(), b.double(), 1e-5) * (1 + per(sc))
+                  + per(sh))
+    assert_close(group_norm_silu_ref(x, w.double(), b.double(), 4, 1e-5, a, "silu", sc, sh),
+                 want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,G", [((2, 8, 5, 7), 4), ((1, 6, 3, 5), 1), ((2, 6, 4, 4), 6),
+                                     ((2, 4, 2, 3, 5), 2), ((1, 4, 33, 37), 2)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_scale_shift(backend, dtype, shape, G, layout, seed):
+    x, w, b, a = _inputs(shape, G, dtype)
+    sc, sh = _scale_shift(*shape[:2])
+    if layout == "channels_last":
+        x = _channels_last(x)
+    y = _run(backend, x, w, b, G, add=a, scale=sc, shift=sh)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_close(y, _ref64(x, w, b, G, add=a, scale=sc, shift=sh), dtype, scale=4.0, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add,affine,activation,use_scale,use_shift", [
+    (False, True, "silu", True, False), (False, True, "silu", False, True),
+    (True, False, None, True, True), (False, False, "silu", True, True)])
+def test_scale_shift_options(backend, add, affine, activation, use_scale, use_shift, seed):
+    x, w, b, a = _inputs((2, 8, 6, 5), 2, torch.float32, add=add, affine=affine)
+    sc, sh = _scale_shift(2, 8)
+    kw = dict(add=a, activation=activation, scale=sc if use_scale else None,
+              shift=sh if use_shift else None)
+    for xx in (x, _channels_last(x)):
+        assert_close(_run(backend, xx, w, b, 2, **kw), _ref64(xx, w, b, 2, **kw), torch.float32,
+                     scale=4.0, msg=f"{backend} {kw['scale'] is not None} {kw['shift'] is not None}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_shift_strided_and_mixed_dtypes(backend, seed):
+    """scale/shift as strided views (diffusers' temb.chunk(2, dim=1)) and in half precision."""
+    x, w, b, _ = _inputs((2, 8, 5, 6), 4, torch.bfloat16)
+    temb = torch.randn(2, 16, device=DEVICE)
+    sc, sh = temb.chunk(2, dim=1)
+    assert not sc.is_contiguous()
+    y = _run(backend, x, w, b, 4, scale=sc, shift=sh.half())
+    assert_close(y, _ref64(x, w, b, 4, scale=sc, shift=sh.half()), torch.bfloat16, scale=4.0,
+                 msg=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,6 +239,13 @@ def test_triton_looped_and_split_paths(shape, G, block, split, layout, seed):
         group_norm_silu_triton(xa, wa, ba, aa, G, 1e-5, act, o, block=block, split=split)
         assert_close(o, _ref64(xa, wa, ba, G, add=aa, activation=act), torch.float32, scale=4.0,
                      msg=f"{block} {split} add={add} affine={affine} act={act}")
+    sc, sh = _scale_shift(*shape[:2])
+    for ss in ((sc, sh), (sc, None), (None, sh)):  # scale/shift on the looped and split paths
+        o = torch.full_like(x, float("nan"))
+        group_norm_silu_triton(x, w, b, a, G, 1e-5, "silu", o, block=block, split=split,
+                               scale=ss[0], shift=ss[1])
+        assert_close(o, _ref64(x, w, b, G, add=a, scale=ss[0], shift=ss[1]), torch.float32,
+                     scale=4.0, msg=f"{block} {split} scale/shift {[t is not None for t in ss]}")
     out2 = torch.full_like(x, float("nan"))
     group_norm_silu_triton(x, w, b, a, G, 1e-5, "silu", out2, block=block, split=split)
     assert torch.equal(out, out2), "split reduction must be deterministic"
@@ -220,6 +285,10 @@ def test_gpu_sd_shapes(backend, shape, G, layout, dtype, seed):
                  activation=act)
         ref = _ref64(x, w if affine else None, b if affine else None, G, add=aa, activation=act)
         assert_close(y, ref, dtype, scale=4.0, msg=f"{backend} add={add} affine={affine} {act}")
+    sc, sh = _scale_shift(*shape[:2])
+    y = _run(backend, x, w, b, G, add=a, scale=sc, shift=sh)
+    assert_close(y, _ref64(x, w, b, G, add=a, scale=sc, shift=sh), dtype, scale=4.0,
+                 msg=f"{backend} scale/shift")
 
 
 @pytest.mark.gpu
@@ -256,6 +325,13 @@ def test_gradcheck(seed):
     x, w, b, a = (t.double().requires_grad_() for t in _inputs((2, 4, 3, 3), 2, torch.float32))
     f = lambda x, w, b, a: group_norm_silu(x, w, b, 2, add=a)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b, a))
+
+
+def test_gradcheck_scale_shift(seed):
+    x, w, b, a = (t.double().requires_grad_() for t in _inputs((2, 4, 3, 3), 2, torch.float32))
+    sc, sh = (t.double().requires_grad_() for t in _scale_shift(2, 4))
+    f = lambda x, w, b, a, sc, sh: group_norm_silu(x, w, b, 2, add=a, scale=sc, shift=sh)  # noqa
+    assert torch.autograd.gradcheck(f, (x, w, b, a, sc, sh))
 
 
 def test_grad_path_fp32_channels_last(seed):
@@ -297,6 +373,11 @@ def test_module_loads_groupnorm_state_dict(affine, activation, seed):
         ref_a = F.group_norm((x + a[:, :, None, None]).double(), 4, *p64, eps=1e-6)
         ref_a = F.silu(ref_a) if activation == "silu" else ref_a
         assert_close(m(x, a), ref_a, torch.float32, scale=10.0)
+        sc, sh = _scale_shift(2, 8)
+        assert_close(m(x, a, sc, sh), _ref64(x, m.weight, m.bias, 4, 1e-6, a, activation, sc, sh),
+                     torch.float32, scale=10.0)
+        assert_close(m(x, scale=sc), _ref64(x, m.weight, m.bias, 4, 1e-6, None, activation, sc),
+                     torch.float32, scale=10.0)
 
 
 def test_module_rejects_bad_config():
@@ -315,6 +396,9 @@ def test_opcheck(seed):
     torch.library.opcheck(op, (x, w, b, a, 4, 1e-5, True),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(op, (_channels_last(x), None, None, None, 2, 1e-5, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    sc, sh = _scale_shift(2, 8)
+    torch.library.opcheck(op, (_channels_last(x), w, b, a, 4, 1e-5, True, sc, sh),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -368,3 +452,29 @@ def test_errors():
         group_norm_silu(x, None, torch.ones(8, device=other), 4)
     with pytest.raises(TypeError, match="bias must be a floating tensor"):
         group_norm_silu(x, None, torch.ones(8, dtype=torch.int32, device=DEVICE), 4)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 8\)"):
+        group_norm_silu(x, None, None, 4, scale=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 8\)"):
+        group_norm_silu(x, None, None, 4, shift=torch.ones(1, 8, device=DEVICE))
+    with pytest.raises(TypeError, match="scale must be a floating tensor"):
+        group_norm_silu(x, None, None, 4, scale=torch.ones(2, 8, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match="shift must be a torch.Tensor"):
+        group_norm_silu(x, None, None, 4, shift=1.0)
+    with pytest.raises(ValueError, match="scale is on meta"):
+        group_norm_silu(x, None, None, 4, scale=torch.ones(2, 8, device=other))
+    with pytest.raises(ValueError, match="shift is on meta"):
+        group_norm_silu(x, None, None, 4, shift=torch.ones(2, 8, device=other))
+
+
+def test_extension_op_checks_scale_shift():
+    """The C++ entry point checks scale/shift too (it is reachable without the Python checks)."""
+    if not backends.available("cpu"):
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(2, 8, 3, 4)
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match="scale must be a contiguous float32 tensor"):
+        torch.ops.fastdiff_ext.group_norm_silu(x, None, None, None, torch.ones(2, 4), None, 4,
+                                               1e-5, True, out)
+    with pytest.raises(ValueError, match="shift must be a contiguous float32 tensor"):
+        torch.ops.fastdiff_ext.group_norm_silu(x, None, None, None, None,
+                                               torch.ones(2, 8).half(), 4, 1e-5, True, out)

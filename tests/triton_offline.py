@@ -104,6 +104,10 @@ def group_norm_silu():
             fastdiff.group_norm_silu(x, w, b, G, add=a)
             fastdiff.group_norm_silu(x.to(memory_format=torch.channels_last), None, None, G,
                                      activation=None)
+            sc, sh = torch.randn(shape[0], C), torch.randn(shape[0], C)
+            fastdiff.group_norm_silu(x, w, b, G, add=a, scale=sc, shift=sh)
+            fastdiff.group_norm_silu(x.to(memory_format=torch.channels_last), w, b, G, scale=sc,
+                                     shift=sh)
 
 
 def attention():

@@ -1,4 +1,4 @@
-// GroupNorm (+ add before, + SiLU after) on the CPU: one task per (batch, group), two passes over
+// GroupNorm (+ add before, + scale/shift and SiLU after) on the CPU: one task per (batch, group), two passes over
 // the group (statistics, then normalize; the second pass mostly hits cache).
 //
 // NCHW-like layouts: a group is Cg contiguous rows of S pixels -> inner loops run along a row.
@@ -52,7 +52,7 @@ GnStats row_stats(const scalar_t* row, int64_t n, float shift) {
 
 template <typename scalar_t>
 void gn_cpu_impl(const at::Tensor& x, const float* w, const float* bias, const float* add,
-                 int64_t G, float eps, bool silu, bool channels_last, at::Tensor& out) {
+                 const float* scale, const float* shift, int64_t G, float eps, bool silu, bool channels_last, at::Tensor& out) {
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / (B * C), Cg = C / G;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
@@ -103,7 +103,8 @@ void gn_cpu_impl(const at::Tensor& x, const float* w, const float* bias, const f
       const float rstd = gn_rstd(st, eps);
       for (int64_t c = 0; c < Cg; ++c) {
         const int64_t ch = g * Cg + c;
-        coef[c] = gn_coef(st.mean, rstd, w ? w[ch] : 1.f, bias ? bias[ch] : 0.f, da[c]);
+        coef[c] = gn_coef(st.mean, rstd, w ? w[ch] : 1.f, bias ? bias[ch] : 0.f, da[c],
+                          scale ? 1.f + scale[b * C + ch] : 1.f, shift ? shift[b * C + ch] : 0.f);
       }
       if (!channels_last) {
         for (int64_t c = 0; c < Cg; ++c) {
@@ -131,6 +132,7 @@ void gn_cpu_impl(const at::Tensor& x, const float* w, const float* bias, const f
 // Checks shared with the CUDA entry point; returns the layout (0 NCHW-like, 1 channels_last).
 int gn_check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                   int64_t num_groups, const at::Tensor& out) {
   FD_CHECK(x.dim() >= 3 && x.dim() <= 8, "group_norm_silu: x must be (B, C, *spatial), got ",
            x.sizes());
@@ -149,6 +151,8 @@ int gn_check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
   check_param(weight, "weight", {C});
   check_param(bias, "bias", {C});
   check_param(add, "add", {B, C});
+  check_param(scale, "scale", {B, C});
+  check_param(shift, "shift", {B, C});
   FD_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
            out.device() == x.device(), "group_norm_silu: out must match x in shape, dtype, device");
   const int lx = gn_layout(x.sizes().data(), x.strides().data(), static_cast<int>(x.dim()));
@@ -162,16 +166,20 @@ namespace {
 
 void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& add, int64_t num_groups, double eps,
+                         const c10::optional<at::Tensor>& add,
+                         const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps,
                          bool silu, at::Tensor out) {
-  const int layout = gn_check_args(x, weight, bias, add, num_groups, out);
+  const int layout = gn_check_args(x, weight, bias, add, scale, shift, num_groups, out);
   if (x.numel() == 0) return;
   const float* w = weight ? weight->data_ptr<float>() : nullptr;
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* a = add ? add->data_ptr<float>() : nullptr;
+  const float* sc = scale ? scale->data_ptr<float>() : nullptr;
+  const float* sh = shift ? shift->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu",
                                   [&] {
-    gn_cpu_impl<scalar_t>(x, w, b, a, num_groups, static_cast<float>(eps), silu, layout == 1, out);
+    gn_cpu_impl<scalar_t>(x, w, b, a, sc, sh, num_groups, static_cast<float>(eps), silu, layout == 1, out);
   });
 }
 
@@ -179,8 +187,8 @@ void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& w
 }  // namespace fastdiff
 
 TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
-  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, int num_groups, "
-        "float eps, bool silu, Tensor(a!) out) -> ()");
+  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, "
+        "Tensor? shift, int num_groups, float eps, bool silu, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) {

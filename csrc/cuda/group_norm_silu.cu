@@ -1,4 +1,4 @@
-// GroupNorm (+ add before, + SiLU after) on CUDA, same plan as kernels/group_norm_silu.py.
+// GroupNorm (+ add before, + scale/shift and SiLU after) on CUDA, same plan as kernels/group_norm_silu.py.
 //
 // Bytes: the floor is read x + write y (N·e each). With K == 1 one block owns a group: it reads
 // the group for the statistics and again to normalize (the re-read mostly hits L2/L1).
@@ -28,6 +28,7 @@ namespace fastdiff {
 // Defined in cpu/group_norm_silu.cpp (one set of checks for both devices).
 int gn_check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                   int64_t num_groups, const at::Tensor& out);
 
 namespace {
@@ -109,7 +110,8 @@ __device__ GnStats chunk_stats(const scalar_t* __restrict__ xg, const float* __r
 template <typename scalar_t, int V>
 __device__ void chunk_apply(const scalar_t* __restrict__ xg, scalar_t* __restrict__ yg,
                             const float* __restrict__ wg, const float* __restrict__ bg,
-                            const float* __restrict__ ag, float a0, float xs, GnStats st,
+                            const float* __restrict__ ag, const float* __restrict__ sg,
+                            const float* __restrict__ tg, float a0, float xs, GnStats st,
                             float eps, bool silu, const GroupGeom geo, int64_t v0, int64_t v1) {
   const float rstd = gn_rstd(st, eps);
   for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
@@ -122,7 +124,8 @@ __device__ void chunk_apply(const scalar_t* __restrict__ xg, scalar_t* __restric
     for (int j = 0; j < V; ++j) {
       const int64_t c = geo.cl ? col + j : r;
       const GnCoef k = gn_coef(st.mean, rstd, wg ? __ldg(wg + c) : 1.f, bg ? __ldg(bg + c) : 0.f,
-                               ag ? __ldg(ag + c) - a0 : 0.f);
+                               ag ? __ldg(ag + c) - a0 : 0.f, sg ? 1.f + __ldg(sg + c) : 1.f,
+                               tg ? __ldg(tg + c) : 0.f);
       out.v[j] = static_cast<scalar_t>(gn_apply(f[j] - xs, k, silu));
     }
     *reinterpret_cast<VecT<scalar_t, V>*>(yg + off) = out;
@@ -131,18 +134,22 @@ __device__ void chunk_apply(const scalar_t* __restrict__ xg, scalar_t* __restric
 
 struct GroupPtrs {
   int64_t base;  // offset of the group's first element
-  const float *w, *b, *a;
+  const float *w, *b, *a, *s, *t;  // the group's weight, bias, add, scale, shift (or null)
   float a0;
 };
 
 __device__ __forceinline__ GroupPtrs group_ptrs(int64_t pid, const GroupGeom& geo,
-                                                const float* w, const float* b, const float* a) {
+                                                const float* w, const float* b, const float* a,
+                                                const float* s = nullptr,
+                                                const float* t = nullptr) {
   const int64_t bi = pid / geo.G, g = pid % geo.G;
   GroupPtrs p;
   p.base = bi * geo.C * geo.S + (geo.cl ? g * geo.Cg : g * geo.Cg * geo.S);
   p.w = w ? w + g * geo.Cg : nullptr;
   p.b = b ? b + g * geo.Cg : nullptr;
   p.a = a ? a + bi * geo.C + g * geo.Cg : nullptr;
+  p.s = s ? s + bi * geo.C + g * geo.Cg : nullptr;
+  p.t = t ? t + bi * geo.C + g * geo.Cg : nullptr;
   p.a0 = a ? __ldg(p.a) : 0.f;
   return p;
 }
@@ -150,12 +157,13 @@ __device__ __forceinline__ GroupPtrs group_ptrs(int64_t pid, const GroupGeom& ge
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
 gn_fused_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const float* w,
-                const float* b, const float* a, float eps, bool silu, GroupGeom geo) {
-  const GroupPtrs p = group_ptrs(blockIdx.x, geo, w, b, a);
+                const float* b, const float* a, const float* s, const float* t, float eps,
+                bool silu, GroupGeom geo) {
+  const GroupPtrs p = group_ptrs(blockIdx.x, geo, w, b, a, s, t);
   const float xs = static_cast<float>(x[p.base]);
   const GnStats st = chunk_stats<scalar_t, V>(x + p.base, p.a, p.a0, xs, geo, 0, geo.nvec);
-  chunk_apply<scalar_t, V>(x + p.base, y + p.base, p.w, p.b, p.a, p.a0, xs, st, eps, silu, geo,
-                           0, geo.nvec);
+  chunk_apply<scalar_t, V>(x + p.base, y + p.base, p.w, p.b, p.a, p.s, p.t, p.a0, xs, st, eps,
+                           silu, geo, 0, geo.nvec);
 }
 
 template <typename scalar_t, int V>
@@ -178,8 +186,8 @@ gn_partial_kernel(const scalar_t* __restrict__ x, const float* a, float* __restr
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
 gn_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const float* w,
-                const float* b, const float* a, const float* __restrict__ ws, float eps,
-                bool silu, GroupGeom geo, int64_t vpc) {
+                const float* b, const float* a, const float* s, const float* t,
+                const float* __restrict__ ws, float eps, bool silu, GroupGeom geo, int64_t vpc) {
   const int64_t pid = blockIdx.x, k = blockIdx.y, K = gridDim.y;
   __shared__ GnStats total;
   if (threadIdx.x == 0) {  // same order in every block of the group: identical statistics
@@ -191,11 +199,11 @@ gn_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const 
     total = st;
   }
   __syncthreads();
-  const GroupPtrs p = group_ptrs(pid, geo, w, b, a);
+  const GroupPtrs p = group_ptrs(pid, geo, w, b, a, s, t);
   const float xs = static_cast<float>(x[p.base]);
   const int64_t v0 = k * vpc, v1 = min(v0 + vpc, geo.nvec);
-  chunk_apply<scalar_t, V>(x + p.base, y + p.base, p.w, p.b, p.a, p.a0, xs, total, eps, silu,
-                           geo, v0, v1);
+  chunk_apply<scalar_t, V>(x + p.base, y + p.base, p.w, p.b, p.a, p.s, p.t, p.a0, xs, total, eps,
+                           silu, geo, v0, v1);
 }
 
 // SM count of the current device, queried once per device (an attribute read, no sync).
@@ -217,7 +225,7 @@ int sm_count() {
 
 template <typename scalar_t, int V>
 void launch(const at::Tensor& x, at::Tensor& out, const float* w, const float* b, const float* a,
-            float eps, bool silu, GroupGeom geo, int64_t B) {
+            const float* s, const float* t, float eps, bool silu, GroupGeom geo, int64_t B) {
   geo.nvec = geo.rows * geo.cols / V;
   const int64_t groups = B * geo.G;
   const int sms = sm_count();
@@ -234,8 +242,8 @@ void launch(const at::Tensor& x, at::Tensor& out, const float* w, const float* b
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
   if (K == 1) {
-    gn_fused_kernel<scalar_t, V><<<dim3(groups), kThreads, 0, stream>>>(xp, yp, w, b, a, eps,
-                                                                         silu, geo);
+    gn_fused_kernel<scalar_t, V><<<dim3(groups), kThreads, 0, stream>>>(xp, yp, w, b, a, s, t,
+                                                                         eps, silu, geo);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -244,7 +252,7 @@ void launch(const at::Tensor& x, at::Tensor& out, const float* w, const float* b
   gn_partial_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, a, ws.data_ptr<float>(), geo,
                                                                 vpc);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gn_apply_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, yp, w, b, a,
+  gn_apply_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, yp, w, b, a, s, t,
                                                               ws.data_ptr<float>(), eps, silu,
                                                               geo, vpc);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -252,9 +260,11 @@ void launch(const at::Tensor& x, at::Tensor& out, const float* w, const float* b
 
 void group_norm_silu_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& add, int64_t num_groups, double eps,
+                          const c10::optional<at::Tensor>& add,
+                          const c10::optional<at::Tensor>& scale,
+                          const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps,
                           bool silu, at::Tensor out) {
-  const int layout = gn_check_args(x, weight, bias, add, num_groups, out);
+  const int layout = gn_check_args(x, weight, bias, add, scale, shift, num_groups, out);
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1);
@@ -271,6 +281,8 @@ void group_norm_silu_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& 
   const float* w = weight ? weight->data_ptr<float>() : nullptr;
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* a = add ? add->data_ptr<float>() : nullptr;
+  const float* sc = scale ? scale->data_ptr<float>() : nullptr;
+  const float* sh = shift ? shift->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cuda",
                                   [&] {
     // widest vector (<= 16 bytes) that never straddles a row and keeps every access aligned
@@ -285,10 +297,12 @@ void group_norm_silu_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& 
     while (v > 1 && !aligned(v)) v /= 2;
     const float e = static_cast<float>(eps);
     switch (v) {
-      case 8: launch<scalar_t, (kMaxV >= 8 ? 8 : 1)>(x, out, w, b, a, e, silu, geo, B); break;
-      case 4: launch<scalar_t, (kMaxV >= 4 ? 4 : 1)>(x, out, w, b, a, e, silu, geo, B); break;
-      case 2: launch<scalar_t, 2>(x, out, w, b, a, e, silu, geo, B); break;
-      default: launch<scalar_t, 1>(x, out, w, b, a, e, silu, geo, B); break;
+      case 8: launch<scalar_t, (kMaxV >= 8 ? 8 : 1)>(x, out, w, b, a, sc, sh, e, silu, geo, B);
+        break;
+      case 4: launch<scalar_t, (kMaxV >= 4 ? 4 : 1)>(x, out, w, b, a, sc, sh, e, silu, geo, B);
+        break;
+      case 2: launch<scalar_t, 2>(x, out, w, b, a, sc, sh, e, silu, geo, B); break;
+      default: launch<scalar_t, 1>(x, out, w, b, a, sc, sh, e, silu, geo, B); break;
     }
   });
 }

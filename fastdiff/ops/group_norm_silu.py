@@ -1,6 +1,10 @@
-"""GroupNorm (+ per-channel time-embedding bias before it) (+ SiLU after it) in one kernel.
+"""GroupNorm (+ per-channel time-embedding bias before it, + scale/shift after it) (+ SiLU) in
+one kernel.
 
-    y = act(GroupNorm(x + add[:, :, None, None]; num_groups, weight, bias, eps))
+    y = act(GroupNorm(x + add[:, :, None, None]; num_groups, weight, bias, eps)
+            * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+
+(scale/shift: the time-embedding modulation of diffusers' resnet_time_scale_shift="scale_shift".)
 
 Floor: read x once and write y once (x read twice when a group does not fit on chip: the second
 read then mostly hits L2), against eager's add pass + group_norm (2 reads, 1 write) + silu pass.
@@ -62,9 +66,11 @@ def _out_like(xd: Tensor) -> Tensor:
 
 def group_norm_silu_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                         num_groups: int, eps: float = 1e-5, add: Optional[Tensor] = None,
-                        activation: Optional[str] = "silu") -> Tensor:
-    """Plain PyTorch: act(F.group_norm(x + add[:, :, None...])). Math in float32 for
-    float16/bfloat16/float32 inputs (float64 for float64), result in x's dtype. Differentiable."""
+                        activation: Optional[str] = "silu", scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None) -> Tensor:
+    """Plain PyTorch: act(F.group_norm(x + add[:, :, None...]) * (1 + scale) + shift). Math in
+    float32 for float16/bfloat16/float32 inputs (float64 for float64), result in x's dtype.
+    Differentiable."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = x.to(dt)
     a = None if add is None else add.to(dt)
@@ -82,6 +88,11 @@ def group_norm_silu_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         h = h + a.view(a.shape[0], a.shape[1], *([1] * (x.dim() - 2)))
     y = F.group_norm(h, num_groups, None if weight is None else weight.to(dt),
                      None if bias is None else bias.to(dt), eps)
+    per_channel = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1 + scale.to(dt).reshape(per_channel))
+    if shift is not None:
+        y = y + shift.to(dt).reshape(per_channel)
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype)
@@ -93,22 +104,23 @@ def _params_f32(*ts):
 
 
 def _group_norm_silu_body(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        add: Optional[Tensor], num_groups: int, eps: float,
-                        silu: bool) -> Tensor:
+                          add: Optional[Tensor], num_groups: int, eps: float, silu: bool,
+                          scale: Optional[Tensor] = None,
+                          shift: Optional[Tensor] = None) -> Tensor:
     """Inputs are checked; x is dense (contiguous or channels_last in any spatial rank)."""
     xd, cl = dense_layout(x)
     out = _out_like(xd)
     backend = backends.pick("group_norm_silu", IMPLEMENTED, x.device)
     act = "silu" if silu else None
     if backend == "torch" or x.dtype == torch.float64 or x.numel() == 0:
-        out.copy_(group_norm_silu_ref(xd, weight, bias, num_groups, eps, add, act))
+        out.copy_(group_norm_silu_ref(xd, weight, bias, num_groups, eps, add, act, scale, shift))
     elif backend == "triton":
         from ..kernels.group_norm_silu import group_norm_silu_triton
         group_norm_silu_triton(xd, weight, bias, add, num_groups, eps, act, out,
-                               channels_last=cl)
+                               channels_last=cl, scale=scale, shift=shift)
     else:
-        w, b, a = _params_f32(weight, bias, add)
-        torch.ops.fastdiff_ext.group_norm_silu(xd, w, b, a, num_groups, eps, silu, out)
+        w, b, a, sc, sh = _params_f32(weight, bias, add, scale, shift)
+        torch.ops.fastdiff_ext.group_norm_silu(xd, w, b, a, sc, sh, num_groups, eps, silu, out)
     return out
 
 
@@ -117,11 +129,11 @@ _group_norm_silu_op = torch.library.custom_op("fastdiff::group_norm_silu",
 
 
 @_group_norm_silu_op.register_fake
-def _(x, weight, bias, add, num_groups, eps, silu):
+def _(x, weight, bias, add, num_groups, eps, silu, scale=None, shift=None):
     return torch.empty_like(dense_layout(x)[0])
 
 
-def _check(x, weight, bias, num_groups, eps, add, activation):
+def _check(x, weight, bias, num_groups, eps, add, activation, scale=None, shift=None):
     _checks.float_tensor("x", x, ndim_min=3)
     if x.dim() > 5:
         raise ValueError(f"x must be (B, C, *spatial) with 1 to 3 spatial dims, "
@@ -136,21 +148,27 @@ def _check(x, weight, bias, num_groups, eps, add, activation):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
-    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
-                           ("add", add, (x.shape[0], C))):
+    BC = (x.shape[0], C)
+    what = {"weight": "(C,)", "bias": "(C,)",
+            "add": "(B, C), the per-channel bias added before the norm",
+            "scale": "(B, C), the per-channel scale applied after the norm as (1 + scale)",
+            "shift": "(B, C), the per-channel shift added after the norm"}
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("add", add, BC),
+                           ("scale", scale, BC), ("shift", shift, BC)):
         if t is None:
             continue
         _checks.float_tensor(name, t)
         if tuple(t.shape) != shape:
-            what = "(B, C), the per-channel bias added before the norm" if name == "add" else "(C,)"
-            raise ValueError(f"{name} must have shape {shape} = {what}, got {tuple(t.shape)}")
-    _checks.same_device("x", x, weight=weight, bias=bias, add=add)
+            raise ValueError(f"{name} must have shape {shape} = {what[name]}, "
+                             f"got {tuple(t.shape)}")
+    _checks.same_device("x", x, weight=weight, bias=bias, add=add, scale=scale, shift=shift)
 
 
 def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
                     eps: float = 1e-5, *, add: Optional[Tensor] = None,
+                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                     activation: Optional[str] = "silu") -> Tensor:
-    """act(GroupNorm(x + add)) in one kernel.
+    """act(GroupNorm(x + add) * (1 + scale) + shift) in one kernel.
 
     Args:
         x: (B, C, *spatial), 1 to 3 spatial dims; float32/float16/bfloat16 (float64 runs the
@@ -160,6 +178,8 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         num_groups: G, must divide C (G = 1 and G = C both work).
         eps: added to the group variance.
         add: optional (B, C) per-channel bias added to x before the norm (time embedding).
+        scale, shift: optional (B, C) per-channel modulation after the affine norm:
+            y = act(GN(x + add) * (1 + scale) + shift) (diffusers' "scale_shift" time embedding).
         activation: "silu" (y = h * sigmoid(h)) or None (plain GroupNorm).
 
     Statistics are float32 whatever the input dtype. The backend is chosen by
@@ -169,15 +189,15 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     the call runs the plain-PyTorch reference instead, so gradients come from autograd of
     ordinary torch ops (correct, but not fused).
     """
-    _check(x, weight, bias, num_groups, eps, add, activation)
+    _check(x, weight, bias, num_groups, eps, add, activation, scale, shift)
     eps = float(eps)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, add)):
-        y = group_norm_silu_ref(x, weight, bias, num_groups, eps, add, activation)
+                                       for t in (x, weight, bias, add, scale, shift)):
+        y = group_norm_silu_ref(x, weight, bias, num_groups, eps, add, activation, scale, shift)
         xd = dense_layout(x)[0]
         if y.stride() != xd.stride():  # x's memory format, as the kernels give (copy_ is tracked)
             y = torch.empty_like(xd).copy_(y)
         return y
     return _checks.run_op(_group_norm_silu_op, _group_norm_silu_body, x, weight, bias, add,
-                          num_groups, eps, activation == "silu")
+                          num_groups, eps, activation == "silu", scale, shift)
 
