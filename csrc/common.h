@@ -57,9 +57,10 @@ FD_HD float uniform_from_bits(uint32_t r) {
   return (static_cast<float>(r >> 9) + 0.5f) * 1.1920928955078125e-07f;  // (0, 1), exact
 }
 
-// Normals of elements 4g .. 4g+3 for (seed, step, stream).
-FD_HD Normal4 normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream) {
-  uint32_t c[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), step, stream};
+// Normals of elements 4g .. 4g+3 of image `image` (its global index) for (seed, step, stream):
+// counter (g, image, step, stream), key = the seed's two words (fastdiff/reference.py).
+FD_HD Normal4 normal4(uint64_t seed, uint32_t image, uint32_t g, uint32_t step, uint32_t stream) {
+  uint32_t c[4] = {g, image, step, stream};
   philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   constexpr float kTwoPi = 6.2831854820251465f;
   const float rad_a = sqrtf(-2.0f * logf(uniform_from_bits(c[0])));
@@ -70,6 +71,31 @@ FD_HD Normal4 normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream)
   n.v[0] = rad_a * cosf(th_a); n.v[1] = rad_a * sinf(th_a);
   n.v[2] = rad_b * cosf(th_b); n.v[3] = rad_b * sinf(th_b);
   return n;
+}
+
+// The noise key of a launch: seed and the global index of sample 0, each a host value or, when
+// its pointer is set, an int64 the kernel reads on the device (so a replayed CUDA graph sees a
+// seed_t.fill_() / first_index_t.fill_()).
+struct NoiseKey {
+  uint64_t seed;
+  int64_t first;
+  const int64_t* seed_ptr;
+  const int64_t* first_ptr;
+};
+
+FD_HD uint64_t key_seed(const NoiseKey& k) {
+  return k.seed_ptr != nullptr ? static_cast<uint64_t>(k.seed_ptr[0]) : k.seed;
+}
+FD_HD uint32_t key_first(const NoiseKey& k) {
+  return static_cast<uint32_t>(k.first_ptr != nullptr ? k.first_ptr[0] : k.first);
+}
+// Philox groups of one sample: group k holds its elements 4k .. 4k+3 (the last may be short);
+// groups never straddle samples.
+FD_HD int64_t groups_per_sample(int64_t per_sample) { return (per_sample + 3) / 4; }
+
+// Counter word 1 of sample b: its global image index mod 2^32.
+FD_HD uint32_t image_index(uint32_t first, int64_t b) {
+  return first + static_cast<uint32_t>(b);
 }
 
 // Four consecutive elements moved as one 16-byte (fp32) or 8-byte (fp16/bf16) access; only for
@@ -90,8 +116,9 @@ FD_HD float lane(const Normal4& n, uint64_t k) {
   return k == 0 ? n.v[0] : (k == 1 ? n.v[1] : (k == 2 ? n.v[2] : n.v[3]));
 }
 
-FD_HD float normal_at(uint64_t seed, uint64_t i, uint32_t step, uint32_t stream) {
-  return lane(normal4(seed, i >> 2, step, stream), i);
+// Normal j (position inside its image) of image `image`.
+FD_HD float normal_at(uint64_t seed, uint32_t image, int64_t j, uint32_t step, uint32_t stream) {
+  return lane(normal4(seed, image, static_cast<uint32_t>(j >> 2), step, stream), static_cast<uint64_t>(j));
 }
 
 }  // namespace fastdiff

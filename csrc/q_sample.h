@@ -21,60 +21,54 @@ FD_HD float q_sample_v(QSampleCoef c, float x0, float eps) { return c.a * eps - 
 constexpr uint32_t kStreamQSample = 0;  // fastdiff.reference.STREAM_Q_SAMPLE
 
 struct QSampleArgs {
-  int64_t numel, per_sample, num_t;
-  uint64_t seed;
-  bool vec;  // every data pointer is Vec4-aligned
+  int64_t per_sample, num_t;
+  NoiseKey key;  // seed and first image index (host values or device pointers)
+  bool vec;      // per_sample % 4 == 0 and every data pointer Vec4-aligned
   const int64_t* t;
   const float* sqrt_ab;
   const float* sqrt_1mab;
 };
 
-// Elements 4g .. 4g+3 (Philox group g). The group's four normals are drawn once per sample it
-// touches: a group that straddles a sample boundary draws with each sample's own t, as
-// fastdiff.reference defines (t as given; only the schedule index is clamped).
+// Philox group k of sample b: elements j = 4k .. min(4k + 4, per_sample) - 1 of the sample, at
+// memory positions b * per_sample + j. The noise is that of image first + b at the sample's t
+// as given (only the schedule index is clamped), as fastdiff.reference defines.
 template <typename scalar_t, bool kHasNoise, bool kWantV>
-FD_HD void q_sample_group(int64_t g, const QSampleArgs& a, const scalar_t* x0,
+FD_HD void q_sample_group(int64_t b, int64_t k, const QSampleArgs& a, const scalar_t* x0,
                           const scalar_t* noise, scalar_t* x_t, scalar_t* eps, scalar_t* v) {
-  const int64_t end = 4 * g + 4 < a.numel ? 4 * g + 4 : a.numel;
-  if (a.vec && end == 4 * g + 4 && (4 * g) / a.per_sample == (4 * g + 3) / a.per_sample) {
-    // the common case: a whole group inside one sample, moved with one access per tensor
-    const int64_t i = 4 * g, tb = a.t[i / a.per_sample];
-    const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
-    const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x0 + i);
+  const int64_t tb = a.t[b];
+  const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+  const int64_t j0 = 4 * k, i0 = b * a.per_sample + j0;
+  const int64_t n = a.per_sample - j0 < 4 ? a.per_sample - j0 : 4;
+  Normal4 nz{};
+  if (!kHasNoise)
+    nz = normal4(key_seed(a.key), image_index(key_first(a.key), b), static_cast<uint32_t>(k),
+                 static_cast<uint32_t>(tb), kStreamQSample);
+  if (a.vec) {  // a whole group (per_sample % 4 == 0), moved with one access per tensor
+    const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x0 + i0);
     Vec4<scalar_t> ev, tv, vv;
-    Normal4 n{};
-    if (kHasNoise) ev = *reinterpret_cast<const Vec4<scalar_t>*>(noise + i);
-    else n = normal4(a.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
+    if (kHasNoise) ev = *reinterpret_cast<const Vec4<scalar_t>*>(noise + i0);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int k = 0; k < 4; ++k) {
-      const float e = kHasNoise ? static_cast<float>(ev.v[k]) : n.v[k];
-      if (!kHasNoise) ev.v[k] = static_cast<scalar_t>(e);
-      const float x = static_cast<float>(xv.v[k]);
-      tv.v[k] = static_cast<scalar_t>(q_sample_xt(c, x, e));
-      if (kWantV) vv.v[k] = static_cast<scalar_t>(q_sample_v(c, x, e));
+    for (int e = 0; e < 4; ++e) {
+      const float z = kHasNoise ? static_cast<float>(ev.v[e]) : nz.v[e];
+      if (!kHasNoise) ev.v[e] = static_cast<scalar_t>(z);
+      const float x = static_cast<float>(xv.v[e]);
+      tv.v[e] = static_cast<scalar_t>(q_sample_xt(c, x, z));
+      if (kWantV) vv.v[e] = static_cast<scalar_t>(q_sample_v(c, x, z));
     }
-    if (!kHasNoise) *reinterpret_cast<Vec4<scalar_t>*>(eps + i) = ev;
-    *reinterpret_cast<Vec4<scalar_t>*>(x_t + i) = tv;
-    if (kWantV) *reinterpret_cast<Vec4<scalar_t>*>(v + i) = vv;
+    if (!kHasNoise) *reinterpret_cast<Vec4<scalar_t>*>(eps + i0) = ev;
+    *reinterpret_cast<Vec4<scalar_t>*>(x_t + i0) = tv;
+    if (kWantV) *reinterpret_cast<Vec4<scalar_t>*>(v + i0) = vv;
     return;
   }
-  for (int64_t i0 = 4 * g; i0 < end;) {
-    const int64_t b = i0 / a.per_sample;
-    const int64_t i1 = (b + 1) * a.per_sample < end ? (b + 1) * a.per_sample : end;
-    const int64_t tb = a.t[b];
-    const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
-    Normal4 n{};
-    if (!kHasNoise) n = normal4(a.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamQSample);
-    for (int64_t i = i0; i < i1; ++i) {
-      const float e = kHasNoise ? static_cast<float>(noise[i]) : lane(n, i);
-      if (!kHasNoise) eps[i] = static_cast<scalar_t>(e);
-      const float x = static_cast<float>(x0[i]);
-      x_t[i] = static_cast<scalar_t>(q_sample_xt(c, x, e));
-      if (kWantV) v[i] = static_cast<scalar_t>(q_sample_v(c, x, e));
-    }
-    i0 = i1;
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t i = i0 + e;
+    const float z = kHasNoise ? static_cast<float>(noise[i]) : lane(nz, static_cast<uint64_t>(e));
+    if (!kHasNoise) eps[i] = static_cast<scalar_t>(z);
+    const float x = static_cast<float>(x0[i]);
+    x_t[i] = static_cast<scalar_t>(q_sample_xt(c, x, z));
+    if (kWantV) v[i] = static_cast<scalar_t>(q_sample_v(c, x, z));
   }
 }
 

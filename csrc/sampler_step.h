@@ -4,7 +4,8 @@
 //   x0   = cx x + cm m                  (m: the model's prediction)
 //   x0c  = clamp(x0, -r, r)  or  clamp(x0, -s, s) / s     (clip / dynamic threshold)
 //   mean = k0 x0c + kx x + km m         (ddim's epsilon folded in: no per-element division)
-//   x_prev = mean + std z               (std = exp(l0 + l1 v) for learned_range)
+//   x_prev = mean + std z               (std = exp(l0 + l1 v) for learned_range, sqrt(v) learned)
+// With classifier-free guidance m = m_u + w (m_c - m_u), the two halves of a 2B-batch output.
 #pragma once
 #include "common.h"
 
@@ -16,8 +17,12 @@ namespace fastdiff {
 enum SamplerKind : int { kDDPM = 0, kDDIM = 1 };
 enum PredictionType : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
 enum VarianceType : int {
-  kFixedSmall = 0, kFixedSmallLog = 1, kFixedLarge = 2, kFixedLargeLog = 3, kLearnedRange = 4
+  kFixedSmall = 0, kFixedSmallLog = 1, kFixedLarge = 2, kFixedLargeLog = 3, kLearnedRange = 4,
+  kLearned = 5
 };
+// How an element's sigma is found (the kernels' template parameter): per sample, or from the
+// predicted variance v: exp(l0 + l1 v) (learned_range), sqrt(v) (learned, as diffusers).
+enum StdMode : int { kStdFixed = 0, kStdLearnedRange = 1, kStdLearned = 2 };
 enum ClipMode : int { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
 
 constexpr uint32_t kStreamSamplerStep = 1;  // fastdiff.reference.STREAM_SAMPLER_STEP
@@ -62,6 +67,8 @@ FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t
       sd = sqrt(var);  // exp(0.5 log var)
     } else if (cfg.var == kFixedLarge || cfg.var == kFixedLargeLog) {
       sd = sqrt(cur_beta);
+    } else if (cfg.var == kLearned) {
+      sd = 0.0;  // sqrt of the predicted variance, per element
     } else {  // learned_range: exp(0.5 (frac max_log + (1 - frac) min_log)), frac = (v + 1) / 2
       // cur_beta is 0 only for t == t_prev (reachable unchecked, inside a CUDA graph): clamped
       // like var, so the log-variance stays finite
@@ -107,100 +114,132 @@ FD_HD float sampler_step_mean(const SamplerStepCoef& c, float x0c, float x, floa
   return c.k0 * x0c + c.kx * x + c.km * m;
 }
 
-// sigma of the element: per sample, or from the predicted variance v for learned_range.
-FD_HD float sampler_step_std(const SamplerStepCoef& c, bool learned, float v) {
-  return learned ? expf(c.l0 + c.l1 * v) : c.std;
+// sigma of the element: per sample, or from the predicted variance v.
+template <int kStd>
+FD_HD float sampler_step_std(const SamplerStepCoef& c, float v) {
+  if (kStd == kStdLearnedRange) return expf(c.l0 + c.l1 * v);
+  if (kStd == kStdLearned) return sqrtf(v);
+  return c.std;
 }
+
+// Classifier-free guidance: m_u + w (m_c - m_u).
+FD_HD float sampler_step_guide(float w, float mu, float mc) { return mu + w * (mc - mu); }
 
 enum NoiseMode : int { kNoiseNone = 0, kNoiseGiven = 1, kNoiseDrawn = 2 };
 
-// Where sample b's model prediction for its element j lives (learned_range reads a (B, 2C, ...)
-// output in place: rows of `inner` elements every `rs`, the variance `var_off` further on).
+// Where sample b's model prediction for its element j lives: offset b*mo_bs +
+// (j / mo_inner)*mo_rs + j % mo_inner (a 2C-channel learned-variance output is read in place:
+// rows of `inner` elements every `rs`), its predicted variance var_off further on; with
+// guidance (cond_off > 0) that is the unconditional half and the conditional one is cond_off
+// further (the variance is read from the conditional half).
 struct SamplerStepLayout {
-  int64_t per_sample, mo_bs, mo_inner, mo_rs, var_off;
-  uint64_t seed;
-  bool vec;  // unsplit layout, every pointer and offset Vec4-aligned: whole groups move as Vec4
+  int64_t per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off;
+  NoiseKey key;
+  float w;            // guidance scale, when w_ptr is null
+  const float* w_ptr; // a device guidance scale, read by the kernel
+  bool vec;  // unsplit layout, per_sample % 4 == 0, every pointer and offset Vec4-aligned
 };
 
-// Elements [i0, i1) of sample b, all inside Philox group g: the body shared by the CPU loop and
-// the CUDA kernel (the CPU tests run the GPU's element code). tb is the sample's clamped t, with
-// which the noise is drawn; thr its dynamic-threshold scale (1 when unused).
-template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
-FD_HD void sampler_step_part(int64_t g, int64_t i0, int64_t i1, int64_t b, int64_t tb,
-                             const SamplerStepCoef& c, float thr, int clip, float clip_range,
-                             const SamplerStepLayout& L, const scalar_t* x_t, const scalar_t* mo,
-                             const scalar_t* noise, scalar_t* x_prev, scalar_t* x0) {
+FD_HD float guidance_scale(const SamplerStepLayout& L) {
+  return L.w_ptr != nullptr ? L.w_ptr[0] : L.w;
+}
+
+// Philox group k of sample b (elements j = 4k .. min(4k + 4, per_sample) - 1): the body shared
+// by the CPU loop and the CUDA kernel (the CPU tests run the GPU's element code). tb is the
+// sample's clamped t, with which the noise is drawn; image its global index; w the guidance
+// scale (unused unless L.cond_off > 0); thr its dynamic-threshold scale (1 when unused).
+template <typename scalar_t, int kNoise, int kStd, bool kSplit>
+FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, uint64_t seed, uint32_t image,
+                             float w, const SamplerStepCoef& c, float thr, int clip,
+                             float clip_range, const SamplerStepLayout& L, const scalar_t* x_t,
+                             const scalar_t* mo, const scalar_t* noise, scalar_t* x_prev,
+                             scalar_t* x0) {
   const bool add_noise = kNoise != kNoiseNone && c.noise_on;
+  const bool guided = L.cond_off != 0;
   Normal4 n{};
   if (kNoise == kNoiseDrawn && add_noise)
-    n = normal4(L.seed, static_cast<uint64_t>(g), static_cast<uint32_t>(tb), kStreamSamplerStep);
-  const int64_t first = b * L.per_sample;
-  if (!kSplit && L.vec && i1 - i0 == 4) {  // a whole group: one access per tensor
-    const int64_t mo_off = b * L.mo_bs + (i0 - first);
+    n = normal4(seed, image, static_cast<uint32_t>(k), static_cast<uint32_t>(tb), kStreamSamplerStep);
+  const int64_t j0 = 4 * k, i0 = b * L.per_sample + j0;
+  const int64_t cnt = L.per_sample - j0 < 4 ? L.per_sample - j0 : 4;
+  // the variance channels: of the conditional half with guidance
+  const int64_t var_at = L.var_off + (guided ? L.cond_off : 0);
+  if (!kSplit && L.vec) {  // a whole group: one access per tensor
+    const int64_t mo_off = b * L.mo_bs + j0;
     const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x_t + i0);
     const Vec4<scalar_t> mv = *reinterpret_cast<const Vec4<scalar_t>*>(mo + mo_off);
-    Vec4<scalar_t> zv{}, vv{}, ov, x0v;
+    Vec4<scalar_t> cv{}, zv{}, vv{}, ov, x0v;
+    if (guided) cv = *reinterpret_cast<const Vec4<scalar_t>*>(mo + mo_off + L.cond_off);
     if (kNoise == kNoiseGiven && add_noise) zv = *reinterpret_cast<const Vec4<scalar_t>*>(noise + i0);
-    if (kLearned && add_noise) vv = *reinterpret_cast<const Vec4<scalar_t>*>(mo + mo_off + L.var_off);
+    if (kStd != kStdFixed && add_noise) vv = *reinterpret_cast<const Vec4<scalar_t>*>(mo + mo_off + var_at);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int k = 0; k < 4; ++k) {
-      const float x = static_cast<float>(xv.v[k]), m = static_cast<float>(mv.v[k]);
+    for (int e = 0; e < 4; ++e) {
+      const float x = static_cast<float>(xv.v[e]);
+      float m = static_cast<float>(mv.v[e]);
+      if (guided) m = sampler_step_guide(w, m, static_cast<float>(cv.v[e]));
       const float x0c = sampler_step_x0(c, clip, clip_range, thr, x, m);
       float out = sampler_step_mean(c, x0c, x, m);
       if (add_noise) {
-        const float z = kNoise == kNoiseGiven ? static_cast<float>(zv.v[k]) : n.v[k];
-        out += sampler_step_std(c, kLearned, kLearned ? static_cast<float>(vv.v[k]) : 0.0f) * z;
+        const float z = kNoise == kNoiseGiven ? static_cast<float>(zv.v[e]) : n.v[e];
+        out += sampler_step_std<kStd>(c, kStd != kStdFixed ? static_cast<float>(vv.v[e]) : 0.0f) * z;
       }
-      ov.v[k] = static_cast<scalar_t>(out);
-      x0v.v[k] = static_cast<scalar_t>(x0c);
+      ov.v[e] = static_cast<scalar_t>(out);
+      x0v.v[e] = static_cast<scalar_t>(x0c);
     }
     *reinterpret_cast<Vec4<scalar_t>*>(x_prev + i0) = ov;
     if (x0 != nullptr) *reinterpret_cast<Vec4<scalar_t>*>(x0 + i0) = x0v;
     return;
   }
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t j = i - first;
+  for (int64_t e = 0; e < cnt; ++e) {
+    const int64_t j = j0 + e, i = i0 + e;
     const int64_t mo_off = kSplit ? b * L.mo_bs + (j / L.mo_inner) * L.mo_rs + j % L.mo_inner
                                   : b * L.mo_bs + j;
-    const float x = static_cast<float>(x_t[i]), m = static_cast<float>(mo[mo_off]);
+    const float x = static_cast<float>(x_t[i]);
+    float m = static_cast<float>(mo[mo_off]);
+    if (guided) m = sampler_step_guide(w, m, static_cast<float>(mo[mo_off + L.cond_off]));
     const float x0c = sampler_step_x0(c, clip, clip_range, thr, x, m);
     float out = sampler_step_mean(c, x0c, x, m);
     if (add_noise) {
-      const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : lane(n, i);
-      const float v = kLearned ? static_cast<float>(mo[mo_off + L.var_off]) : 0.0f;
-      out += sampler_step_std(c, kLearned, v) * z;
+      const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : lane(n, static_cast<uint64_t>(e));
+      const float v = kStd != kStdFixed ? static_cast<float>(mo[mo_off + var_at]) : 0.0f;
+      out += sampler_step_std<kStd>(c, v) * z;
     }
     x_prev[i] = static_cast<scalar_t>(out);
     if (x0 != nullptr) x0[i] = static_cast<scalar_t>(x0c);
   }
 }
 
-// Calls f(NoiseMode, learned, split) with compile-time values: the one table of variants both
-// kernels instantiate. learned_range reads the variance only for the noise term; without one it
-// is a plain mean (still read through the split layout).
+// Calls f(NoiseMode, StdMode, split) with compile-time values: the one table of variants both
+// kernels instantiate. A learned variance is read only for the noise term; without one it is a
+// plain mean (still read through the split layout).
 template <typename F>
-void sampler_step_variants(int noise_mode, bool learned, bool split, F&& f) {
+void sampler_step_variants(int noise_mode, int std_mode, bool split, F&& f) {
   using kG = std::integral_constant<int, kNoiseGiven>;
   using kD = std::integral_constant<int, kNoiseDrawn>;
   using kN = std::integral_constant<int, kNoiseNone>;
+  using SF = std::integral_constant<int, kStdFixed>;
+  using SR = std::integral_constant<int, kStdLearnedRange>;
+  using SL = std::integral_constant<int, kStdLearned>;
   using T = std::true_type;
   using N = std::false_type;
-  if (learned && noise_mode != kNoiseNone) {
-    if (noise_mode == kNoiseGiven) {
-      if (split) f(kG{}, T{}, T{}); else f(kG{}, T{}, N{});
+  auto with_noise = [&](auto nz) {
+    if (std_mode == kStdLearnedRange) {
+      if (split) f(nz, SR{}, T{}); else f(nz, SR{}, N{});
+    } else if (std_mode == kStdLearned) {
+      if (split) f(nz, SL{}, T{}); else f(nz, SL{}, N{});
     } else {
-      if (split) f(kD{}, T{}, T{}); else f(kD{}, T{}, N{});
+      f(nz, SF{}, N{});
     }
-  } else if (noise_mode == kNoiseGiven) {
-    f(kG{}, N{}, N{});
+  };
+  if (noise_mode == kNoiseGiven) {
+    with_noise(kG{});
   } else if (noise_mode == kNoiseDrawn) {
-    f(kD{}, N{}, N{});
+    with_noise(kD{});
   } else if (split) {
-    f(kN{}, N{}, T{});
+    f(kN{}, SF{}, T{});
   } else {
-    f(kN{}, N{}, N{});
+    f(kN{}, SF{}, N{});
   }
 }
 

@@ -1,20 +1,24 @@
 """Counter-based noise: the reference every kernel reproduces.
 
-The normal for element `i` (its position in the tensor's memory order) of the draw for timestep
-`step` in stream `stream` is a pure function of (seed, step, stream, i):
+Noise is keyed per image, never per batch: the normal for element `j` (its position in memory
+inside its image) of image `n` (its global index: `first_index + b` for sample b of a batch),
+drawn for timestep `step` in stream `stream`, is a pure function of (seed, n, step, stream, j):
 
     key     = (seed mod 2^32, seed >> 32 mod 2^32)
-    counter = (g mod 2^32, g >> 32, step mod 2^32, stream)      with g = i // 4
+    counter = (j // 4 mod 2^32, n mod 2^32, step mod 2^32, stream)
     (r0, r1, r2, r3) = Philox4x32-10(key, counter)              (Salmon et al., SC'11)
     u_k   = ((r_k >> 9) + 0.5) * 2^-23                          in (0, 1), exact in float32
     rad_a = sqrt(-2 ln u0),  rad_b = sqrt(-2 ln u2)             (Box-Muller)
     n(4g + 0..3) = rad_a cos(2 pi u1), rad_a sin(2 pi u1), rad_b cos(2 pi u3), rad_b sin(2 pi u3)
 
-So the noise does not depend on the block size, the number of programs, the backend, or whether
-the launch was captured in a CUDA graph. Streams keep the ops apart: q_sample draws stream 0,
-sampler_step stream 1.
+So an image's noise does not depend on the batch size, its position in the batch, the number of
+processes, the block size, the backend, or whether the launch was captured in a CUDA graph.
+Streams keep the ops apart: q_sample draws stream 0, sampler_step stream 1. `seed` and the
+image index may be int64 tensors (read on their device, no host sync).
 """
 from __future__ import annotations
+
+from typing import Union
 
 import torch
 
@@ -24,6 +28,8 @@ MASK32 = 0xFFFFFFFF
 TWO_PI_F32 = 6.2831854820251465  # float32(2 pi), the constant the kernels use
 STREAM_Q_SAMPLE = 0
 STREAM_SAMPLER_STEP = 1
+
+IntOrTensor = Union[int, torch.Tensor]
 
 
 def _mulhilo(a: torch.Tensor, m: int):
@@ -36,7 +42,8 @@ def _mulhilo(a: torch.Tensor, m: int):
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
-    """Philox4x32 on int64 tensors holding uint32 values; returns four int64 tensors."""
+    """Philox4x32 on int64 tensors holding uint32 values (broadcast together); returns four
+    int64 tensors."""
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
     k0, k1 = (torch.as_tensor(k, dtype=torch.int64) & MASK32 for k in (k0, k1))
     for r in range(rounds):
@@ -49,7 +56,11 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def split_seed(seed: int) -> tuple[int, int]:
+def split_seed(seed: IntOrTensor):
+    """The Philox key words (seed mod 2^32, seed >> 32 mod 2^32) of an int or an int64 tensor."""
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(()).to(torch.int64)
+        return s & MASK32, (s >> 32) & MASK32  # arithmetic shift, masked: the bits of seed
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     return seed & MASK32, seed >> 32
 
@@ -59,23 +70,30 @@ def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
     return ((r >> 9).double() + 0.5) * (2.0 ** -23)
 
 
-def philox_normal(seed: int, step, stream: int, numel: int, *, per_sample: int | None = None,
-                  dtype=torch.float64, device="cpu", start: int = 0) -> torch.Tensor:
-    """The reference normals for elements start .. start+numel-1, in float64 (then cast to
-    `dtype`).
+def _as_int64(v: IntOrTensor, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=torch.int64)
+    return torch.tensor(int(v), dtype=torch.int64, device=device)
 
-    `step` is an int, or an int tensor of shape (B,) giving each sample its own step: element i
-    belongs to sample i // per_sample."""
-    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    g = i >> 2
-    if isinstance(step, torch.Tensor) and step.dim() > 0:
-        if per_sample is None:
-            raise ValueError("per_sample is needed when step has one value per sample")
-        s = step.to(device=device, dtype=torch.int64)[i // per_sample]
-    else:
-        s = torch.full_like(i, int(step))
-    k0, k1 = split_seed(seed)
-    r = philox4x32(g & MASK32, g >> 32, s & MASK32, torch.full_like(i, stream), k0, k1)
+
+def image_normal(seed: IntOrTensor, image: IntOrTensor, step: IntOrTensor, stream: int,
+                 per_image: int, *, start: int = 0, count: int | None = None,
+                 dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """The reference normals of elements start .. start+count-1 (count: per_image - start) of
+    images `image` at timesteps `step`: shape (N, count) for an image tensor of shape (N,) (step
+    an int or a tensor broadcastable to (N,)), (count,) for an int image and int step. float64,
+    then cast to `dtype`. `per_image` is unused beyond the default count: the normal of element
+    j does not depend on the image's size."""
+    count = per_image - start if count is None else count
+    j = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    img = _as_int64(image, device)
+    stp = _as_int64(step, device)
+    batched = img.dim() > 0 or stp.dim() > 0
+    img, stp = img.reshape(-1, 1), stp.reshape(-1, 1)
+    k0, k1 = split_seed(seed.to(device) if isinstance(seed, torch.Tensor) else seed)
+    g = j[None, :] >> 2
+    r = philox4x32(g & MASK32, img & MASK32, stp & MASK32, torch.full_like(g, stream), k0, k1)
+    r = torch.broadcast_tensors(*r)
     u = [uniform_from_bits(x) for x in r]
     rad_a = torch.sqrt(-2.0 * torch.log(u[0]))
     rad_b = torch.sqrt(-2.0 * torch.log(u[2]))
@@ -83,17 +101,33 @@ def philox_normal(seed: int, step, stream: int, numel: int, *, per_sample: int |
     # left between them is the rounding of log/cos/sin/sqrt (a few float32 ulp)
     th_a = (TWO_PI_F32 * u[1].float()).double()
     th_b = (TWO_PI_F32 * u[3].float()).double()
-    lane = i & 3
+    lane = (j & 3)[None, :]
     out = torch.where(lane == 0, rad_a * torch.cos(th_a),
           torch.where(lane == 1, rad_a * torch.sin(th_a),
           torch.where(lane == 2, rad_b * torch.cos(th_b), rad_b * torch.sin(th_b))))
-    return out.to(dtype)
+    out = out.to(dtype)
+    return out if batched else out[0]
 
 
-def memory_order_normal(seed: int, step, stream: int, x: torch.Tensor) -> torch.Tensor:
-    """The noise the kernels draw for a dense tensor x (contiguous or channels_last): the element
-    at memory position i gets normal i; sample b's elements take step[b]. Shaped and strided like
-    x, in x's dtype."""
-    flat = philox_normal(seed, step, stream, x.numel(), per_sample=x.numel() // max(x.shape[0], 1),
-                         dtype=x.dtype, device=x.device)
-    return torch.as_strided(flat, x.shape, x.stride())
+def philox_normal(seed: IntOrTensor, step: IntOrTensor, stream: int, numel: int, *,
+                  image: IntOrTensor = 0, start: int = 0, dtype=torch.float64,
+                  device="cpu") -> torch.Tensor:
+    """The reference normals of elements start .. start+numel-1 of one image (global index
+    `image`) at one timestep, shape (numel,)."""
+    return image_normal(seed, image, step, stream, start + numel, start=start, dtype=dtype,
+                        device=device).reshape(numel)
+
+
+def memory_order_normal(seed: IntOrTensor, step: IntOrTensor, stream: int, x: torch.Tensor,
+                        first_index: IntOrTensor = 0) -> torch.Tensor:
+    """The noise the kernels draw for a dense tensor x (contiguous or channels_last) whose
+    sample b is image first_index + b: the element at memory position j inside sample b gets
+    normal j of that image at step[b] (step: an int or a tensor of shape (B,)). Shaped and
+    strided like x, in x's dtype; seed, step and first_index may be device tensors."""
+    B = x.shape[0]
+    per = x.numel() // B if B else 0
+    img = _as_int64(first_index, x.device).reshape(()) + torch.arange(B, device=x.device)
+    stp = _as_int64(step, x.device)
+    stp = stp.reshape(-1).expand(B) if stp.numel() == 1 else stp
+    flat = image_normal(seed, img, stp, stream, per, dtype=x.dtype, device=x.device)
+    return torch.as_strided(flat.reshape(-1), x.shape, x.stride())

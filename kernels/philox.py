@@ -1,7 +1,7 @@
 """Philox4x32-10 and Box-Muller in Triton: the same normals as fastdiff.reference.philox_normal.
 
-`normal4(seed_lo, seed_hi, g, step, stream)` gives the four normals of philox group g (elements
-4g..4g+3). Transcendentals come from libdevice so that the GPU results match the CUDA kernels'
+`normal4(seed_lo, seed_hi, image, g, step, stream)` gives the four normals of Philox group g
+(elements 4g..4g+3 inside the image) of image `image` (its global index). Transcendentals come from libdevice so that the GPU results match the CUDA kernels'
 logf/cosf/sinf bit for bit (tl.cos would lower to the approximate sin/cos instructions).
 """
 import os
@@ -69,16 +69,17 @@ def _uniform(r):
 
 
 @triton.jit
-def normal4(seed_lo, seed_hi, g, step, stream):
-    """Four standard normals for philox group g (int64 tensor), timestep `step` (int tensor
-    broadcastable to g) and stream id. seed_lo/seed_hi: the seed's two 32-bit halves."""
+def normal4(seed_lo, seed_hi, image, g, step, stream):
+    """Four standard normals for Philox group g (int tensor: elements 4g..4g+3 of the image) of
+    image `image` (its global index), timestep `step` (int, broadcastable to g) and stream id:
+    counter (g, image, step, stream). seed_lo/seed_hi: the seed's two 32-bit words."""
     g = g.to(tl.int64)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    c2 = (tl.zeros_like(g) + step).to(tl.uint32)
+    c1 = ((tl.zeros_like(g) + image) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = ((tl.zeros_like(g) + step) & 0xFFFFFFFF).to(tl.uint32)
     c3 = (tl.zeros_like(g) + stream).to(tl.uint32)
-    k0 = (tl.zeros_like(g) + seed_lo).to(tl.uint32)
-    k1 = (tl.zeros_like(g) + seed_hi).to(tl.uint32)
+    k0 = ((tl.zeros_like(g) + seed_lo) & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((tl.zeros_like(g) + seed_hi) & 0xFFFFFFFF).to(tl.uint32)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
     # sqrt_rn, not tl.sqrt: tl.sqrt is sqrt.approx.ftz.f32 on the GPU, CUDA's sqrtf (and the
     # CPU's) round correctly, and the normals must match them bit for bit
@@ -91,24 +92,40 @@ def normal4(seed_lo, seed_hi, g, step, stream):
 
 
 @triton.jit
-def normal_at(seed_lo, seed_hi, i, step, stream):
-    """The normal of element i (int64 tensor): lane i % 4 of group i // 4. Computes a whole
-    Philox block per element; kernels that own aligned groups of 4 should use normal4."""
-    n0, n1, n2, n3 = normal4(seed_lo, seed_hi, i >> 2, step, stream)
-    lane = i & 3
-    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+def noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR: tl.constexpr,
+              FIRST_PTR: tl.constexpr):
+    """(seed_lo, seed_hi, first) as int64 scalars: from the int arguments (the launcher passes
+    them as signed 32-bit words, never specialised on their values) or, with SEED_PTR /
+    FIRST_PTR, read from 1-element int64 device tensors (a replayed CUDA graph sees a fill_)."""
+    if SEED_PTR:
+        s = tl.load(seed_ptr)
+        lo = s & 0xFFFFFFFF
+        hi = (s >> 32) & 0xFFFFFFFF
+    else:
+        lo = seed_lo.to(tl.int64) & 0xFFFFFFFF
+        hi = seed_hi.to(tl.int64) & 0xFFFFFFFF
+    if FIRST_PTR:
+        f = tl.load(first_ptr)
+    else:
+        f = first.to(tl.int64)
+    return lo, hi, f & 0xFFFFFFFF
+
+
+def int32_words(seed: int, first: int):
+    """The launcher's (seed_lo, seed_hi, first) as signed 32-bit ints: Triton types an int
+    argument by its value (i32, u32, i64), so fixed-width words keep one compiled kernel."""
+    def s32(v):
+        v &= 0xFFFFFFFF
+        return v - (1 << 32) if v >= 1 << 31 else v
+    u = seed & 0xFFFFFFFFFFFFFFFF
+    return s32(u), s32(u >> 32), s32(first)
 
 
 @triton.jit
-def normal_tile(seed_lo, seed_hi, b, per_sample, rows, i, step, stream, ALIGNED: tl.constexpr):
-    """The normals of a (ROWS, 4) tile of sample b: element i = b * per_sample + 4 * row + lane.
-    ALIGNED (per_sample % 4 == 0): each row is exactly one Philox group, drawn once; otherwise
-    groups straddle samples and each element draws its own lane (normal_at)."""
-    if ALIGNED:
-        g = b.to(tl.int64) * (per_sample // 4) + rows
-        n0, n1, n2, n3 = normal4(seed_lo, seed_hi, g, step, stream)
-        lane = tl.arange(0, 4)[None, :]
-        return tl.where(lane == 0, n0[:, None],
-                        tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])))
-    else:
-        return normal_at(seed_lo, seed_hi, i, step, stream)
+def normal_tile(seed_lo, seed_hi, image, rows, step, stream):
+    """The normals of a (ROWS, 4) tile of one image: element j = 4 * row + lane, so each row is
+    exactly one Philox group (groups never straddle images), drawn once."""
+    n0, n1, n2, n3 = normal4(seed_lo, seed_hi, image, rows, step, stream)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, n0[:, None],
+                    tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])))

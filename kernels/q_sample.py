@@ -13,17 +13,18 @@ import triton.language as tl
 
 from . import on_tensor_device
 
-from .philox import MAX_GRID_Y, normal_tile
+from .philox import MAX_GRID_Y, int32_words, noise_key, normal_tile
 
 STREAM = tl.constexpr(0)  # fastdiff.reference.STREAM_Q_SAMPLE
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first"])
 def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
-                     xt_ptr, eps_ptr, v_ptr, per_sample, num_t, seed_lo, seed_hi, b0,
-                     HAS_NOISE: tl.constexpr, WANT_V: tl.constexpr, ALIGNED: tl.constexpr,
-                     ROWS: tl.constexpr):
-    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row); grid
+                     xt_ptr, eps_ptr, v_ptr, per_sample, num_t, seed_lo, seed_hi, first,
+                     seed_ptr, first_ptr, b0,
+                     HAS_NOISE: tl.constexpr, WANT_V: tl.constexpr, SEED_PTR: tl.constexpr,
+                     FIRST_PTR: tl.constexpr, ROWS: tl.constexpr):
+    # each program: ROWS x 4 consecutive elements of sample b (one Philox group per row); grid
     # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
     b = tl.program_id(1) + b0
     t_raw = tl.load(t_ptr + b)  # the noise's step: t as given (reference, CPU and CUDA alike)
@@ -40,7 +41,8 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
     if HAS_NOISE:
         eps = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = normal_tile(seed_lo, seed_hi, b, per_sample, rows, i, t_raw, STREAM, ALIGNED)
+        k0, k1, f = noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR, FIRST_PTR)
+        eps = normal_tile(k0, k1, f + b, rows, t_raw, STREAM)
         tl.store(eps_ptr + i, eps.to(eps_ptr.dtype.element_ty), mask=mask)
     tl.store(xt_ptr + i, (a * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
     if WANT_V:
@@ -48,17 +50,21 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr,
 
 
 @on_tensor_device
-def q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v):
-    """x0, noise (optional), x_t, eps, v: dense tensors with identical strides; t: int64 (B,)."""
+def q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t, first_index, first_t,
+                    x_t, eps, v):
+    """x0, noise (optional), x_t, eps, v: dense tensors with identical strides; t: int64 (B,);
+    seed_t / first_t: None or 1-element int64 tensors on x0's device (then seed / first_index
+    are ignored)."""
     B = x0.shape[0]
     per_sample = x0.numel() // B
     rows = 256 if per_sample >= 4096 else 64
-    useed = seed & 0xFFFFFFFFFFFFFFFF
+    seed_lo, seed_hi, first = int32_words(seed, first_index)
     for b0 in range(0, B, MAX_GRID_Y):
         grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), min(MAX_GRID_Y, B - b0))
         _q_sample_kernel[grid](
             x0, noise if noise is not None else x0, t, sqrt_ab, sqrt_1mab,
             x_t, eps if noise is None else x_t, v if v.numel() else x_t,
-            per_sample, sqrt_ab.numel(), useed & 0xFFFFFFFF, useed >> 32, b0,
-            HAS_NOISE=noise is not None, WANT_V=v.numel() > 0, ALIGNED=per_sample % 4 == 0,
-            ROWS=rows, num_warps=4)
+            per_sample, sqrt_ab.numel(), seed_lo, seed_hi, first,
+            seed_t if seed_t is not None else t, first_t if first_t is not None else t, b0,
+            HAS_NOISE=noise is not None, WANT_V=v.numel() > 0, SEED_PTR=seed_t is not None,
+            FIRST_PTR=first_t is not None, ROWS=rows, num_warps=4)

@@ -11,7 +11,8 @@ float32. The same coefficient algebra as csrc/sampler_step.h:
     x0   = cx x + cm m                    (m: model prediction)
     x0c  = clamp(x0)  or  clamp(x0, -s, s) / s
     mean = k0 x0c + kx x + km m           (ddim's epsilon folded in: no per-element division)
-    x_prev = mean + std z                 (std = exp(l0 + l1 v) for learned_range)
+    x_prev = mean + std z                 (std = exp(l0 + l1 v) for learned_range, sqrt(v) learned)
+With guidance (GUIDED), m = m_u + w (m_c - m_u), m_c read cond_off further than m_u.
 """
 import numpy as np
 import triton
@@ -19,7 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import on_tensor_device
-from .philox import MAX_GRID_Y, USE_LIBDEVICE, dev_log, normal_tile
+from .philox import MAX_GRID_Y, USE_LIBDEVICE, dev_log, int32_words, noise_key, normal_tile
 
 # Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
 STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
@@ -28,6 +29,7 @@ DDPM, DDIM = tl.constexpr(0), tl.constexpr(1)
 EPSILON, SAMPLE, V_PREDICTION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 FIXED_SMALL, FIXED_SMALL_LOG = tl.constexpr(0), tl.constexpr(1)
 FIXED_LARGE, FIXED_LARGE_LOG, LEARNED_RANGE = tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
+LEARNED = tl.constexpr(5)
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 NOISE_NONE, NOISE_GIVEN, NOISE_DRAWN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -111,14 +113,16 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
             km.to(tl.float32), std.to(tl.float32), l0.to(tl.float32), l1.to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first"])
 def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_ptr,
-                         out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, num_t,
-                         seed_lo, seed_hi, eta_hi, eta_lo, clip_range, b0,
+                         out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
+                         num_t, seed_lo, seed_hi, first, seed_ptr, first_ptr, w_arg, w_ptr,
+                         eta_hi, eta_lo, clip_range, b0,
                          KIND: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
                          CLIP: tl.constexpr, NOISE: tl.constexpr,
                          FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr,
-                         SPLIT: tl.constexpr, ALIGNED: tl.constexpr, WANT_X0: tl.constexpr,
+                         SPLIT: tl.constexpr, WANT_X0: tl.constexpr, GUIDED: tl.constexpr,
+                         W_PTR: tl.constexpr, SEED_PTR: tl.constexpr, FIRST_PTR: tl.constexpr,
                          ROWS: tl.constexpr):
     # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row); grid
     # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
@@ -143,6 +147,13 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
         mo = b.to(tl.int64) * mo_bs + j
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(mo_ptr + mo, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:  # classifier-free guidance: m_u + w (m_c - m_u)
+        if W_PTR:
+            w = tl.load(w_ptr).to(tl.float32)
+        else:
+            w = w_arg
+        mc = tl.load(mo_ptr + mo + cond_off, mask=mask, other=0.0).to(tl.float32)
+        m = m + w * (mc - m)
     x0 = cx * x + cm * m
     if CLIP == CLIP_RANGE:
         x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
@@ -154,10 +165,18 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
         if NOISE == NOISE_GIVEN:
             z = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = normal_tile(seed_lo, seed_hi, b, per_sample, rows, i, tb, STREAM, ALIGNED)
-        if VAR == LEARNED_RANGE:
-            v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
-            sd = tl.exp(l0 + l1 * v)
+            k0s, k1s, f = noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR,
+                                    FIRST_PTR)
+            z = normal_tile(k0s, k1s, f + b, rows, tb, STREAM)
+        if VAR == LEARNED_RANGE or VAR == LEARNED:  # the cond half's variance with guidance
+            if GUIDED:
+                v = tl.load(mo_ptr + mo + cond_off + var_off, mask=mask, other=0.0).to(tl.float32)
+            else:
+                v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
+            if VAR == LEARNED:  # correctly rounded, as the C++/CUDA sqrtf
+                sd = tl.sqrt_rn(v)
+            else:
+                sd = tl.exp(l0 + l1 * v)
         else:
             sd = std
         # never at the last step (t_prev < 0); ddpm only where t > 0 (ddim: the host checked eta)
@@ -171,16 +190,19 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
 
 
 @on_tensor_device
-def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise,
-                        kind, pred, var, eta, clip_mode, clip_range, set_alpha_to_one,
-                        use_clipped, mo_bs, mo_inner, mo_rs, var_off, x_prev, x0):
+def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed, seed_t,
+                        first_index, first_t, needs_noise, kind, pred, var, eta, clip_mode,
+                        clip_range, set_alpha_to_one, use_clipped, mo_bs, mo_inner, mo_rs,
+                        var_off, cond_off, guidance, guidance_t, x_prev, x0):
     """Checked, laid-out tensors (fastdiff.ops.sampler_step): x_t, noise, x_prev, x0 share
-    strides; mo is read at b*mo_bs + (j // mo_inner)*mo_rs + j % mo_inner (+ var_off);
-    t, t_prev int64 (B,); alphas_cumprod float64; thresh float32 (B,) for clip_mode 2."""
+    strides; mo is read at b*mo_bs + (j // mo_inner)*mo_rs + j % mo_inner (+ var_off, + cond_off
+    for the conditional half when cond_off > 0); t, t_prev int64 (B,); alphas_cumprod float64;
+    thresh float32 (B,) for clip_mode 2; seed_t / first_t / guidance_t: None or 1-element
+    device tensors (int64, int64, float32) read by the kernel instead of the int/float."""
     B = x_t.shape[0]
     per_sample = x_t.numel() // B
     rows = 256 if per_sample >= 4096 else 64
-    useed = seed & 0xFFFFFFFFFFFFFFFF
+    seed_lo, seed_hi, first = int32_words(seed, first_index)
     eta_hi = float(np.float32(eta))
     noise_mode = (NOISE_GIVEN if noise is not None else
                   (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
@@ -189,10 +211,15 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
         _sampler_step_kernel[grid](
             x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
             thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
-            per_sample, mo_bs, mo_inner, mo_rs, var_off, alphas_cumprod.numel(),
-            useed & 0xFFFFFFFF, useed >> 32, eta_hi, float(eta) - eta_hi, float(clip_range), b0,
+            per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off, alphas_cumprod.numel(),
+            seed_lo, seed_hi, first, seed_t if seed_t is not None else t,
+            first_t if first_t is not None else t, float(guidance),
+            guidance_t if guidance_t is not None else alphas_cumprod,
+            eta_hi, float(eta) - eta_hi, float(clip_range), b0,
             KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
             FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one,
             USE_CLIPPED=bool(use_clipped),
-            SPLIT=mo_inner != per_sample, ALIGNED=per_sample % 4 == 0, WANT_X0=x0.numel() > 0,
+            SPLIT=mo_inner != per_sample, WANT_X0=x0.numel() > 0, GUIDED=cond_off > 0,
+            W_PTR=guidance_t is not None, SEED_PTR=seed_t is not None,
+            FIRST_PTR=first_t is not None,
             ROWS=rows, num_warps=4)

@@ -198,6 +198,16 @@ def test_compile_fullgraph_reference_backend(schedule):
     (dict(noise=torch.randn(2, 3, 4, 5)), ValueError, "noise must have the shape of x0"),
     (dict(noise=torch.randn(2, 3, 4, 4), seed=1), ValueError, "either noise or seed"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an integer tensor"),
+    (dict(seed=torch.tensor([1, 2])), ValueError, "seed must be an integer tensor of 1 element"),
+    (dict(seed=torch.tensor(1, device="meta")), ValueError, "seed is on meta but the data is on cpu"),
+    (dict(first_index=-1), ValueError, r"first_index must be in \[0, 2\^32 - B\]"),
+    (dict(first_index=2 ** 32 - 1), ValueError, r"first_index must be in .* got 4294967295"),
+    (dict(first_index=1.0), TypeError, "first_index must be an int or a 1-element int64 tensor"),
+    (dict(first_index=True), TypeError, "first_index must be an int"),
+    (dict(first_index=torch.tensor([0.5])), TypeError, "first_index must be an integer tensor"),
+    (dict(first_index=torch.zeros(2, dtype=torch.int64)), ValueError,
+     "first_index must be an integer tensor of 1 element"),
     (dict(schedule="linear"), TypeError, "schedule must be a fastdiff.Schedule"),
     (dict(noise=torch.randn(2, 3, 4, 4, device="meta")), ValueError,
      "noise is on meta but x0 is on cpu"),
@@ -241,12 +251,12 @@ def test_ext_op_rejects_noise_laid_out_unlike_x0(backend, schedule):
     x_t, empty = torch.empty_like(x0), x0.new_empty(0)
     bad = torch.randn(2, 5, 4, 3, device=DEVICE).transpose(1, 3)  # x0's shape, other strides
     with pytest.raises(ValueError, match="laid out like x0"):
-        torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, bad, 0, x_t, empty, empty)
+        torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, bad, 0, None, 0, None, x_t, empty, empty)
     with pytest.raises(ValueError, match="laid out like x0"):
-        torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, None, 0, x_t, bad, empty)
+        torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, None, 0, None, 0, None, x_t, bad, empty)
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="laid out like x0"):
-            torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, torch.randn(2, 3, 4, 5), 0, x_t,
+            torch.ops.fastdiff_ext.q_sample(x0, t, ab, s1, torch.randn(2, 3, 4, 5), 0, None, 0, None, x_t,
                                             empty, empty)
 
 
@@ -293,7 +303,7 @@ def test_gpu_over_2_31_elements(gpu_backend, schedule):
         x_t, eps = fastdiff.q_sample(x0, t, schedule, seed=11)
     tail = 4096
     start = B * per - tail
-    want_eps = philox_normal(11, t.cpu(), STREAM_Q_SAMPLE, tail, per_sample=per, start=start)
+    want_eps = philox_normal(11, 900, STREAM_Q_SAMPLE, tail, image=1, start=per - tail)
     got_eps = eps.flatten()[start:].double().cpu()
     assert_close(got_eps, want_eps, torch.float16)
     a = schedule.sqrt_alphas_cumprod[900].item()
@@ -326,3 +336,72 @@ def test_gpu_batch_over_65535(gpu_backend, schedule):
     ref_eps = memory_order_normal(22, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu())
     assert_close(eps, ref_eps, torch.float32)
     assert_close(x_t, _ref(x0, t, schedule, eps), torch.float32)
+
+
+# -- noise per image (issue 11) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_image", [(3, 5, 7), (4, 4, 4)])  # odd (short last group), whole
+def test_noise_is_per_image_whatever_the_batch(backend, per_image, schedule):
+    """Image 12 at t = 321 from batches of 1, 7 and 64, at positions 0 and 5 (first_index 12 and
+    7): the same noise bits, equal to the reference's; the other images' noise differs."""
+    x1 = torch.randn((1,) + per_image, device=DEVICE)
+    want = memory_order_normal(31, 321, STREAM_Q_SAMPLE, x1.double().cpu(), 12)[0]
+    got = []
+    for B, pos in ((1, 0), (7, 0), (7, 5), (64, 5)):
+        x0 = torch.randn((B,) + per_image, device=DEVICE)
+        t = torch.randint(0, 1000, (B,), device=DEVICE)
+        t[pos] = 321
+        with fastdiff.use_backend(backend):
+            _, eps = fastdiff.q_sample(x0, t, schedule, seed=31, first_index=12 - pos)
+        got.append(eps[pos].cpu())
+        if B > 1:
+            assert not torch.equal(eps[pos - 1 if pos else 1].cpu(), got[-1])
+    assert_close(got[0], want, torch.float32, msg=backend)
+    for g in got[1:]:
+        assert torch.equal(g, got[0]), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_tensor_seed_and_first_index_equal_ints(backend, schedule):
+    x0 = torch.randn(3, 3, 5, 7, device=DEVICE)
+    t = torch.tensor([4, 500, 999], device=DEVICE)
+    for seed, first in ((77, 0), (2 ** 63 + 9, 2 ** 31 + 4), (-3, 1000)):
+        s64 = seed & (2 ** 64 - 1)
+        seed_t = torch.tensor(s64 - 2 ** 64 if s64 >= 2 ** 63 else s64, device=DEVICE)
+        with fastdiff.use_backend(backend):
+            a = fastdiff.q_sample(x0, t, schedule, seed=seed, first_index=first, v_target=True)
+            b = fastdiff.q_sample(x0, t, schedule, seed=seed_t,
+                                  first_index=torch.tensor([first], device=DEVICE), v_target=True)
+            # other integer dtypes are converted on the device
+            c = fastdiff.q_sample(x0, t, schedule, seed=seed_t.int() if abs(seed) < 2 ** 31 else seed_t,
+                                  first_index=torch.tensor(first % 2 ** 31, device=DEVICE,
+                                                           dtype=torch.int32) + (first - first % 2 ** 31))
+        for u, v in zip(a, b):
+            assert torch.equal(u, v), (backend, seed, first)
+        assert torch.equal(a[1], c[1])
+        ref = memory_order_normal(seed, t.cpu(), STREAM_Q_SAMPLE, x0.double().cpu(), first)
+        assert_close(a[1], ref, torch.float32, msg=backend)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_seed_and_first_index(gpu_backend, schedule):
+    """A captured q_sample replayed after seed_t.fill_() / first_t.fill_() draws the noise of
+    the new values (the kernels read them on the device: nothing baked into the graph)."""
+    x0 = torch.randn(4, 3, 16, 16, device="cuda")
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    seed_t = torch.tensor(1, device="cuda")
+    first_t = torch.tensor([0], device="cuda")
+    with fastdiff.use_backend(gpu_backend):
+        fastdiff.q_sample(x0, t, schedule, seed=seed_t, first_index=first_t)  # warm-up/compile
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fastdiff.q_sample(x0, t, schedule, seed=seed_t, first_index=first_t)
+        for seed, first in ((1, 0), (2, 0), (2, 64)):
+            seed_t.fill_(seed)
+            first_t.fill_(first)
+            g.replay()
+            eager = fastdiff.q_sample(x0, t, schedule, seed=seed, first_index=first)
+            torch.cuda.synchronize()
+            assert torch.equal(out[1], eager[1]) and torch.equal(out[0], eager[0]), (seed, first)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from fastdiff.reference import memory_order_normal, philox4x32, philox_normal
+from fastdiff.reference import (MASK32, image_normal, memory_order_normal, philox4x32,
+                                philox_normal, split_seed, uniform_from_bits)
 
 
 @pytest.mark.parametrize("counter, key, want", [
@@ -57,11 +58,58 @@ def test_independent_across_steps_streams_seeds_and_lanes():
 def test_per_sample_steps_and_memory_order():
     x = torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)
     steps = torch.tensor([10, 20])
-    n = memory_order_normal(1, steps, 0, x)
+    n = memory_order_normal(1, steps, 0, x, first_index=7)
     assert n.stride() == x.stride()
-    flat = torch.cat([philox_normal(1, 10, 0, 120)[:60], philox_normal(1, 20, 0, 120)[60:]])
-    # memory position i holds normal i
+    # memory position j inside sample b holds normal j of image 7 + b at step[b]
+    flat = torch.cat([philox_normal(1, 10, 0, 60, image=7), philox_normal(1, 20, 0, 60, image=8)])
     assert torch.equal(torch.as_strided(n, (120,), (1,)), flat.float())
+
+
+def test_counter_is_group_image_step_stream():
+    """The definition, word by word: counter (j // 4, image, step, stream), key = seed words."""
+    seed, image, step, stream = 2 ** 40 + 3, 2 ** 31 + 9, 77, 1
+    got = philox_normal(seed, step, stream, 12, image=image, start=8)
+    j = torch.arange(8, 20)
+    k0, k1 = split_seed(seed)
+    r = philox4x32(j >> 2, torch.tensor(image), torch.tensor(step), torch.tensor(stream), k0, k1)
+    u = [uniform_from_bits(x) for x in r]
+    th_a, th_b = ((6.2831854820251465 * v.float()).double() for v in (u[1], u[3]))
+    ra, rb = (-2 * u[0].log()).sqrt(), (-2 * u[2].log()).sqrt()
+    want = torch.stack([ra * th_a.cos(), ra * th_a.sin(), rb * th_b.cos(), rb * th_b.sin()], 1)
+    want = want.gather(1, (j & 3)[:, None])[:, 0]
+    assert torch.equal(got, want)
+
+
+def test_noise_is_per_image_whatever_the_batch():
+    """Image 12's noise from batches of 1, 7 and 64, at positions 0 and 5 (first_index 12 and
+    7), in both layouts: equal; its neighbours' differ."""
+    want = memory_order_normal(3, 40, 1, torch.empty(1, 3, 4, 5), first_index=12)[0]
+    for B, pos in ((1, 0), (7, 0), (7, 5), (64, 5)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.empty(B, 3, 4, 5).to(memory_format=fmt)
+            n = memory_order_normal(3, 40, 1, x, first_index=12 - pos)
+            got = n[pos] if fmt == torch.contiguous_format else \
+                torch.as_strided(n, (B, 60), (60, 1))[pos].view(3, 4, 5)
+            assert torch.equal(got, want), (B, pos, fmt)
+            if B > 1:
+                assert not torch.equal(n[pos - 1 if pos else 1], n[pos])
+
+
+def test_tensor_seed_and_image_index_equal_ints():
+    for seed in (5, -1, 2 ** 63 + 11, 2 ** 32 + 1):
+        s64 = seed & (2 ** 64 - 1)
+        st = torch.tensor(s64 - 2 ** 64 if s64 >= 2 ** 63 else s64)
+        a = image_normal(seed, torch.tensor([3, 2 ** 32 - 1]), torch.tensor([4, 5]), 0, 9)
+        b = image_normal(st, torch.tensor([3, 2 ** 32 - 1]), torch.tensor([4, 5]), 0, 9)
+        assert torch.equal(a, b), seed
+    x = torch.empty(3, 10)
+    assert torch.equal(memory_order_normal(torch.tensor(4), torch.tensor([1, 2, 3]), 0, x,
+                                           torch.tensor([6])),
+                       memory_order_normal(4, torch.tensor([1, 2, 3]), 0, x, 6))
+    # image index and step are 32-bit counter words
+    assert torch.equal(philox_normal(1, 3, 0, 8, image=2 ** 32 + 5), philox_normal(1, 3, 0, 8, image=5))
+    assert not torch.equal(philox_normal(1, 3, 0, 8, image=6), philox_normal(1, 3, 0, 8, image=5))
+    assert MASK32 == 2 ** 32 - 1
 
 
 def test_seed_uses_all_64_bits():

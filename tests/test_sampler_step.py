@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.ops.sampler_step import (IMPLEMENTED, PREDICTION_TYPES, VARIANCE_TYPES,
+from fastdiff.ops.sampler_step import (IMPLEMENTED, LEARNED, PREDICTION_TYPES, VARIANCE_TYPES,
                                        sampler_step_ref)
 from fastdiff.reference import STREAM_SAMPLER_STEP, memory_order_normal
 
@@ -21,13 +21,24 @@ def schedule():
     return fastdiff.Schedule("linear", T)
 
 
-def _inputs(shape, t, t_prev, learned=False, dtype=torch.float32, seed=0, channels_last=False):
+def _fill_variance(mo, C, learned, g):
+    """The predicted variance channels: in [-1, 1] for learned_range (True means that), the
+    variance itself (positive, ~beta) for learned."""
+    v = torch.rand(mo[:, C:].shape, generator=g)
+    mo[:, C:] = v * 0.02 + 1e-4 if learned == "learned" else v * 2 - 1
+
+
+def _inputs(shape, t, t_prev, learned=False, dtype=torch.float32, seed=0, channels_last=False,
+            guided=False):
+    """learned: False, True / "learned_range" or "learned" (2C channels); guided: batch 2B."""
     g = torch.Generator().manual_seed(seed)
     mo_shape = (shape[0], 2 * shape[1]) + tuple(shape[2:]) if learned else shape
+    if guided:
+        mo_shape = (2 * mo_shape[0],) + tuple(mo_shape[1:])
     x = torch.randn(shape, generator=g)
     mo = torch.randn(mo_shape, generator=g)
-    if learned:  # predicted variance in [-1, 1]
-        mo[:, shape[1]:] = torch.rand(mo[:, shape[1]:].shape, generator=g) * 2 - 1
+    if learned:
+        _fill_variance(mo, shape[1], learned, g)
     noise = torch.randn(shape, generator=g)
     x, mo, noise = (a.to(DEVICE, dtype) for a in (x, mo, noise))
     if channels_last:
@@ -65,7 +76,7 @@ SHAPE_ODD = (4, 3, 5, 3)  # 45 per sample: Philox groups straddle samples
 @pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddpm_given_noise(backend, prediction_type, variance_type, schedule):
-    learned = variance_type == "learned_range"
+    learned = variance_type if variance_type in LEARNED else False
     x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, learned=learned)
     opts = dict(kind="ddpm", prediction_type=prediction_type, variance_type=variance_type)
     with fastdiff.use_backend(backend):
@@ -144,11 +155,12 @@ def test_reference_options_matter(schedule):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [
     dict(kind="ddpm", prediction_type="epsilon", variance_type="learned_range"),
+    dict(kind="ddpm", prediction_type="v_prediction", variance_type="learned"),
     dict(kind="ddim", prediction_type="v_prediction", eta=0.5, thresholding=True,
          sample_max_value=2.0),
 ])
 def test_half_dtypes(backend, dtype, case, schedule):
-    learned = case.get("variance_type") == "learned_range"
+    learned = case.get("variance_type") if case.get("variance_type") in LEARNED else False
     x, mo, t, tp, noise = _inputs(SHAPE_ODD, [1, 200, 600, 999], [0, 150, 599, 900],
                                   learned=learned, dtype=dtype, seed=4)
     with fastdiff.use_backend(backend):
@@ -362,14 +374,15 @@ def _parity_inputs(learned=False, seed=12):
     x = torch.randn(4, C, 4, 5, generator=g)
     mo = torch.randn(4, 2 * C if learned else C, 4, 5, generator=g)
     if learned:
-        mo[:, C:] = torch.rand(4, C, 4, 5, generator=g) * 2 - 1
+        _fill_variance(mo, C, learned, g)
     return x, mo, torch.randn(4, C, 4, 5, generator=g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", DDPM_CASES, ids=_case_id)
 def test_ddpm_parity_with_diffusers(backend, case, monkeypatch):
-    x, mo, noise = _parity_inputs(case["variance_type"] == "learned_range")
+    v = case["variance_type"]
+    x, mo, noise = _parity_inputs(v if v in LEARNED else False)
     t, tp = torch.tensor([0, 4, 501, 999]), torch.tensor([-1, 1, 500, 950])
     sched, want = _diffusers_ddpm(case, x, mo, t, tp, noise.double(), True, monkeypatch)
     ours = fastdiff.Schedule.from_alphas_cumprod(sched.alphas_cumprod)
@@ -388,7 +401,7 @@ def test_ddim_parity_with_diffusers(backend, case):
     x, mo, noise = _parity_inputs(seed=13)
     step = 20  # T // num_inference_steps: diffusers derives t_prev = t - step
     t = torch.tensor([999, 501, 21, 15])
-    tp = torch.where(t - step >= 0, t - step, -1)
+    tp = t - step  # negative for the last steps (-5): the final step, as diffusers' -1
     sched, want = _diffusers_ddim(case, x, mo, t, step, noise.double(), True)
     ours = fastdiff.Schedule.from_alphas_cumprod(sched.alphas_cumprod)
     with fastdiff.use_backend(backend):
@@ -451,8 +464,8 @@ def test_ext_op_needs_noise_false_means_no_noise_term(backend, learned, schedule
 
     def run(nz, needs_noise):
         out, x0 = torch.empty_like(x), x.new_empty(0)
-        torch.ops.fastdiff_ext.sampler_step(x, mo, t, tp, ab, nz, None, 7, needs_noise, *args,
-                                            out, x0)
+        torch.ops.fastdiff_ext.sampler_step(x, mo, t, tp, ab, nz, None, 7, None, 0, None,
+                                            needs_noise, *args, 0, 1.0, None, out, x0)
         return out
 
     mean = run(torch.zeros_like(x), True)  # + std * 0
@@ -478,7 +491,8 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(t=torch.tensor([0, 1000])), ValueError, r"t has values in \[0, 1000\], outside \[0, 1000\)"),
     (dict(t=torch.tensor([-1, 3])), ValueError, "outside"),
-    (dict(t_prev=torch.tensor([-2, 3])), ValueError, r"t_prev has values in \[-2, 3\], outside \[-1, 1000\)"),
+    (dict(t_prev=torch.tensor([-2, 1000])), ValueError,
+     r"t_prev has values in \[-2, 1000\], outside \(-inf, 1000\) \(any negative value is the final step\)"),
     (dict(t_prev=1000), ValueError, r"t_prev=1000 is out of range"),
     (dict(t=torch.tensor([1, 2, 3])), ValueError, r"t must have shape \(2,\)"),
     (dict(t_prev=torch.tensor([1.0, 2.0])), TypeError, "t_prev must be an integer tensor"),
@@ -494,7 +508,28 @@ def test_kernel_clamps_unchecked_t(schedule, monkeypatch):
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(kind="euler"), ValueError, "kind must be one of"),
     (dict(prediction_type="eps"), ValueError, "prediction_type must be one of"),
-    (dict(variance_type="learned"), ValueError, "variance_type must be one of"),
+    (dict(variance_type="learned_var"), ValueError, "variance_type must be one of"),
+    (dict(variance_type="learned"), ValueError, r"model_output must have 2\*C = 6 channels"),
+    (dict(kind="ddim", variance_type="learned", model_output=torch.randn(2, 6, 4, 4)),
+     ValueError, "'learned' needs kind='ddpm'"),
+    (dict(guidance_scale=2.0), ValueError,
+     r"model_output must have batch 2\*B = 4 \(\[unconditional; conditional\] halves\) for "
+     r"guidance_scale: expected shape \(4, 3, 4, 4\), got \(2, 3, 4, 4\)"),
+    (dict(guidance_scale=2.0, variance_type="learned", model_output=torch.randn(4, 3, 4, 4)),
+     ValueError, r"batch 2\*B = 4 .* and 2\*C = 6 channels .* expected shape \(4, 6, 4, 4\)"),
+    (dict(guidance_scale="2"), TypeError, "guidance_scale must be a number"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be finite"),
+    (dict(guidance_scale=torch.tensor([1.0, 2.0]), model_output=torch.randn(4, 3, 4, 4)),
+     ValueError, "guidance_scale must be a floating tensor of 1 element"),
+    (dict(guidance_scale=torch.tensor(2), model_output=torch.randn(4, 3, 4, 4)), TypeError,
+     "guidance_scale must be a floating tensor"),
+    (dict(guidance_scale=torch.tensor(2.0, device="meta"), model_output=torch.randn(4, 3, 4, 4)),
+     ValueError, "guidance_scale is on meta but the data is on cpu"),
+    (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an integer tensor"),
+    (dict(first_index=-3), ValueError, r"first_index must be in \[0, 2\^32 - B\]"),
+    (dict(first_index=2 ** 32 - 1), ValueError, "first_index must be in"),
+    (dict(first_index="0"), TypeError, "first_index must be an int"),
+    (dict(first_index=torch.tensor([1, 2])), ValueError, "first_index must be an integer tensor of 1 element"),
     (dict(eta=-0.1, kind="ddim"), ValueError, "eta must be finite and >= 0"),
     (dict(eta="1"), TypeError, "eta must be a number"),
     (dict(clip_sample=True, thresholding=True), ValueError, "clip_sample and thresholding are exclusive"),
@@ -561,8 +596,9 @@ def test_device_mismatch_of_timesteps(schedule):
 def test_last_step_adds_no_noise(backend, opts, schedule):
     """t_prev < 0 is the last step: no noise, whatever t, seed or given noise (diffusers' DDPM
     would add noise for t > 0, and its DDIM with set_alpha_to_one=False and eta > 0)."""
-    learned = opts.get("variance_type") == "learned_range"
-    x, mo, t, tp, noise = _inputs(SHAPE_ODD, [10, 500, 999, 1], [-1, -1, -1, -1], learned=learned,
+    v = opts.get("variance_type")
+    x, mo, t, tp, noise = _inputs(SHAPE_ODD, [10, 500, 999, 1], [-1, -20, -1, -7],
+                                  learned=v if v in LEARNED else False,
                                   seed=31)
     with fastdiff.use_backend(backend):
         a = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=1, **opts)
@@ -666,7 +702,7 @@ def test_gpu_over_2_31_elements(gpu_backend, schedule):
         out = fastdiff.sampler_step(x, mo, t, t - 1, schedule, seed=11)
     tail = 4096
     start = B * per - tail
-    z = philox_normal(11, t.cpu(), STREAM_SAMPLER_STEP, tail, per_sample=per, start=start)
+    z = philox_normal(11, 900, STREAM_SAMPLER_STEP, tail, image=1, start=per - tail)
     want = _ref(schedule, x[1:, -tail:], mo[1:, -tail:], t[1:], t[1:] - 1, z.view(1, tail))
     assert_close(out[1:, -tail:], want, torch.float16)
 
@@ -707,3 +743,179 @@ def test_gpu_batch_over_65535(gpu_backend, schedule):
         got = fastdiff.sampler_step(x, mo, t, t - 1, schedule, seed=9)
     z = memory_order_normal(9, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
     _close(got, _ref(schedule, x, mo, t, t - 1, z), 1e-6, gpu_backend)
+
+
+# -- issue 11: guidance, any negative t_prev, noise per image, device-tensor keys -------------
+
+GUIDED_CASES = [
+    dict(kind="ddpm", prediction_type="epsilon", variance_type="fixed_small"),
+    dict(kind="ddpm", prediction_type="v_prediction", variance_type="learned"),
+    dict(kind="ddpm", prediction_type="sample", variance_type="learned_range", clip_sample=True),
+    dict(kind="ddim", prediction_type="epsilon", eta=0.5, thresholding=True,
+         dynamic_thresholding_ratio=0.9, sample_max_value=2.0),
+    dict(kind="ddim", prediction_type="v_prediction", eta=0.0),
+]
+
+
+def _two_pass(schedule, x, mo, t, tp, noise, w, opts):
+    """The unfused formula: guided = u + w (c - u) in float64 (a learned variance from the cond
+    half), then the plain step."""
+    C = x.shape[1]
+    u, c = mo.double().cpu().chunk(2)
+    v = opts.get("variance_type")
+    if v in LEARNED and opts.get("kind", "ddpm") == "ddpm":
+        guided = torch.cat([u[:, :C] + w * (c[:, :C] - u[:, :C]), c[:, C:]], 1)
+    else:
+        guided = u + w * (c - u)
+    return _ref(schedule, x, guided, t, tp, noise, **opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", GUIDED_CASES, ids=_case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_guidance_matches_two_pass_formula(backend, opts, layout, schedule):
+    v = opts.get("variance_type")
+    x, mo, t, tp, noise = _inputs(SHAPE_ODD, [1, 200, 600, 999], [-1, 150, 599, 900],
+                                  learned=v if v in LEARNED else False, seed=50, guided=True,
+                                  channels_last=layout == "channels_last")
+    w = 3.5
+    with fastdiff.use_backend(backend):
+        got, x0 = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, guidance_scale=w,
+                                        return_x0=True, **opts)
+        got_t = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise,
+                                      guidance_scale=torch.tensor(w, device=DEVICE), **opts)
+        drawn = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=6, first_index=3,
+                                      guidance_scale=w, **opts)
+    want = _two_pass(schedule, x, mo, t, tp, noise, w, {**opts, "return_x0": True})
+    _close(got, want[0], 2e-6, f"{backend} x_prev")
+    _close(x0, want[1], 2e-6, f"{backend} x0")
+    assert torch.equal(got, got_t), "a tensor guidance scale must equal the float"
+    z = memory_order_normal(6, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu(), 3)
+    _close(drawn, _two_pass(schedule, x, mo, t, tp, z, w, opts), 2e-6, f"{backend} drawn")
+    # w = 0 is the unconditional half alone, w = 1 the conditional half alone
+    for w1, half in ((0.0, 0), (1.0, 1)):
+        with fastdiff.use_backend(backend):
+            g1 = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, guidance_scale=w1,
+                                       **opts)
+        B = x.shape[0]
+        one = mo[half * B:(half + 1) * B]
+        if v in LEARNED and w1 == 0.0:  # the variance still comes from the cond half
+            one = torch.cat([one[:, :x.shape[1]], mo[B:, x.shape[1]:]], 1)
+        _close(g1, _ref(schedule, x, one, t, tp, noise, **opts), 2e-6, f"{backend} w={w1}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guidance_half_dtype(backend, schedule):
+    x, mo, t, tp, noise = _inputs(SHAPE, *T_PAIRS, learned="learned", seed=51, guided=True,
+                                  dtype=torch.bfloat16)
+    opts = dict(variance_type="learned")
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x, mo, t, tp, schedule, noise=noise, guidance_scale=2.0, **opts)
+    want = _two_pass(schedule, x, mo, t, tp, noise, 2.0, opts)
+    assert_close(got, want, torch.bfloat16, scale=float(want.abs().max()), msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_negative_t_prev_is_the_final_step(backend, schedule):
+    """diffusers' DDIM steps to t - T//n, e.g. -20: the same as -1 on every backend."""
+    x, mo, t, _, noise = _inputs(SHAPE, [15, 5, 19, 1], [0] * 4, seed=52)
+    for opts in (dict(kind="ddim", eta=1.0, set_alpha_to_one=False), dict(kind="ddim"),
+                 dict(kind="ddpm", variance_type="fixed_large")):
+        with fastdiff.use_backend(backend):
+            a = fastdiff.sampler_step(x, mo, t, t - 20, schedule, seed=1, **opts)
+            b = fastdiff.sampler_step(x, mo, t, -1, schedule, seed=2, **opts)
+            c = fastdiff.sampler_step(x, mo, t, -20, schedule, noise=noise, **opts)
+        assert torch.equal(a, b) and torch.equal(a, c), opts
+        _close(a, _ref(schedule, x, mo, t, torch.full((4,), -1), None, **opts), 2e-6, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_image", [(3, 5, 3), (2, 4, 4)])
+def test_noise_is_per_image_whatever_the_batch(backend, per_image, schedule):
+    """Image 12's step (t = 321 -> 320) from batches of 1, 7 and 64, at positions 0 and 5
+    (first_index 12 and 7): the same bits, equal to the reference's."""
+    g = torch.Generator().manual_seed(53)
+    x1, m1 = (torch.randn((1,) + per_image, generator=g).to(DEVICE) for _ in range(2))
+    opts = dict(kind="ddpm", variance_type="fixed_large")
+    z = memory_order_normal(31, 321, STREAM_SAMPLER_STEP, x1.double().cpu(), 12)
+    want = _ref(schedule, x1, m1, torch.tensor([321]), torch.tensor([320]), z, **opts)[0]
+    got = []
+    for B, pos in ((1, 0), (7, 0), (7, 5), (64, 5)):
+        x = torch.randn((B,) + per_image, device=DEVICE)
+        mo = torch.randn((B,) + per_image, device=DEVICE)
+        x[pos], mo[pos] = x1[0], m1[0]
+        t = torch.randint(2, 1000, (B,), device=DEVICE)
+        t[pos] = 321
+        with fastdiff.use_backend(backend):
+            out = fastdiff.sampler_step(x, mo, t, t - 1, schedule, seed=31, first_index=12 - pos,
+                                        **opts)
+        got.append(out[pos].cpu())
+    _close(got[0], want, 2e-6, backend)
+    for o in got[1:]:
+        assert torch.equal(o, got[0]), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_tensor_seed_and_first_index_equal_ints(backend, schedule):
+    x, mo, t, tp, _ = _inputs(SHAPE_ODD, *T_PAIRS, learned="learned", seed=54, guided=True)
+    opts = dict(variance_type="learned", guidance_scale=1.5)
+    for seed, first in ((5, 0), (2 ** 63 + 1, 2 ** 31 + 7)):
+        s64 = seed & (2 ** 64 - 1)
+        seed_t = torch.tensor(s64 - 2 ** 64 if s64 >= 2 ** 63 else s64, device=DEVICE)
+        with fastdiff.use_backend(backend):
+            a = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=seed, first_index=first, **opts)
+            b = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=seed_t,
+                                      first_index=torch.tensor([first], device=DEVICE), **opts)
+        assert torch.equal(a, b), (backend, seed, first)
+        z = memory_order_normal(seed, t.cpu().clamp(0, T - 1), STREAM_SAMPLER_STEP,
+                                x.double().cpu(), first)
+        _close(a, _two_pass(schedule, x, mo, t, tp, z, 1.5, dict(variance_type="learned")),
+               2e-6, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learned_parity_with_diffusers_guided(backend, monkeypatch):
+    """variance_type="learned" with guidance against diffusers' DDPMScheduler on the two-pass
+    output (the variance channels of the cond half, as diffusers' pipelines do)."""
+    g = torch.Generator().manual_seed(55)
+    x = torch.randn(4, 3, 4, 5, generator=g)
+    mo = torch.randn(8, 6, 4, 5, generator=g)
+    _fill_variance(mo, 3, "learned", g)
+    noise = torch.randn(4, 3, 4, 5, generator=g)
+    t, tp = torch.tensor([0, 4, 501, 999]), torch.tensor([-1, 3, 500, 998])
+    u, c = mo.double().chunk(2)
+    guided = torch.cat([u[:, :3] + 4.0 * (c[:, :3] - u[:, :3]), c[:, 3:]], 1)
+    case = dict(prediction_type="epsilon", variance_type="learned")
+    sched, want = _diffusers_ddpm(case, x, guided, t, tp, noise.double(), True, monkeypatch)
+    ours = fastdiff.Schedule.from_alphas_cumprod(sched.alphas_cumprod)
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x.to(DEVICE), mo.to(DEVICE), t.to(DEVICE), tp.to(DEVICE),
+                                    ours, noise=noise.to(DEVICE), guidance_scale=4.0, **case)
+    _close(got, want, 1e-6, f"{backend} vs diffusers float64")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_seed_first_index_and_guidance(gpu_backend, schedule):
+    """Captured once, replayed after seed_t / first_t / w_t .fill_(): the eager results of the
+    new values (the kernels read them on the device)."""
+    x, mo, _, _, _ = _inputs((4, 3, 16, 16), [0] * 4, [0] * 4, seed=56, guided=True)
+    t = torch.randint(1, 1000, (4,), device="cuda")
+    seed_t = torch.tensor(1, device="cuda")
+    first_t = torch.tensor(0, device="cuda")
+    w_t = torch.tensor(2.0, device="cuda")
+    run = lambda s, f, w: fastdiff.sampler_step(x, mo, t, t - 1, schedule, seed=s, first_index=f,
+                                                guidance_scale=w)
+    with fastdiff.use_backend(gpu_backend):
+        run(seed_t, first_t, w_t)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = run(seed_t, first_t, w_t)
+        for s, f, w in ((1, 0, 2.0), (2, 0, 2.0), (2, 8, 2.0), (2, 8, 5.0)):
+            seed_t.fill_(s)
+            first_t.fill_(f)
+            w_t.fill_(w)
+            g.replay()
+            eager = run(s, f, w)
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), (s, f, w)

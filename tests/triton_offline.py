@@ -76,6 +76,11 @@ def q_sample():
         fastdiff.q_sample(x, t, s, seed=1, v_target=True)
         fastdiff.q_sample(x, t, s, noise=torch.randn_like(x))
     fastdiff.q_sample(torch.randn(3, 5), torch.tensor([1, 2, 3]), s, seed=1)  # unaligned
+    # seed / first_index read from device tensors, and ints that need all 32/64 bits
+    x = torch.randn(4, 3, 8, 8)
+    fastdiff.q_sample(x, torch.tensor([1, 2, 3, 4]), s, seed=torch.tensor(7),
+                      first_index=torch.tensor([9]))
+    fastdiff.q_sample(x, torch.tensor([1, 2, 3, 4]), s, seed=2 ** 63 + 5, first_index=2 ** 31 + 1)
 
 
 def sampler_step():
@@ -92,6 +97,13 @@ def sampler_step():
                               thresholding=True)
         fastdiff.sampler_step(x, torch.randn_like(x), t, tp, s, noise=torch.randn_like(x),
                               return_x0=True)
+        mo2 = torch.rand(4, 8, 8, 8).to(dtype)  # guided ([uncond; cond]) learned variance
+        fastdiff.sampler_step(x, mo2, t, tp, s, variance_type="learned", seed=torch.tensor(3),
+                              first_index=torch.tensor(5), guidance_scale=3.0)
+        fastdiff.sampler_step(x, mo2, t, tp, s, variance_type="learned_range", seed=1,
+                              guidance_scale=torch.tensor(2.0))
+        fastdiff.sampler_step(x, torch.randn(4, 4, 8, 8).to(dtype), t, tp - 20, s, kind="ddim",
+                              eta=0.5, seed=2 ** 40, guidance_scale=1.5, thresholding=True)
 
 
 def group_norm_silu():

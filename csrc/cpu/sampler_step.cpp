@@ -12,32 +12,30 @@
 namespace fastdiff {
 namespace {
 
-// Parallel over Philox groups; each group is cut at sample boundaries and handed, part by part,
-// to sampler_step_part (the same body the CUDA kernel runs).
-template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
+// Parallel over the Philox groups of all samples (groups never straddle samples); each group
+// goes to sampler_step_part (the same body the CUDA kernel runs).
+template <typename scalar_t, int kNoise, int kStd, bool kSplit>
 void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
                            const c10::optional<at::Tensor>& noise, const float* thr,
                            const std::vector<SamplerStepCoef>& coef, const int64_t* tp,
                            int64_t num_t, const SamplerStepConfig& cfg, const SamplerStepLayout& L,
-                           at::Tensor& x_prev, at::Tensor& x0) {
-  const int64_t numel = x_t.numel();
+                           int64_t B, at::Tensor& x_prev, at::Tensor& x0) {
   const scalar_t* xp = x_t.data_ptr<scalar_t>();
   const scalar_t* mp = mo.data_ptr<scalar_t>();
   const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = x_prev.data_ptr<scalar_t>();
   scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
   const float clip_range = static_cast<float>(cfg.clip_range);
-  at::parallel_for(0, (numel + 3) / 4, 1024, [&](int64_t g0, int64_t g1) {
+  const uint64_t seed = key_seed(L.key);
+  const uint32_t first = key_first(L.key);
+  const float w = guidance_scale(L);
+  const int64_t gps = groups_per_sample(L.per_sample);
+  at::parallel_for(0, B * gps, 1024, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t end = std::min<int64_t>(4 * g + 4, numel);
-      for (int64_t i0 = 4 * g; i0 < end;) {
-        const int64_t b = i0 / L.per_sample;
-        const int64_t i1 = std::min<int64_t>((b + 1) * L.per_sample, end);
-        sampler_step_part<scalar_t, kNoise, kLearned, kSplit>(
-            g, i0, i1, b, clamp_index(tp[b], num_t), coef[b], thr ? thr[b] : 1.0f, cfg.clip,
-            clip_range, L, xp, mp, np, op, x0p);
-        i0 = i1;
-      }
+      const int64_t b = g / gps;
+      sampler_step_part<scalar_t, kNoise, kStd, kSplit>(
+          b, g % gps, clamp_index(tp[b], num_t), seed, image_index(first, b), w, coef[b],
+          thr ? thr[b] : 1.0f, cfg.clip, clip_range, L, xp, mp, np, op, x0p);
     }
   });
 }
@@ -45,18 +43,23 @@ void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
 void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
                       const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                       const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& thresh,
-                      int64_t seed, bool needs_noise, int64_t kind, int64_t prediction_type,
-                      int64_t variance_type, double eta, int64_t clip_mode,
-                      double clip_sample_range, bool set_alpha_to_one,
+                      int64_t seed, const c10::optional<at::Tensor>& seed_t, int64_t first_index,
+                      const c10::optional<at::Tensor>& first_t, bool needs_noise, int64_t kind,
+                      int64_t prediction_type, int64_t variance_type, double eta,
+                      int64_t clip_mode, double clip_sample_range, bool set_alpha_to_one,
                       bool use_clipped_model_output, int64_t mo_batch_stride, int64_t mo_inner,
-                      int64_t mo_row_stride, int64_t var_offset, at::Tensor x_prev, at::Tensor x0) {
+                      int64_t mo_row_stride, int64_t var_offset, int64_t cond_offset,
+                      double guidance, const c10::optional<at::Tensor>& guidance_t,
+                      at::Tensor x_prev, at::Tensor x0) {
   FD_CHECK(x_t.device().is_cpu() && model_output.device().is_cpu() && t.device().is_cpu() &&
            t_prev.device().is_cpu() && alphas_cumprod.device().is_cpu(),
            "sampler_step (cpu): tensors must be on the CPU");
-  const SamplerStepPlan p = sampler_step_plan(
-      x_t, model_output, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise, kind,
+  const NoiseKey key = host_noise_key(seed, seed_t, first_index, first_t, x_t, "sampler_step");
+  SamplerStepPlan p = sampler_step_plan(
+      x_t, model_output, t, t_prev, alphas_cumprod, noise, thresh, key, needs_noise, kind,
       prediction_type, variance_type, eta, clip_mode, clip_sample_range, set_alpha_to_one,
-      use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset, x_prev, x0);
+      use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
+      cond_offset, guidance, guidance_t, x_prev, x0);
   FD_CHECK((clip_mode != kClipThreshold || thresh->device().is_cpu()) &&
            (!noise || noise->device().is_cpu()) && x_prev.device().is_cpu() &&
            (x0.numel() == 0 || x0.device().is_cpu()),
@@ -74,11 +77,11 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
   if (clip_mode == kClipThreshold) thr_c = thresh->contiguous();
   const float* thr = clip_mode == kClipThreshold ? thr_c.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cpu", [&] {
-    sampler_step_variants(p.noise_mode, p.learned, p.split,
-                          [&](auto kNoise, auto kLearned, auto kSplit) {
-      sampler_step_cpu_impl<scalar_t, decltype(kNoise)::value, decltype(kLearned)::value,
+    sampler_step_variants(p.noise_mode, p.std_mode, p.split,
+                          [&](auto kNoise, auto kStd, auto kSplit) {
+      sampler_step_cpu_impl<scalar_t, decltype(kNoise)::value, decltype(kStd)::value,
                             decltype(kSplit)::value>(x_t, model_output, noise, thr, coef, tp,
-                                                     num_t, cfg, p.layout, x_prev, x0);
+                                                     num_t, cfg, p.layout, B, x_prev, x0);
     });
   });
 }
@@ -88,10 +91,12 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
 
 TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
   m.def("sampler_step(Tensor x_t, Tensor model_output, Tensor t, Tensor t_prev, "
-        "Tensor alphas_cumprod, Tensor? noise, Tensor? thresh, int seed, bool needs_noise, "
+        "Tensor alphas_cumprod, Tensor? noise, Tensor? thresh, int seed, Tensor? seed_t, "
+        "int first_index, Tensor? first_t, bool needs_noise, "
         "int kind, int prediction_type, int variance_type, float eta, int clip_mode, "
         "float clip_sample_range, bool set_alpha_to_one, bool use_clipped_model_output, "
-        "int mo_batch_stride, int mo_inner, int mo_row_stride, int var_offset, "
+        "int mo_batch_stride, int mo_inner, int mo_row_stride, int var_offset, int cond_offset, "
+        "float guidance, Tensor? guidance_t, "
         "Tensor(a!) x_prev, Tensor(b!) x0) -> ()");
 }
 

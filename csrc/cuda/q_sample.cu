@@ -1,5 +1,6 @@
-// Forward noising on the GPU: one thread per Philox group of 4 consecutive elements, so each
-// normal is drawn exactly once; grid-stride over groups with 64-bit indices (> 2^31 elements).
+// Forward noising on the GPU: one thread per Philox group of 4 consecutive elements of a sample,
+// so each normal is drawn exactly once; grid-stride over groups with 64-bit indices (> 2^31
+// elements).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
@@ -7,27 +8,31 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "noise_key.h"
 #include "q_sample.h"
 
 namespace fastdiff {
 namespace {
 
-// One thread per Philox group of 4 consecutive elements (each normal drawn once), grid-stride
-// with 64-bit indices; the group body is q_sample_group, shared with (and tested through) the CPU.
+// One thread per Philox group (4 consecutive elements of one sample; each normal drawn once),
+// grid-stride with 64-bit indices; the group body is q_sample_group, shared with (and tested
+// through) the CPU.
 template <typename scalar_t, bool kHasNoise, bool kWantV>
-__global__ void q_sample_kernel(QSampleArgs a, const scalar_t* __restrict__ x0,
+__global__ void q_sample_kernel(QSampleArgs a, int64_t B, const scalar_t* __restrict__ x0,
                                 const scalar_t* __restrict__ noise, scalar_t* __restrict__ x_t,
                                 scalar_t* __restrict__ eps, scalar_t* __restrict__ v) {
-  const int64_t groups = (a.numel + 3) / 4;
+  const int64_t gps = groups_per_sample(a.per_sample), groups = B * gps;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    q_sample_group<scalar_t, kHasNoise, kWantV>(g, a, x0, noise, x_t, eps, v);
+    q_sample_group<scalar_t, kHasNoise, kWantV>(g / gps, g % gps, a, x0, noise, x_t, eps, v);
   }
 }
 
 void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
                    const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
-                   int64_t seed, at::Tensor x_t, at::Tensor eps, at::Tensor v) {
+                   int64_t seed, const c10::optional<at::Tensor>& seed_t, int64_t first_index,
+                   const c10::optional<at::Tensor>& first_t, at::Tensor x_t, at::Tensor eps,
+                   at::Tensor v) {
   FD_CHECK(x0.is_cuda() && t.is_cuda() && sqrt_ab.is_cuda() && sqrt_1mab.is_cuda(),
            "q_sample (cuda): x0, t and the schedule tables must be CUDA tensors");
   FD_CHECK(t.scalar_type() == at::kLong && t.numel() == x0.size(0) && t.is_contiguous(),
@@ -41,10 +46,12 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
            (noise || (eps.strides() == x0.strides() && eps.device() == x0.device())) &&
            (v.numel() == 0 || (v.strides() == x0.strides() && v.device() == x0.device())),
            "q_sample: noise, x_t, eps and v must be laid out like x0, on its device");
+  const NoiseKey key = device_noise_key(seed, seed_t, first_index, first_t, x0, "q_sample");
   const int64_t numel = x0.numel();
   if (numel == 0) return;
+  const int64_t B = x0.size(0), per_sample = numel / B;
   const c10::cuda::CUDAGuard guard(x0.device());
-  const int64_t groups = (numel + 3) / 4;
+  const int64_t groups = B * groups_per_sample(per_sample);
   const int threads = 256;
   const int64_t max_blocks = static_cast<int64_t>(sm_count(x0.get_device())) * 16;
   const int blocks = static_cast<int>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks));
@@ -54,13 +61,13 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
     const scalar_t* np = has_noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* ep = has_noise ? nullptr : eps.data_ptr<scalar_t>();
     scalar_t* vp = want_v ? v.data_ptr<scalar_t>() : nullptr;
-    const bool vec = is_aligned4(x0.data_ptr<scalar_t>()) && is_aligned4(np) &&
-                     is_aligned4(x_t.data_ptr<scalar_t>()) && is_aligned4(ep) && is_aligned4(vp);
-    const QSampleArgs a{numel, numel / x0.size(0), sqrt_ab.numel(), static_cast<uint64_t>(seed),
-                        vec, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(),
-                        sqrt_1mab.data_ptr<float>()};
+    const bool vec = per_sample % 4 == 0 && is_aligned4(x0.data_ptr<scalar_t>()) &&
+                     is_aligned4(np) && is_aligned4(x_t.data_ptr<scalar_t>()) &&
+                     is_aligned4(ep) && is_aligned4(vp);
+    const QSampleArgs a{per_sample, sqrt_ab.numel(), key, vec, t.data_ptr<int64_t>(),
+                        sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>()};
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, threads, 0, stream>>>(a, x0.data_ptr<scalar_t>(), np,
+      kernel<<<blocks, threads, 0, stream>>>(a, B, x0.data_ptr<scalar_t>(), np,
                                              x_t.data_ptr<scalar_t>(), ep, vp);
     };
     if (has_noise) {

@@ -16,27 +16,30 @@ namespace fastdiff {
 namespace {
 
 // grid (chunks, min(B, 65535)): a block works on one sample at a time, so its coefficients are
-// computed once per sample; a grid-stride loop over the Philox groups overlapping the sample,
-// body in sampler_step_part. Batches beyond grid axis y's 65535 stride over samples too.
-template <typename scalar_t, int kNoise, bool kLearned, bool kSplit>
+// computed once per sample; a grid-stride loop over the sample's Philox groups, body in
+// sampler_step_part. Batches beyond grid axis y's 65535 stride over samples too. The noise key
+// and guidance scale may be device values (read here: a replayed graph sees their updates).
+template <typename scalar_t, int kNoise, int kStd, bool kSplit>
 __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
                                     const scalar_t* __restrict__ noise, const int64_t* __restrict__ t,
                                     const int64_t* __restrict__ t_prev, const double* __restrict__ ab,
                                     const float* __restrict__ thresh, scalar_t* __restrict__ x_prev,
                                     scalar_t* __restrict__ x0, SamplerStepLayout L, int64_t num_t,
                                     SamplerStepConfig cfg, int64_t B) {
+  const uint64_t seed = key_seed(L.key);
+  const uint32_t first = key_first(L.key);
+  const float w = guidance_scale(L);
+  const float clip_range = static_cast<float>(cfg.clip_range);
+  const int64_t gps = groups_per_sample(L.per_sample);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t tb = clamp_index(__ldg(t + b), num_t);
     const SamplerStepCoef c = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
     const float s = cfg.clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
-    const float clip_range = static_cast<float>(cfg.clip_range);
-    const int64_t first = b * L.per_sample, last = first + L.per_sample;  // [first, last) of sample b
-    const int64_t g_first = first >> 2, g_end = ((last - 1) >> 2) + 1;
-    for (int64_t g = g_first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < g_end;
-         g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const int64_t i0 = max(4 * g, first), i1 = min(4 * g + 4, last);
-      sampler_step_part<scalar_t, kNoise, kLearned, kSplit>(g, i0, i1, b, tb, c, s, cfg.clip,
-                                                             clip_range, L, x_t, mo, noise, x_prev, x0);
+    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      sampler_step_part<scalar_t, kNoise, kStd, kSplit>(b, k, tb, seed, image_index(first, b), w,
+                                                         c, s, cfg.clip, clip_range, L, x_t, mo,
+                                                         noise, x_prev, x0);
     }
   }
 }
@@ -44,17 +47,22 @@ __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scal
 void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
                        const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                        const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& thresh,
-                       int64_t seed, bool needs_noise, int64_t kind, int64_t prediction_type,
-                       int64_t variance_type, double eta, int64_t clip_mode,
-                       double clip_sample_range, bool set_alpha_to_one,
+                       int64_t seed, const c10::optional<at::Tensor>& seed_t, int64_t first_index,
+                       const c10::optional<at::Tensor>& first_t, bool needs_noise, int64_t kind,
+                       int64_t prediction_type, int64_t variance_type, double eta,
+                       int64_t clip_mode, double clip_sample_range, bool set_alpha_to_one,
                        bool use_clipped_model_output, int64_t mo_batch_stride, int64_t mo_inner,
-                       int64_t mo_row_stride, int64_t var_offset, at::Tensor x_prev, at::Tensor x0) {
+                       int64_t mo_row_stride, int64_t var_offset, int64_t cond_offset,
+                       double guidance, const c10::optional<at::Tensor>& guidance_t,
+                       at::Tensor x_prev, at::Tensor x0) {
   FD_CHECK(x_t.is_cuda() && model_output.is_cuda() && t.is_cuda() && t_prev.is_cuda() &&
            alphas_cumprod.is_cuda(), "sampler_step (cuda): tensors must be CUDA tensors");
+  const NoiseKey key = device_noise_key(seed, seed_t, first_index, first_t, x_t, "sampler_step");
   const SamplerStepPlan p = sampler_step_plan(
-      x_t, model_output, t, t_prev, alphas_cumprod, noise, thresh, seed, needs_noise, kind,
+      x_t, model_output, t, t_prev, alphas_cumprod, noise, thresh, key, needs_noise, kind,
       prediction_type, variance_type, eta, clip_mode, clip_sample_range, set_alpha_to_one,
-      use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset, x_prev, x0);
+      use_clipped_model_output, mo_batch_stride, mo_inner, mo_row_stride, var_offset,
+      cond_offset, guidance, guidance_t, x_prev, x0);
   // the kernel reads these through raw pointers on the GPU
   FD_CHECK(t.is_contiguous() && t_prev.is_contiguous() && alphas_cumprod.is_contiguous() &&
            (!noise || noise->is_cuda()) && x_prev.is_cuda() && (x0.numel() == 0 || x0.is_cuda()) &&
@@ -65,7 +73,7 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
   const int64_t B = p.B, per_sample = p.layout.per_sample;
   const c10::cuda::CUDAGuard guard(x_t.device());
   const int threads = 256;
-  const int64_t groups = (per_sample + 3) / 4 + 1;  // groups overlapping one sample, at most
+  const int64_t groups = groups_per_sample(per_sample);
   const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x_t.get_device())) * 16 / B);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
                   static_cast<unsigned>(std::min<int64_t>(B, 65535)));
@@ -74,8 +82,8 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
     const float* thr = clip_mode == kClipThreshold ? thresh->data_ptr<float>() : nullptr;
-    sampler_step_variants(p.noise_mode, p.learned, p.split, [&](auto kNoise, auto kLearned, auto kSplit) {
-      sampler_step_kernel<scalar_t, decltype(kNoise)::value, decltype(kLearned)::value,
+    sampler_step_variants(p.noise_mode, p.std_mode, p.split, [&](auto kNoise, auto kStd, auto kSplit) {
+      sampler_step_kernel<scalar_t, decltype(kNoise)::value, decltype(kStd)::value,
                           decltype(kSplit)::value><<<grid, threads, 0, stream>>>(
           x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(),
           t_prev.data_ptr<int64_t>(), alphas_cumprod.data_ptr<double>(), thr,

@@ -56,19 +56,19 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
     """Per-sample timesteps as an int64 tensor of shape (batch,) on `device`.
 
     Accepts an int (broadcast), or an integer tensor of shape (batch,) or () on the device or on
-    the CPU. Values are checked to lie in [0, T) ([-1, T) with allow_negative: -1 means "the
-    step after the last", i.e. alpha_cumprod = 1), except while torch.compile traces or a CUDA
+    the CPU. Values are checked to lie in [0, T) (below T with allow_negative: any negative value
+    means "the step after the last", i.e. alpha_cumprod = 1; diffusers' DDIM goes to t - T//n), except while torch.compile traces or a CUDA
     graph is being captured (the check would be a host sync) or with FASTDIFF_CHECKS=0; a CUDA t
     costs one sync for the check. The kernels clamp the index regardless, so an unchecked value
     can never read outside the schedule. check_values=False leaves the values of a tensor t to
     the caller (timestep_values, to check several with one sync)."""
-    lo = -1 if allow_negative else 0
-    rng = f"[{lo}, {num_timesteps})"
+    lo = None if allow_negative else 0
+    rng = _range_text(lo, num_timesteps)
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
         raise TypeError(f"{name} must be an int or an integer tensor of shape ({batch},), "
                         f"got {type(t).__name__}")
     if isinstance(t, int):
-        if not lo <= t < num_timesteps:
+        if not (lo is None or lo <= t) or t >= num_timesteps:
             raise ValueError(f"{name}={t} is out of range {rng}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -90,9 +90,16 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
+def _range_text(lo, num_timesteps: int) -> str:
+    if lo is None:
+        return f"(-inf, {num_timesteps}) (any negative value is the final step)"
+    return f"[{lo}, {num_timesteps})"
+
+
 def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
     """Range checks of timesteps as the caller gave them, items (name, t, lo) with t an int or a
-    tensor already checked by timesteps(check_values=False), t in [lo, num_timesteps);
+    tensor already checked by timesteps(check_values=False), t in [lo, num_timesteps) (lo None:
+    no lower bound);
     ordered: the second item must be < the first, sample by sample; the error starts with this
     text. All values are read with
     one host sync per device (none for CPU tensors), and none at all where values_checked()
@@ -112,9 +119,9 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
             read[i] = v
     for k, (name, _, lo) in enumerate(ts):
         tmin, tmax = read[2 * k], read[2 * k + 1]
-        if tmin < lo or tmax >= num_timesteps:
+        if (lo is not None and tmin < lo) or tmax >= num_timesteps:
             raise ValueError(f"{name} has values in [{tmin}, {tmax}], outside "
-                             f"[{lo}, {num_timesteps})")
+                             f"{_range_text(lo, num_timesteps)}")
     if ordered and read[-1]:
         (na, a, _), (nb, b, _) = ts[0], ts[1]
         a, b = torch.broadcast_tensors(a.reshape(-1), b.to(a.device).reshape(-1))
@@ -177,8 +184,54 @@ def noise_and_seed(ref_name: str, ref: torch.Tensor, noise, seed):
         float_tensor("noise", noise)
         same_device(ref_name, ref, noise=noise)
         same_shape(ref_name, ref, noise=noise)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor))):
+        raise TypeError(f"seed must be an int or a 1-element int64 tensor, got "
+                        f"{type(seed).__name__}")
+
+
+def _scalar_tensor(name: str, v: torch.Tensor, device, integer: bool) -> torch.Tensor:
+    """A 0-d/1-element tensor argument the kernels read on the device, as a 1-element view."""
+    kind = "an integer" if integer else "a floating"
+    if v.numel() != 1:
+        raise ValueError(f"{name} must be {kind} tensor of 1 element (0-d or shape (1,)), got "
+                         f"shape {tuple(v.shape)}")
+    ok = (not v.dtype.is_floating_point and not v.dtype.is_complex and v.dtype != torch.bool) \
+        if integer else v.dtype.is_floating_point
+    if not ok:
+        raise TypeError(f"{name} must be {kind} tensor, got dtype {v.dtype}")
+    if v.device != torch.device(device) and not (
+            v.device.type == torch.device(device).type == "cuda" and v.device.index is None):
+        raise ValueError(f"{name} is on {v.device} but the data is on {device}: the kernels read "
+                         f"it there (a host copy would be baked into a captured CUDA graph)")
+    want = torch.int64 if integer else torch.float32
+    return v.reshape(1) if v.dtype == want else v.reshape(1).to(want)  # on-device, no sync
+
+
+def seed_arg(seed, device):
+    """(int seed, tensor or None) for the kernels: an int (any, its low 64 bits used) or an
+    int64 device tensor of 1 element, read by the kernels (a replayed CUDA graph sees a
+    seed_t.fill_())."""
+    if isinstance(seed, torch.Tensor):
+        return 0, _scalar_tensor("seed", seed, device, True)
+    return seed64(seed), None
+
+
+MAX_IMAGE_INDEX = 2 ** 32  # the image index is one 32-bit word of the Philox counter
+
+
+def first_index_arg(first_index, batch: int, device):
+    """(int first_index, tensor or None): the global index of sample 0 (Philox counter word 1),
+    an int in [0, 2^32 - B] or a 1-element integer tensor on the data's device (not checked:
+    taken mod 2^32)."""
+    if isinstance(first_index, torch.Tensor):
+        return 0, _scalar_tensor("first_index", first_index, device, True)
+    if isinstance(first_index, bool) or not isinstance(first_index, int):
+        raise TypeError(f"first_index must be an int or a 1-element int64 tensor, got "
+                        f"{type(first_index).__name__}")
+    if not 0 <= first_index <= MAX_IMAGE_INDEX - batch:
+        raise ValueError(f"first_index must be in [0, 2^32 - B] = [0, {MAX_IMAGE_INDEX - batch}] "
+                         f"(the image index is a 32-bit Philox counter word), got {first_index}")
+    return first_index, None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (FakeTensor, DTensor...) take the op

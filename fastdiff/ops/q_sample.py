@@ -5,7 +5,7 @@ drawn in the kernel that is 1 read + 2 writes, against 2 reads + 1 write plus a 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -37,24 +37,30 @@ def q_sample_ref(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, nois
 
 
 def _q_sample_body(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
-                 noise: Optional[Tensor], seed: int, want_v: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (x_t, eps drawn here or empty, v or empty). Inputs are checked and dense."""
+                   noise: Optional[Tensor], seed: int, seed_t: Optional[Tensor],
+                   first_index: int, first_t: Optional[Tensor],
+                   want_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (x_t, eps drawn here or empty, v or empty). Inputs are checked and dense; the
+    noise key is (seed_t or seed, first_t or first_index)."""
     x_t = _checks.empty_like(x0)
     eps = _checks.empty_like(x0) if noise is None else x0.new_empty(0)
     v = _checks.empty_like(x0) if want_v else x0.new_empty(0)
     backend = backends.pick("q_sample", IMPLEMENTED, x0.device)
     if backend == "torch" or x0.dtype == torch.float64 or x0.numel() == 0:
         if noise is None:
-            eps.copy_(memory_order_normal(seed, t, STREAM_Q_SAMPLE, x0))
+            eps.copy_(memory_order_normal(seed if seed_t is None else seed_t, t, STREAM_Q_SAMPLE,
+                                          x0, first_index if first_t is None else first_t))
         out = q_sample_ref(x0, t, sqrt_ab, sqrt_1mab, eps if noise is None else noise, want_v)
         x_t.copy_(out[0] if want_v else out)
         if want_v:
             v.copy_(out[1])
     elif backend == "triton":
         from ..kernels.q_sample import q_sample_triton
-        q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v)
+        q_sample_triton(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t, first_index, first_t,
+                        x_t, eps, v)
     else:
-        torch.ops.fastdiff_ext.q_sample(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, eps, v)
+        torch.ops.fastdiff_ext.q_sample(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t,
+                                        first_index, first_t, x_t, eps, v)
     return x_t, eps, v
 
 
@@ -62,7 +68,7 @@ _q_sample_op = torch.library.custom_op("fastdiff::q_sample", mutates_args=())(_q
 
 
 @_q_sample_op.register_fake
-def _(x0, t, sqrt_ab, sqrt_1mab, noise, seed, want_v):
+def _(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t, first_index, first_t, want_v):
     e = torch.empty_like(x0) if noise is None else x0.new_empty(0)
     return torch.empty_like(x0), e, torch.empty_like(x0) if want_v else x0.new_empty(0)
 
@@ -74,7 +80,8 @@ def draw_seed() -> int:
 
 
 def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
-             seed: Optional[int] = None, *, v_target: bool = False):
+             seed: Union[int, Tensor, None] = None, *, first_index: Union[int, Tensor] = 0,
+             v_target: bool = False):
     """Noise clean samples to timestep t in one kernel.
 
     Args:
@@ -83,8 +90,14 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
         t: per-sample timesteps, int tensor (B,) (or an int for all samples), in [0, T).
         schedule: a fastdiff.Schedule.
         noise: eps, same shape as x0; None draws it in the kernel from the counter-based stream
-            (fastdiff.reference): normal i is a function of (seed, t of its sample, i) only.
-        seed: int seed for the in-kernel noise (None: drawn from torch's CPU generator).
+            (fastdiff.reference): normal j of sample b is a function of (seed, first_index + b,
+            t of the sample, j) only, j its memory position inside the sample.
+        seed: seed of the in-kernel noise: an int, or a 1-element int64 tensor on x0's device
+            that the kernel reads (a replayed CUDA graph sees seed_t.fill_()). None: drawn from
+            torch's CPU generator.
+        first_index: global index of sample 0 (the noise is per image, whatever the batch):
+            an int in [0, 2^32 - B], or a 1-element int64 tensor on x0's device, read by the
+            kernel (taken mod 2^32).
         v_target: also return v = sqrt(ab) eps - sqrt(1 - ab) x0 (v-prediction target).
 
     Returns:
@@ -94,15 +107,17 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
     _checks.noise_and_seed("x0", x0, noise, seed)
+    first, first_t = _checks.first_index_arg(first_index, x0.shape[0], x0.device)
     t = _checks.timesteps("t", t, x0.shape[0], schedule.num_train_timesteps, x0.device)
     x0 = _checks.dense(x0)
     if noise is not None:
         noise = _checks.like(noise.to(x0.dtype), x0)
-    seed = _checks.seed64(draw_seed() if (noise is None and seed is None) else (seed or 0))
+    seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None)
+                                    else (0 if seed is None else seed), x0.device)
     tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
     sqrt_ab = schedule.table("sqrt_alphas_cumprod", x0.device, tdt)
     sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, tdt)
     x_t, eps, v = _checks.run_op(_q_sample_op, _q_sample_body, x0, t, sqrt_ab, sqrt_1mab, noise,
-                                 seed, v_target)
+                                 seed, seed_t, first, first_t, v_target)
     eps = noise if noise is not None else eps
     return (x_t, eps, v) if v_target else (x_t, eps)

@@ -14,13 +14,13 @@ loses ~1e-3 relative at small t, this does not.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import STREAM_SAMPLER_STEP, philox_normal
+from ..reference import STREAM_SAMPLER_STEP, memory_order_normal
 from ..schedule import Schedule
 from . import _checks
 from .q_sample import draw_seed
@@ -31,7 +31,8 @@ IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
 KINDS = ("ddpm", "ddim")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
-                  "learned_range")
+                  "learned_range", "learned")
+LEARNED = ("learned_range", "learned")  # model_output has 2C channels: prediction, variance
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 
 
@@ -89,18 +90,27 @@ def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
                      thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                      sample_max_value: float = 1.0, set_alpha_to_one: bool = True,
                      use_clipped_model_output: bool = False, noise: Optional[Tensor] = None,
-                     return_x0: bool = False):
+                     return_x0: bool = False, guidance_scale=None):
     """Plain PyTorch, following diffusers' DDPMScheduler.step / DDIMScheduler.step line by line
     with per-sample t and t_prev (B,). Coefficients in float64; elements in float64 for float64
-    inputs, else float32. `noise`: the z of `+ sigma z` (None: no noise term). Returns x_prev,
-    or (x_prev, x0) with x0 after clipping/thresholding, both in x_t's dtype."""
+    inputs, else float32. `noise`: the z of `+ sigma z` (None: no noise term). guidance_scale
+    (a float or a 1-element tensor): model_output is [uncond; cond] of batch 2B, the prediction
+    is m_u + w (m_c - m_u), a learned variance the cond half's. Returns x_prev, or (x_prev, x0)
+    with x0 after clipping/thresholding, both in x_t's dtype."""
     mdt = _math_dtype(x_t)
     view = (-1,) + (1,) * (x_t.dim() - 1)
     x = x_t.to(mdt)
     m = model_output.to(mdt)
     v = None
-    if kind == "ddpm" and variance_type == "learned_range":
+    learned = kind == "ddpm" and variance_type in LEARNED
+    if learned:
         m, v = torch.split(m, x.shape[1], dim=1)
+    if guidance_scale is not None:
+        w = guidance_scale.to(mdt).reshape(()) if isinstance(guidance_scale, Tensor) \
+            else float(guidance_scale)
+        m_u, m_c = m.chunk(2)
+        m = m_u + w * (m_c - m_u)
+        v = None if v is None else v.chunk(2)[1]
     at, ap = _alphas(alphas_cumprod, t, t_prev, kind == "ddim" and not set_alpha_to_one)
     bt, bp = 1.0 - at, 1.0 - ap
 
@@ -130,6 +140,8 @@ def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
         elif variance_type == "fixed_large_log":
             # GLIDE's max_log: log-variance log(beta_t). diffusers takes sqrt of the log (NaN).
             std = per_sample(torch.exp(0.5 * torch.log(cur_beta)))
+        elif variance_type == "learned":  # the model predicts the variance itself
+            std = v.sqrt()
         else:  # learned_range: interpolate the log-variance between the two bounds
             # cur_beta = 0 only for t == t_prev: clamped like var, so the log stays finite
             min_log = per_sample(torch.log(var))
@@ -162,34 +174,46 @@ def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tenso
     return (x_prev, x0c.to(x_t.dtype)) if return_x0 else x_prev
 
 
-def _model_output_layout(x_t: Tensor, model_output: Tensor, learned: bool):
+def _model_output_layout(x_t: Tensor, model_output: Tensor, learned: bool, guided: bool):
     """model_output laid out for the kernels, and how element j of a sample of x_t (its memory
-    index) finds its prediction: offset b*batch_stride + (j // inner)*row_stride + j % inner, and
-    its predicted variance var_offset further. A 2C-channel output is read in place (its first C
-    channels are a strided view): NCHW -> one row per sample, channels_last -> one row per pixel."""
+    index) finds its prediction: offset b*batch_stride + (j // inner)*row_stride + j % inner, its
+    predicted variance var_offset further, and with guidance the conditional half cond_offset
+    further. A 2C-channel output is read in place (its first C channels are a strided view):
+    NCHW -> one row per sample, channels_last -> one row per pixel. Returns (mo, batch_stride,
+    inner, row_stride, var_offset, cond_offset)."""
     B = x_t.shape[0]
     ps = x_t.numel() // B if B else 0
+    fmt = torch.contiguous_format if x_t.is_contiguous() else (
+        torch.channels_last if x_t.dim() == 4 else torch.channels_last_3d)
     if not learned:
-        return _checks.like(model_output, x_t), ps, ps, ps, 0
+        mo = model_output.contiguous(memory_format=fmt) if guided else \
+            _checks.like(model_output, x_t)
+        return mo, ps, ps, ps, 0, B * ps if guided else 0
     C = x_t.shape[1]
-    if x_t.is_contiguous():
-        return model_output.contiguous(), 2 * ps, ps, 2 * ps, ps
-    fmt = torch.channels_last if x_t.dim() == 4 else torch.channels_last_3d
-    return model_output.contiguous(memory_format=fmt), 2 * ps, C, 2 * C, C
+    cond = 2 * B * ps if guided else 0
+    mo = model_output.contiguous(memory_format=fmt)
+    if fmt == torch.contiguous_format:
+        return mo, 2 * ps, ps, 2 * ps, ps, cond
+    return mo, 2 * ps, C, 2 * C, C, cond
 
 
 def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tensor,
-                     alphas_cumprod: Tensor, noise: Optional[Tensor], seed: int, kind: str,
-                     prediction_type: str, variance_type: str, eta: float, clip_sample: bool,
-                     clip_sample_range: float, thresholding: bool,
-                     dynamic_thresholding_ratio: float, sample_max_value: float,
-                     set_alpha_to_one: bool, use_clipped_model_output: bool,
-                     want_x0: bool) -> tuple[Tensor, Tensor]:
-    """Returns (x_prev, x0 or empty). Inputs are checked; x_t and noise dense alike."""
+                       alphas_cumprod: Tensor, noise: Optional[Tensor], seed: int,
+                       seed_t: Optional[Tensor], first_index: int, first_t: Optional[Tensor],
+                       kind: str, prediction_type: str, variance_type: str, eta: float,
+                       clip_sample: bool, clip_sample_range: float, thresholding: bool,
+                       dynamic_thresholding_ratio: float, sample_max_value: float,
+                       set_alpha_to_one: bool, use_clipped_model_output: bool, guided: bool,
+                       guidance: float, guidance_t: Optional[Tensor],
+                       want_x0: bool) -> tuple[Tensor, Tensor]:
+    """Returns (x_prev, x0 or empty). Inputs are checked; x_t and noise dense alike. Noise key:
+    (seed_t or seed, first_t or first_index); guidance scale (when guided): guidance_t or
+    guidance."""
     x_prev = _checks.empty_like(x_t)
     x0 = _checks.empty_like(x_t) if want_x0 else x_t.new_empty(0)
     needs_noise = kind == "ddpm" or eta > 0
-    learned = kind == "ddpm" and variance_type == "learned_range"
+    learned = kind == "ddpm" and variance_type in LEARNED
+    w = (guidance if guidance_t is None else guidance_t) if guided else None
     opts = dict(kind=kind, prediction_type=prediction_type, variance_type=variance_type, eta=eta,
                 clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
@@ -198,13 +222,12 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
     backend = backends.pick("sampler_step", IMPLEMENTED, x_t.device)
     if backend == "torch" or x_t.dtype == torch.float64 or x_t.numel() == 0:
         if noise is None and needs_noise and x_t.numel():
-            n = x_t.numel()
-            flat = philox_normal(seed, t.clamp(0, alphas_cumprod.numel() - 1), STREAM_SAMPLER_STEP,
-                                 n, per_sample=n // x_t.shape[0], dtype=_math_dtype(x_t),
-                                 device=x_t.device)
-            noise = torch.as_strided(flat, x_t.shape, x_t.stride())
+            noise = memory_order_normal(seed if seed_t is None else seed_t,
+                                        t.clamp(0, alphas_cumprod.numel() - 1),
+                                        STREAM_SAMPLER_STEP, x_t.to(_math_dtype(x_t)),
+                                        first_index if first_t is None else first_t)
         out = sampler_step_ref(x_t, model_output, t, t_prev, alphas_cumprod, noise=noise,
-                               return_x0=want_x0, **opts)
+                               return_x0=want_x0, guidance_scale=w, **opts)
         x_prev.copy_(out[0] if want_x0 else out)
         if want_x0:
             x0.copy_(out[1])
@@ -214,23 +237,28 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
     thresh = None
     if thresholding:  # the quantile needs all of x0 first: a separate reduction, on the device
         m = model_output[:, :x_t.shape[1]] if learned else model_output
+        m = m.float()
+        if guided:
+            m_u, m_c = m.chunk(2)
+            m = m_u + (w if guidance_t is None else guidance_t.reshape(())) * (m_c - m_u)
         at = alphas_cumprod.to(torch.float64)[t.clamp(0, alphas_cumprod.numel() - 1)]
-        x0f = _predict_x0(x_t.float(), m.float(), at, prediction_type)
+        x0f = _predict_x0(x_t.float(), m, at, prediction_type)
         thresh = threshold_scale(x0f, dynamic_thresholding_ratio, sample_max_value).contiguous()
-    mo, bs, inner, rs, var_off = _model_output_layout(x_t, model_output, learned)
+    mo, bs, inner, rs, var_off, cond_off = _model_output_layout(x_t, model_output, learned, guided)
     if not needs_noise:
         noise = None
     args = (KINDS.index(kind), PREDICTION_TYPES.index(prediction_type),
             VARIANCE_TYPES.index(variance_type) if kind == "ddpm" else 0, float(eta), clip_mode,
             float(clip_sample_range), bool(set_alpha_to_one), bool(use_clipped_model_output),
-            bs, inner, rs, var_off)
+            bs, inner, rs, var_off, cond_off, float(guidance), guidance_t if guided else None)
     if backend == "triton":
         from ..kernels.sampler_step import sampler_step_triton
-        sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
-                            needs_noise, *args, x_prev, x0)
+        sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed, seed_t,
+                            first_index, first_t, needs_noise, *args, x_prev, x0)
     else:
         torch.ops.fastdiff_ext.sampler_step(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh,
-                                            seed, needs_noise, *args, x_prev, x0)
+                                            seed, seed_t, first_index, first_t, needs_noise,
+                                            *args, x_prev, x0)
     return x_prev, x0
 
 
@@ -239,10 +267,10 @@ _sampler_step_op = torch.library.custom_op("fastdiff::sampler_step",
 
 
 @_sampler_step_op.register_fake
-def _(x_t, model_output, t, t_prev, alphas_cumprod, noise, seed, kind, prediction_type,
-      variance_type, eta, clip_sample, clip_sample_range, thresholding,
+def _(x_t, model_output, t, t_prev, alphas_cumprod, noise, seed, seed_t, first_index, first_t,
+      kind, prediction_type, variance_type, eta, clip_sample, clip_sample_range, thresholding,
       dynamic_thresholding_ratio, sample_max_value, set_alpha_to_one, use_clipped_model_output,
-      want_x0):
+      guided, guidance, guidance_t, want_x0):
     return torch.empty_like(x_t), torch.empty_like(x_t) if want_x0 else x_t.new_empty(0)
 
 
@@ -271,7 +299,8 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, set_alpha_to_one: bool = True,
                  use_clipped_model_output: bool = False, noise: Optional[Tensor] = None,
-                 seed: Optional[int] = None, return_x0: bool = False):
+                 seed: Union[int, Tensor, None] = None, first_index: Union[int, Tensor] = 0,
+                 guidance_scale: Union[float, Tensor, None] = None, return_x0: bool = False):
     """One DDPM or DDIM reverse step, t -> t_prev, fused into one kernel.
 
     The math is diffusers' DDPMScheduler.step (kind="ddpm") / DDIMScheduler.step (kind="ddim"),
@@ -280,12 +309,15 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     Args:
         x_t: (B, C, ...) current samples, float32/float16/bfloat16 (float64 runs the reference);
             contiguous or channels_last (x_prev keeps x_t's memory format).
-        model_output: the model's prediction, x_t's shape and dtype; for
-            variance_type="learned_range" 2C channels (prediction, then predicted variance in
-            [-1, 1]), read in place in NCHW or channels_last.
-        t, t_prev: per-sample timesteps, int tensors (B,) or ints; t in [0, T), t_prev in
-            [-1, T) where -1 is the final step (alpha_cumprod_prev = 1 for ddpm; for ddim 1 if
-            set_alpha_to_one else alphas_cumprod[0]), which adds no noise. ddpm needs
+        model_output: the model's prediction, x_t's shape and dtype; for variance_type
+            "learned_range" / "learned" 2C channels (prediction, then predicted variance: in
+            [-1, 1] / the variance itself), read in place in NCHW or channels_last. With
+            guidance_scale, batch 2B: [unconditional half; conditional half] (diffusers'
+            `eps_u, eps_c = out.chunk(2)` order).
+        t, t_prev: per-sample timesteps, int tensors (B,) or ints; t in [0, T), t_prev < T
+            where any negative value is the final step (diffusers' DDIM goes to t - T//n, e.g.
+            -20; alpha_cumprod_prev = 1 for ddpm; for ddim 1 if set_alpha_to_one else
+            alphas_cumprod[0]), which adds no noise. ddpm needs
             t_prev < t. (diffusers' DDPM adds noise whenever t > 0, and its DDIM with
             set_alpha_to_one=False and eta > 0 adds some at the last step: fastdiff never does.)
             ddim with t_prev > t is the deterministic inversion step (sigma = 0).
@@ -294,7 +326,8 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: ddpm only: "fixed_small", "fixed_small_log", "fixed_large",
             "fixed_large_log" (GLIDE's log(beta_t) log-variance, i.e. std sqrt(beta_t);
-            diffusers' own step returns NaN there) or "learned_range". Ignored by ddim.
+            diffusers' own step returns NaN there), "learned_range" (interpolated
+            log-variance) or "learned" (std = sqrt of the predicted variance). Ignored by ddim.
         eta: ddim only, >= 0: sigma = eta * sqrt(DDIM variance); noise is added only if eta > 0.
         clip_sample, clip_sample_range: clamp x0 to [-range, range].
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
@@ -302,10 +335,18 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
         set_alpha_to_one: ddim's final alpha_cumprod (see t_prev).
         use_clipped_model_output: ddim only: re-derive epsilon from the clipped x0.
         noise: z of `+ sigma z`, x_t's shape; None draws it in the kernel from the counter-based
-            stream fastdiff.reference.STREAM_SAMPLER_STEP (step = the sample's t, element =
-            memory position). ddpm adds noise only to samples with t > 0, neither kind at the
-            last step (t_prev < 0).
-        seed: int seed of the in-kernel noise (None: drawn from torch's CPU generator).
+            stream fastdiff.reference.STREAM_SAMPLER_STEP (image = first_index + b, step = the
+            sample's t, element = memory position inside the sample). ddpm adds noise only to
+            samples with t > 0, neither kind at the last step (t_prev < 0).
+        seed: seed of the in-kernel noise: an int, or a 1-element int64 tensor on x_t's device
+            read by the kernel (a replayed CUDA graph sees seed_t.fill_()). None: drawn from
+            torch's CPU generator.
+        first_index: global index of sample 0 (noise is per image, whatever the batch): an int
+            in [0, 2^32 - B] or a 1-element int64 tensor on x_t's device (read by the kernel).
+        guidance_scale: classifier-free guidance w: None (model_output of batch B), or a float
+            or a 1-element float tensor on x_t's device (read by the kernel): the prediction is
+            m_u + w (m_c - m_u) of the two halves of a batch-2B model_output; a learned
+            variance is taken from the conditional half.
         return_x0: also return x0 after clipping/thresholding (diffusers' pred_original_sample).
 
     Returns:
@@ -317,9 +358,9 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     _choice("kind", kind, KINDS)
     _choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _choice("variance_type", variance_type, VARIANCE_TYPES)
-    learned = variance_type == "learned_range"
+    learned = variance_type in LEARNED
     if learned and kind == "ddim":
-        raise ValueError("variance_type='learned_range' needs kind='ddpm': DDIM's variance is "
+        raise ValueError(f"variance_type={variance_type!r} needs kind='ddpm': DDIM's variance is "
                          "fixed by eta")
     eta = _number("eta", eta, low=0.0)
     clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
@@ -331,38 +372,53 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     _checks.float_tensor("model_output", model_output)
     _checks.same_device("x_t", x_t, model_output=model_output)
     _checks.same_dtype("x_t", x_t, model_output=model_output)
-    if learned:
-        if x_t.dim() < 2:
-            raise ValueError(f"variance_type='learned_range' needs x_t with a channel dim, got "
-                             f"shape {tuple(x_t.shape)}")
-        want = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:])
-        if tuple(model_output.shape) != want:
-            raise ValueError(f"model_output must have 2*C = {2 * x_t.shape[1]} channels "
-                             f"(prediction, then variance) for variance_type='learned_range': "
-                             f"expected shape {want}, got {tuple(model_output.shape)}")
-    elif model_output.shape != x_t.shape:
-        raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)} for "
-                         f"variance_type={variance_type!r}, got {tuple(model_output.shape)}")
+    guided = guidance_scale is not None
+    guidance, guidance_t = 0.0, None
+    if isinstance(guidance_scale, Tensor):
+        guidance_t = _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False)
+    elif guided:
+        guidance = _number("guidance_scale", guidance_scale)
+    B = x_t.shape[0]
+    if learned and x_t.dim() < 2:
+        raise ValueError(f"variance_type={variance_type!r} needs x_t with a channel dim, got "
+                         f"shape {tuple(x_t.shape)}")
+    want = ((2 * B if guided else B),) + \
+        (((2 * x_t.shape[1],) + tuple(x_t.shape[2:])) if learned else tuple(x_t.shape[1:]))
+    if tuple(model_output.shape) != want:
+        what = []
+        if guided:
+            what.append(f"batch 2*B = {2 * B} ([unconditional; conditional] halves) for "
+                        f"guidance_scale")
+        if learned:
+            what.append(f"2*C = {2 * x_t.shape[1]} channels (prediction, then variance) for "
+                        f"variance_type={variance_type!r}")
+        if not what:
+            raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)} for "
+                             f"variance_type={variance_type!r}, got {tuple(model_output.shape)}")
+        raise ValueError(f"model_output must have {' and '.join(what)}: expected shape {want}, "
+                         f"got {tuple(model_output.shape)}")
     _checks.noise_and_seed("x_t", x_t, noise, seed)
     T = schedule.num_train_timesteps
     t_dev = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device, check_values=False)
     tp_dev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device,
                                allow_negative=True, check_values=False)
     # ranges (and ddpm's order) with one host sync for CUDA timesteps
-    _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, -1), ordered=(
+    _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, None), ordered=(
         "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None))
     t, t_prev = t_dev, tp_dev
     x_t = _checks.dense(x_t)
     if noise is not None:
         noise = _checks.like(noise.to(x_t.dtype), x_t)
+    first, first_t = _checks.first_index_arg(first_index, B, x_t.device)
     needs_noise = kind == "ddpm" or eta > 0
-    seed = _checks.seed64(draw_seed() if (noise is None and seed is None and needs_noise)
-                          else (seed or 0))
+    seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None and needs_noise)
+                                    else (0 if seed is None else seed), x_t.device)
     ab = schedule.table("alphas_cumprod", x_t.device, torch.float64)
     x_prev, x0 = _checks.run_op(_sampler_step_op, _sampler_step_body, x_t, model_output, t,
-                                t_prev, ab, noise, seed, kind, prediction_type, variance_type,
-                                eta, bool(clip_sample), clip_sample_range, bool(thresholding),
+                                t_prev, ab, noise, seed, seed_t, first, first_t, kind,
+                                prediction_type, variance_type, eta, bool(clip_sample),
+                                clip_sample_range, bool(thresholding),
                                 dynamic_thresholding_ratio, sample_max_value,
-                                bool(set_alpha_to_one), bool(use_clipped_model_output),
-                                bool(return_x0))
+                                bool(set_alpha_to_one), bool(use_clipped_model_output), guided,
+                                guidance, guidance_t, bool(return_x0))
     return (x_prev, x0) if return_x0 else x_prev
