@@ -354,3 +354,6 @@ def attention_block_suite(ctx: Ctx):
                 case = Case("attention_block", "", (B, C, H, W), dtype, layout,
                             bytes=2 * B * C * L * _esize(dtype), flops=flops)
                 yield from ctx.run_case(case, inputs, impls, eager)
+
+
+from . import suites_train  # noqa: E402,F401  (registers the "train" suite)

@@ -7,3 +7,4 @@ from . import ops  # noqa: F401
 from .ops import q_sample, sampler_step, group_norm_silu, attention  # noqa: F401
 from . import nn  # noqa: F401
 from .unet import UNet2DModel  # noqa: F401
+from .train import TrainConfig, Trainer  # noqa: F401

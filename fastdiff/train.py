@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from .data import ImageData, load_data
 from .ops.q_sample import q_sample
-from .reference import STREAM_Q_SAMPLE, philox_normal
 from .schedule import Schedule
 
 OBJECTIVES = ("epsilon", "v_prediction", "sample")
@@ -175,18 +174,10 @@ def _gen(*words) -> torch.Generator:
 
 
 def _draw_noised(x0, t, schedule, seed: int, first_index: int, v_target: bool):
-    """q_sample with the noise of images first_index, first_index+1, ... of a batch drawn whole
-    with `seed`, so a shard (a rank, an accumulation micro-batch) gets the noise one call on the
-    whole batch gives. The first shard draws in the kernel; later shards take the reference's
-    normals at their offset (what the kernel would draw there) until q_sample's first_index
-    argument lands."""
-    if first_index == 0:
-        return q_sample(x0, t, schedule, seed=seed, v_target=v_target)
-    n = x0[0].numel()
-    steps = torch.cat([t.new_zeros(first_index), t]).cpu()
-    noise = philox_normal(seed, steps, STREAM_Q_SAMPLE, x0.numel(), per_sample=n,
-                          dtype=x0.dtype, start=first_index * n).to(x0.device).view_as(x0)
-    return q_sample(x0, t, schedule, noise=noise, v_target=v_target)
+    """q_sample with the noise of images first_index, first_index+1, ... of the step's batch: the
+    noise of an image is a function of (seed, its index in the batch, t), so a shard (a rank, an
+    accumulation micro-batch) draws what one call on the whole batch draws for it."""
+    return q_sample(x0, t, schedule, seed=seed, first_index=first_index, v_target=v_target)
 
 
 # -- learning rate and EMA ----------------------------------------------------------------------
