@@ -45,7 +45,8 @@ def _synthetic(n, c, r):
 
 
 @suite("train", "train: one optimizer step (noise, U-Net fwd+bwd, MSE, clip, AdamW, EMA)",
-       floor="% of floor: not meaningful here (no FLOP count is attached)", metric="TFLOP/s")
+       floor="FLOPs: 3x the forward's (torch's FLOP counter); floor = FLOPs / matmul rate",
+       metric="TFLOP/s")
 def train_suite(ctx):
     try:
         from fastdiff import UNet2DModel  # noqa: F401
@@ -100,9 +101,17 @@ def train_suite(ctx):
         trainer.train_step()
         return trainer._loss_sum
 
+    # FLOPs of a step: 3x the forward's (backward ~2x), the forward's counted by torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        x = torch.zeros(B, C, R, R, device=ctx.device)
+        (ref if eager is not None else trainer.model)(x, torch.zeros(B, dtype=torch.long,
+                                                                    device=ctx.device))
+    flops = 3 * fc.get_total_flops()
+
     impls.append(Impl("fastdiff Trainer.train_step", fastdiff_step, "fastdiff", verify=False))
     case = Case("train", "U-Net training step", (B, C, R, R), dtype, "NHWC" if ctx.cuda else "NCHW",
-                expect=lambda inputs, out: None)
+                flops=flops, expect=lambda inputs, out: None)
 
     def inputs():
         return (torch.rand(B, C, R, R, device=ctx.device) * 2 - 1,
