@@ -94,6 +94,7 @@ def train(argv) -> int:
     a("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     a("--warmup-steps", type=int, default=d.warmup_steps)
     a("--weight-decay", type=float, default=d.weight_decay)
+    a("--adam-eps", type=float, default=d.adam_eps)
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="0: no clipping")
     a("--resolution", type=int, default=None, help="resize + center-crop to RxR")
     a("--flip", action="store_true", help="random horizontal flips")
@@ -135,7 +136,7 @@ def train(argv) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, adam_eps=args.adam_eps,
         max_grad_norm=args.max_grad_norm or None, resolution=args.resolution, flip=args.flip,
         objective=args.objective, min_snr_gamma=args.min_snr_gamma,
         offset_noise=args.offset_noise, timesteps=args.timesteps,
