@@ -122,6 +122,9 @@ ext_modules, cmdclass = extension_modules()
 setup(
     packages=["fastdiff", "fastdiff.ops", "fastdiff.kernels"],
     package_dir={"fastdiff.kernels": "kernels"},
+    # the embedded default model (a diffusers pipeline folder), so a non-editable install has it
+    package_data={"fastdiff": ["assets/digits/*.json", "assets/digits/*/*.json",
+                               "assets/digits/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

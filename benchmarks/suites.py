@@ -367,3 +367,4 @@ def attention_block_suite(ctx: Ctx):
 from . import suites_optimize  # noqa: E402,F401  (registers the `optimize` suite)
 from . import suites_unet  # noqa: E402,F401  (registers the unet suite)
 from . import suites_sampling  # noqa: E402,F401  (the `sampling` suite: whole loops)
+from . import suites_train  # noqa: E402,F401  (registers the "train" suite)

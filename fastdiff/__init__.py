@@ -10,3 +10,4 @@ from .integrations.diffusers import optimize, restore  # noqa: F401  (diffusers 
 from .unet import UNet2DModel  # noqa: F401
 from .samplers import DDPMSampler, DDIMSampler  # noqa: F401
 from .pipelines import DDPMPipeline, DDIMPipeline  # noqa: F401
+from .train import TrainConfig, Trainer  # noqa: F401

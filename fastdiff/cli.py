@@ -1,4 +1,4 @@
-"""`python -m fastdiff <command>`: info, sample, bench."""
+"""`python -m fastdiff <command>`: info, sample, train, bench."""
 from __future__ import annotations
 
 import argparse
@@ -128,6 +128,90 @@ def sample(argv) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
+
+
+def train(argv) -> int:
+    """`python -m fastdiff train`: parse the flags into a fastdiff.train.TrainConfig and run it."""
+    import json
+    from .train import (LR_SCHEDULES, MIXED_PRECISION, OBJECTIVES, TIMESTEP_MODES, UNET_IMPLS,
+                        TrainConfig, train as run_training)
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m fastdiff train",
+                                description="Train a UNet2DModel; --out becomes a diffusers "
+                                "pipeline folder (EMA weights) with resumable checkpoints.")
+    a = p.add_argument
+    a("--data", required=True, help="'digits' (scikit-learn's bundled 8x8 digits) or a folder "
+      "of images (class sub-folders with --class-conditional)")
+    a("--out", required=True, help="output folder (pipeline folder + checkpoints/ + samples/)")
+    a("--steps", type=int, default=d.steps)
+    a("--batch-size", type=int, default=d.batch_size, help="global batch (all ranks)")
+    a("--grad-accum", type=int, default=d.grad_accum)
+    a("--lr", type=float, default=d.lr)
+    a("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    a("--warmup-steps", type=int, default=d.warmup_steps)
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--adam-eps", type=float, default=d.adam_eps)
+    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="0: no clipping")
+    a("--resolution", type=int, default=None, help="resize + center-crop to RxR")
+    a("--flip", action="store_true", help="random horizontal flips")
+    a("--objective", choices=OBJECTIVES, default=d.objective)
+    a("--min-snr-gamma", type=float, default=None)
+    a("--offset-noise", type=float, default=d.offset_noise)
+    a("--timesteps", choices=TIMESTEP_MODES, default=d.timesteps)
+    a("--class-conditional", action="store_true")
+    a("--label-dropout", type=float, default=d.label_dropout,
+      help="probability of the null class (the last class embedding), for guidance")
+    a("--config", default=None, help="a diffusers UNet2DModel config.json (default: the "
+      "embedded digits model's)")
+    a("--unet-impl", choices=UNET_IMPLS, default=d.unet_impl)
+    a("--num-train-timesteps", type=int, default=d.num_train_timesteps)
+    a("--beta-schedule", default=d.beta_schedule)
+    a("--ema-max-decay", type=float, default=d.ema_max_decay)
+    a("--ema-inv-gamma", type=float, default=d.ema_inv_gamma)
+    a("--ema-power", type=float, default=d.ema_power)
+    a("--checkpoint-every", type=int, default=d.checkpoint_every)
+    a("--sample-every", type=int, default=d.sample_every)
+    a("--sample-steps", type=int, default=d.sample_steps)
+    a("--guidance-scale", type=float, default=None)
+    a("--log-every", type=int, default=d.log_every)
+    a("--seed", type=int, default=d.seed)
+    a("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    a("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
+    a("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision)
+    a("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+    args = p.parse_args(argv)
+    unet_config = None
+    if args.config is not None:
+        try:
+            with open(args.config) as f:
+                unet_config = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--config {args.config!r}: cannot read a JSON UNet2DModel config ({e})")
+        if not isinstance(unet_config, dict):
+            p.error(f"--config {args.config!r}: expected a JSON object")
+    cfg = TrainConfig(
+        data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, adam_eps=args.adam_eps,
+        max_grad_norm=args.max_grad_norm or None, resolution=args.resolution, flip=args.flip,
+        objective=args.objective, min_snr_gamma=args.min_snr_gamma,
+        offset_noise=args.offset_noise, timesteps=args.timesteps,
+        class_conditional=args.class_conditional, label_dropout=args.label_dropout,
+        unet_config=unet_config, unet_impl=args.unet_impl,
+        num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+        ema_max_decay=args.ema_max_decay, ema_inv_gamma=args.ema_inv_gamma,
+        ema_power=args.ema_power, checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every, sample_steps=args.sample_steps,
+        guidance_scale=args.guidance_scale, log_every=args.log_every, seed=args.seed,
+        resume=args.resume, device=args.device, mixed_precision=args.mixed_precision,
+        progress=not args.no_progress)
+    try:
+        tr = run_training(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"python -m fastdiff train: error: {e}", file=sys.stderr)
+        return 2
+    if tr.rank == 0:
+        print(f"trained {tr.step} steps; pipeline folder: {os.path.abspath(cfg.out)}")
     return 0
 
 
@@ -140,10 +224,14 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("sample", help="sample images: a grid, or a resumable, shardable folder "
                    "(its flags follow)", add_help=False)
+    sub.add_parser("train", help="train a U-Net (fastdiff.train; its flags follow)",
+                   add_help=False)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
     if argv[:1] == ["sample"]:
         return sample(argv[1:])
+    if argv[:1] == ["train"]:
+        return train(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args)
