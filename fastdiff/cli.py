@@ -99,8 +99,9 @@ def sample(argv) -> int:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--steps", type=int, help="inference steps (default: ddim 50, ddpm all)")
     p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--n", "-n", "--num-images", dest="n", type=int, default=16,
-                   help="number of images (default 16); under torchrun write -n or --num-images "
+    p.add_argument("--n", "-n", "--num-images", dest="n", type=int,
+                   help="number of images (default: two per class of a class-conditional model, "
+                        "else 16); under torchrun write -n or --num-images "
                         "(torchrun's own parser takes --n for an abbreviation of its flags)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -128,6 +129,7 @@ def sample(argv) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
+    return 0
 
 
 def train(argv) -> int:

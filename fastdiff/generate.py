@@ -88,8 +88,12 @@ def _save_npz(path, imgs: np.ndarray):
     _atomic_write(path, write)
 
 
-def make_grid(imgs: np.ndarray, ncols: Optional[int] = None, pad: int = 2) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image, black padding."""
+def make_grid(imgs: np.ndarray, ncols: Optional[int] = None, pad: int = 2,
+              scale: int = 1) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one (rows*(H·scale+pad)+pad, cols*(W·scale+pad)+pad, C) image,
+    black padding; each image enlarged `scale` times (nearest: pixels stay pixels)."""
+    if scale > 1:
+        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = imgs.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -115,6 +119,23 @@ def _labels_for(unet, class_label, start, end):
             raise ValueError(f"class_label must lie in [0, {k}), got {class_label}")
         return torch.full((end - start,), class_label, dtype=torch.int64)
     return torch.arange(start, end, dtype=torch.int64) % max(k - 1, 1)
+
+
+GRID_MIN_SIDE = 32  # grid cells are enlarged to at least this many pixels (8x8 digits: 4x)
+
+
+def model_defaults(model) -> dict:
+    """Sampling defaults a model folder recommends in its fastdiff.json (written by
+    `python -m fastdiff train`): num_inference_steps and guidance_scale, when present."""
+    path = DEFAULT_MODEL if model is None else model
+    if not isinstance(path, (str, os.PathLike)):
+        return {}
+    try:
+        with open(os.path.join(path, "fastdiff.json")) as f:
+            extra = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: extra[k] for k in ("num_inference_steps", "guidance_scale") if k in extra}
 
 
 def load_pipeline(model=None, sampler: str = "ddim", device=None, dtype=None) -> _Pipeline:
@@ -169,7 +190,8 @@ def check_manifest(out, want: dict):
 
 
 def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
-             eta: Optional[float] = None, n: int = 16, batch_size: int = 64, seed: int = 0,
+             eta: Optional[float] = None, n: Optional[int] = None, batch_size: int = 64,
+             seed: int = 0,
              class_label: Optional[int] = None, guidance: Optional[float] = None,
              device=None, dtype=None, out: Optional[str] = None, format: Optional[str] = None,
              progress: bool = True, cuda_graph="auto") -> str:
@@ -179,7 +201,23 @@ def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
     format: "grid" (one PNG, default when out is None or ends in .png; out default
     samples.png), "png" (out/000000.png ...) or "npz" (out/samples_<start>_<end>.npz shards,
     arr_0 uint8 (N, H, W, C), one per batch). Folders resume and shard over torchrun's ranks.
+    n: default two images per class of a class-conditional model (a grid row per round of the
+    classes), else 16. steps and guidance default to the model folder's fastdiff.json, if any.
     """
+    defaults = model_defaults(model)
+    steps = defaults.get("num_inference_steps") if steps is None else steps
+    guidance = defaults.get("guidance_scale") if guidance is None else guidance
+    if n is None:
+        n = 16
+        if model is None or isinstance(model, (str, os.PathLike)):
+            try:
+                with open(os.path.join(DEFAULT_MODEL if model is None else model, "unet",
+                                       "config.json")) as f:
+                    k = json.load(f).get("num_class_embeds")
+            except (OSError, ValueError):
+                k = None
+            if k and k > 1 and class_label is None:
+                n = 2 * (k - 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -229,7 +267,11 @@ def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
                 imgs.append(pipe.scheduler.sample(
                     pipe.unet, batch_size=end - start, first_index=start,
                     class_labels=_labels_for(pipe.unet, class_label, start, end), **kw))
-            grid = make_grid(_to_uint8(np.concatenate(imgs)))
+            imgs = _to_uint8(np.concatenate(imgs))
+            k = getattr(pipe.unet.config, "num_class_embeds", None)
+            ncols = k - 1 if k and k > 1 and class_label is None and n >= k - 1 else None
+            side = max(imgs.shape[1], imgs.shape[2])
+            grid = make_grid(imgs, ncols, scale=max(1, -(-GRID_MIN_SIDE // side)))
             if os.path.dirname(os.path.abspath(out)):
                 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             _save_png(out, grid)

@@ -59,12 +59,26 @@ def test_grid_default(folder, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.strip() == "samples.png"
     from PIL import Image
     im = Image.open(tmp_path / "samples.png")
-    assert im.size == (3 * 10 + 2, 3 * 10 + 2) and im.mode == "RGB"  # 7 images, 3 columns
+    # 7 images, 3 columns, 8x8 images enlarged 4x to 32x32 cells, 2 pixels of padding
+    assert im.size == (3 * 34 + 2, 3 * 34 + 2) and im.mode == "RGB"
     grid = np.asarray(im)
     pipe = gen.load_pipeline(folder, "ddim")
     want = (pipe.scheduler.sample(pipe.unet, batch_size=7, num_inference_steps=4, seed=5,
                                   output_type="np", progress=False) * 255).round()
-    np.testing.assert_array_equal(grid[12:20, 12:20], want[4].astype(np.uint8))  # row 1, col 1
+    cell = want[4].astype(np.uint8).repeat(4, axis=0).repeat(4, axis=1)
+    np.testing.assert_array_equal(grid[36:68, 36:68], cell)  # row 1, col 1
+
+
+def test_default_model_grid(tmp_path, monkeypatch):
+    # the README's first command: the embedded digits model, two rows of the ten classes, cells
+    # enlarged to 32 px, its fastdiff.json's steps and guidance
+    monkeypatch.chdir(tmp_path)
+    defaults = gen.model_defaults(None)
+    assert defaults == {"num_inference_steps": 10, "guidance_scale": 1.5}
+    assert cli.main(["sample", "--device", "cpu", "--no-progress"]) == 0
+    from PIL import Image
+    im = Image.open(tmp_path / "samples.png")
+    assert im.size == (10 * 34 + 2, 2 * 34 + 2)
 
 
 def test_png_folder_resume_and_manifest(folder, tmp_path, capsys):
