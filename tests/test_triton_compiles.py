@@ -33,6 +33,15 @@ def test_triton_kernels_compile_for_sm90(op):
     assert "launches compiled" in r.stdout and " 0 launches" not in r.stdout, r.stdout
 
 
+def _code_properties(mode: str):
+    """The JSON rows tests/triton_offline.py MODE prints (one per compiled kernel variant)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_offline.py"), mode],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-6000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")], r.stdout
+
+
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark measures it")
 def test_attention_code_at_benchmark_shapes():
@@ -40,13 +49,8 @@ def test_attention_code_at_benchmark_shapes():
     only vector global loads (no scalar 2-byte loads: those came from masking a head dim that is
     no multiple of 16, D = 40), K/V tiles moved by cp.async (the software pipeline), and no
     stack or spill bytes (cuobjdump -res-usage)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_offline.py"),
-                        "attention_properties"], capture_output=True, text=True, timeout=900,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-6000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 22, r.stdout
+    rows, out = _code_properties("attention_properties")
+    assert len(rows) == 22, out
     for row in rows:
         case = f"{row['dtype']} Lq={row['Lq']} Lk={row['Lk']} D={row['D']} {row['layout']}"
         assert row["loads"], case
@@ -65,13 +69,8 @@ def test_group_norm_code_at_benchmark_shapes():
     own (a runtime channels-per-group count); Cg is now a compile-time constant, so a group's
     channels of one pixel move as one vector: 8-16 bytes at Cg = 4, 8, 20; 4 bytes at Cg = 10,
     whose 20-byte runs start only 4-byte aligned."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_offline.py"),
-                        "group_norm_properties"], capture_output=True, text=True, timeout=900,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-6000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) >= 20, r.stdout
+    rows, out = _code_properties("group_norm_properties")
+    assert len(rows) >= 20, out
     for row in rows:
         case = f"{row['dtype']} {row['shape']} {row['layout']} {row['kernel']}"
         assert row["loads"].get("ld.global.b16", 0) + row["loads"].get("ld.global.u16", 0) <= 1, \
