@@ -98,14 +98,18 @@ FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t
           static_cast<float>(l0), static_cast<float>(l1), noise_on};
 }
 
+// clamp that keeps a NaN (as torch.clamp; fminf/fmaxf would turn it into a bound, so a diverged
+// model would be silently clipped into an image)
+FD_HD float clamp_keep_nan(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
 // x0 after clipping: clip_range for kClipRange, thresh (the sample's s) for kClipThreshold.
 FD_HD float sampler_step_x0(const SamplerStepCoef& c, int clip, float clip_range, float thresh,
                             float x, float m) {
   float x0 = c.cx * x + c.cm * m;
   if (clip == kClipRange) {
-    x0 = fminf(fmaxf(x0, -clip_range), clip_range);
+    x0 = clamp_keep_nan(x0, -clip_range, clip_range);
   } else if (clip == kClipThreshold) {
-    x0 = fminf(fmaxf(x0, -thresh), thresh) / thresh;
+    x0 = clamp_keep_nan(x0, -thresh, thresh) / thresh;
   }
   return x0;
 }

@@ -155,11 +155,12 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
         mc = tl.load(mo_ptr + mo + cond_off, mask=mask, other=0.0).to(tl.float32)
         m = m + w * (mc - m)
     x0 = cx * x + cm * m
+    # clamps that keep a NaN, as torch.clamp (a diverged model must not be clipped into an image)
     if CLIP == CLIP_RANGE:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
     elif CLIP == CLIP_THRESHOLD:
         s = tl.load(thr_ptr + b).to(tl.float32)
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
     out = k0 * x0 + kx * x + km * m
     if NOISE != NOISE_NONE:
         if NOISE == NOISE_GIVEN:

@@ -1004,3 +1004,31 @@ def test_cpu_same_bits_any_thread_count(schedule):
         torch.set_num_threads(n)
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", ["clip_sample", "thresholding", "clip_learned_cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clipping_keeps_nan(seed, backend, clip, dtype):
+    # a diverged model (NaN prediction) must give NaN, as torch.clamp does, not an image clipped
+    # to +-range: every other element is unaffected. (The Triton interpreter's minimum/maximum
+    # are numpy's, which keep NaN either way: only a GPU run shows the Triton kernel's rule.)
+    x = torch.randn(2, 3, 5, 7, device=DEVICE).to(dtype)
+    m = torch.randn_like(x)
+    m[1, 2, 3, 4] = float("nan")  # inside the CPU kernel's vector loop
+    m[1, 2, 4, 6] = float("nan")  # the sample's last element: its scalar tail (shared with CUDA)
+    kw = {"clip_sample": True} if clip != "thresholding" else {"thresholding": True}
+    if clip == "clip_learned_cl":  # the CPU kernel's scalar path (the element code CUDA runs)
+        x = x.contiguous(memory_format=torch.channels_last)
+        m = torch.cat([m, torch.rand_like(m) * 2 - 1], 1).contiguous(
+            memory_format=torch.channels_last)
+        kw["variance_type"] = "learned_range"
+    s = fastdiff.Schedule()
+    t, tp = torch.tensor([500, 500], device=DEVICE), torch.tensor([499, 499], device=DEVICE)
+    with fastdiff.use_backend(backend):
+        out = fastdiff.sampler_step(x, m, t, tp, s, noise=torch.randn_like(x), **kw)
+    nan = torch.isnan(out)
+    if clip != "thresholding":
+        assert nan[1, 2, 3, 4] and nan[1, 2, 4, 6] and nan.sum() == 2, f"{backend}: {nan.sum()}"
+    else:  # the NaN enters sample 1's quantile too (torch.quantile's rule): sample 0 is finite
+        assert nan[1, 2, 3, 4] and nan[1, 2, 4, 6] and not nan[0].any(), f"{backend}"
