@@ -47,17 +47,6 @@ def _flops(model, x, t) -> int:
     return int(counter.get_total_flops())
 
 
-def _peak_mib(ctx: Ctx, fn, args):
-    if not ctx.cuda:
-        return None
-    ctx.sync()
-    torch.cuda.reset_peak_memory_stats(ctx.device)
-    base = torch.cuda.memory_allocated(ctx.device)
-    fn(*args)
-    ctx.sync()
-    return (torch.cuda.max_memory_allocated(ctx.device) - base) / 2 ** 20
-
-
 @suite("unet",
        "U-Net forward: fastdiff.UNet2DModel vs diffusers UNet2DModel (eager, torch.compile), same "
        "weights (GPU: CIFAR-10 config B256 fp16, 256-px config B8 fp16; CPU: a small config fp32)",
@@ -100,10 +89,8 @@ def unet_suite(ctx: Ctx):
                 return ours(x, t).sample
 
             impls = [Impl("fastdiff UNet2DModel", fast, "fastdiff")]
-            peaks = {"eager": _peak_mib(ctx, eager, x0),
-                     "fastdiff UNet2DModel": _peak_mib(ctx, fast, x0)}
             compile_s = None
-            if ctx.compile:  # compiled here (not by the harness) to measure its memory too
+            if ctx.compile:  # compiled here (not by the harness) to time the compile itself
                 try:
                     torch._dynamo.reset()
                     cfn = torch.compile(eager, dynamic=False, backend=ctx.compile_backend)
@@ -113,7 +100,6 @@ def unet_suite(ctx: Ctx):
                         cfn(*x0)
                     ctx.sync()
                     compile_s = time.perf_counter() - t0
-                    peaks["compile"] = _peak_mib(ctx, cfn, x0)
                     # kind "other" so the harness does not report its own (absent) compile time
                     impls.insert(0, Impl("compile", cfn, "other"))
                 except Exception as e:  # noqa: BLE001
@@ -122,7 +108,6 @@ def unet_suite(ctx: Ctx):
             saved, ctx.compile = ctx.compile, False
             try:
                 for row in ctx.run_case(case, inputs, impls, eager):
-                    row["peak_mib"] = peaks.get(row["impl"])
                     if row["impl"] == "compile":
                         row.update(kind="compile", compile_s=compile_s)
                     yield row
