@@ -10,5 +10,6 @@ from . import nn  # noqa: F401
 from .integrations.diffusers import optimize, restore  # noqa: F401  (diffusers imported lazily)
 from .unet import UNet2DModel  # noqa: F401
 from .samplers import DDPMSampler, DDIMSampler  # noqa: F401
+from .samplers import DPMSolverSampler, UniPCSampler  # noqa: F401
 from .pipelines import DDPMPipeline, DDIMPipeline  # noqa: F401
 from .train import TrainConfig, Trainer  # noqa: F401

@@ -47,13 +47,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .ops.multistep_step import COEFS, MAX_ORDER, NCOEF
 from .schedule import BETA_SCHEDULES, Schedule
 
-# The coefficient columns, in order: fastdiff.ops.multistep_step.COEFS (the op's contract).
-COEFS = ("alpha", "sigma", "corr_x", "corr_last", "corr_new", "corr_h0", "corr_h1", "corr_h2",
-         "pred_y", "pred_new", "pred_h0", "pred_h1", "pred_h2", "noise")
-NCOEF = len(COEFS)
-MAX_ORDER = 3
 _COL = {name: i for i, name in enumerate(COEFS)}
 
 SPACINGS = ("linspace", "leading", "trailing")
@@ -197,6 +193,13 @@ def check_sigmas(sigmas32: np.ndarray, what: str = "num_inference_steps"):
                          f"steps or another timestep_spacing")
 
 
+def _check_order(solver_order):
+    if isinstance(solver_order, bool) or not isinstance(solver_order, (int, np.integer)) \
+            or not 1 <= solver_order <= MAX_ORDER:
+        raise ValueError(f"solver_order must be an int in [1, {MAX_ORDER}], got {solver_order!r}")
+    return int(solver_order)
+
+
 def _place(row: np.ndarray, prefix: str, i: int, coefs: dict, K: int):
     """Put the weights of m_{i - j} (coefs[j]) into row: j = 0 -> <prefix>_new, j >= 1 -> the
     ring slot (i - j) % K where step i - j wrote it."""
@@ -238,7 +241,7 @@ def dpmsolver_table(sigmas32: np.ndarray, *, solver_order: int = 2,
     prediction, ODE ("dpmsolver++") or SDE ("sde-dpmsolver++", the noise column
     sigma_t sqrt(1 - e^{-2h})), over the n + 1 sigmas. No corrector: corr_x = 1."""
     n = len(sigmas32) - 1
-    K = solver_order
+    K = _check_order(solver_order)
     alpha, sig, lam = _alpha_sigma_lambda(sigmas32)
     orders = dpmsolver_orders(n, solver_order, lower_order_final, euler_at_final,
                               final_sigmas_type)
@@ -334,7 +337,7 @@ def unipc_table(sigmas32: np.ndarray, *, solver_order: int = 2, solver_type: str
     B(h) term is dropped (its limit: x_prev = x0_new); diffusers gives NaN (bh1, -inf * 0) or
     a singular solve / inf (order >= 2 with lower_order_final=False)."""
     n = len(sigmas32) - 1
-    K = solver_order
+    K = _check_order(solver_order)
     alpha, sig, lam = _alpha_sigma_lambda(sigmas32)
     orders = unipc_orders(n, solver_order, lower_order_final, sigmas32)
     disabled = {int(d) for d in disable_corrector}
