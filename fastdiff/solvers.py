@@ -147,7 +147,7 @@ def multistep_schedule(alphas_cumprod: torch.Tensor, num_inference_steps: int, *
     else:
         ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64)
         ts -= 1
-    sigmas = np.array(((1 - ac) / ac) ** 0.5)
+    sigmas = (((1 - ac) / ac) ** 0.5).numpy()
     sigma_min_table = float((((1 - ac[0]) / ac[0]) ** 0.5).item())
     if use_karras_sigmas:
         log_sigmas = np.log(sigmas)
@@ -183,14 +183,20 @@ def _alpha_sigma_lambda(sigmas32: np.ndarray):
 
 
 def check_sigmas(sigmas32: np.ndarray, what: str = "num_inference_steps"):
-    """Solver steps need strictly decreasing sigmas (h > 0); repeated ones (too many steps for
-    the spacing) would divide by zero."""
+    """Solver steps need distinct, finite sigmas: a repeated one (too many steps for the
+    spacing) is h = 0, and the step after it would divide by it. One exception, diffusers'
+    own: trailing spacing with an extra timestep -1 and final_sigmas_type "sigma_min" repeats
+    the last sigma; that last step is the identity (its limit h -> 0, and diffusers' result).
+    (Increasing sigmas are allowed: zero-terminal-SNR schedules have them at the first steps,
+    and diffusers steps through them.)"""
     d = np.diff(sigmas32.astype(np.float64))
-    if not np.all(d < 0) or not np.all(np.isfinite(sigmas32)):
-        k = int(np.argmax(~(d < 0)))
+    bad = (d == 0) | ~np.isfinite(d)
+    bad[-1] = not np.isfinite(d[-1])
+    if np.any(bad):
+        k = int(np.argmax(bad))
         raise ValueError(f"{what}: the schedule repeats a noise level (sigmas[{k}] = "
-                         f"{sigmas32[k]!r}, sigmas[{k + 1}] = {sigmas32[k + 1]!r}); use fewer "
-                         f"steps or another timestep_spacing")
+                         f"{float(sigmas32[k])!r}, sigmas[{k + 1}] = {float(sigmas32[k + 1])!r}); "
+                         f"use fewer steps or another timestep_spacing")
 
 
 def _check_order(solver_order):
@@ -240,6 +246,7 @@ def dpmsolver_table(sigmas32: np.ndarray, *, solver_order: int = 2,
     """(coefs float64 (n, NCOEF), orders) of multistep DPM-Solver++ (Lu et al. 2022), data
     prediction, ODE ("dpmsolver++") or SDE ("sde-dpmsolver++", the noise column
     sigma_t sqrt(1 - e^{-2h})), over the n + 1 sigmas. No corrector: corr_x = 1."""
+    check_sigmas(sigmas32, "sigmas")
     n = len(sigmas32) - 1
     K = _check_order(solver_order)
     alpha, sig, lam = _alpha_sigma_lambda(sigmas32)
@@ -253,6 +260,9 @@ def dpmsolver_table(sigmas32: np.ndarray, *, solver_order: int = 2,
         a_t = alpha[i + 1]
         if sig[i + 1] == 0.0:  # to sigma = 0 (order 1 here): h = inf, x_prev = x0_new
             row[_COL["pred_y"]], row[_COL["pred_new"]] = 0.0, a_t
+            continue
+        if sig[i + 1] == sig[i]:  # h = 0 (only a last step, check_sigmas): the identity
+            row[_COL["pred_y"]] = 1.0
             continue
         h = lam[i + 1] - lam[i]
         if sde:
@@ -336,6 +346,7 @@ def unipc_table(sigmas32: np.ndarray, *, solver_order: int = 2, solver_type: str
     Differences from diffusers 0.42.1, where it fails: a step to sigma = 0 is order 1 and its
     B(h) term is dropped (its limit: x_prev = x0_new); diffusers gives NaN (bh1, -inf * 0) or
     a singular solve / inf (order >= 2 with lower_order_final=False)."""
+    check_sigmas(sigmas32, "sigmas")
     n = len(sigmas32) - 1
     K = _check_order(solver_order)
     alpha, sig, lam = _alpha_sigma_lambda(sigmas32)
@@ -369,6 +380,9 @@ def unipc_table(sigmas32: np.ndarray, *, solver_order: int = 2, solver_type: str
         a_t = alpha[i + 1]
         if sig[i + 1] == 0.0:
             row[_COL["pred_y"]], row[_COL["pred_new"]] = 0.0, a_t
+            continue
+        if sig[i + 1] == sig[i]:  # h = 0 (only a last step, check_sigmas): the identity
+            row[_COL["pred_y"]] = 1.0
             continue
         h = lam[i + 1] - lam[i]
         hh = -h
