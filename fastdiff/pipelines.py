@@ -9,8 +9,8 @@ with diffusers' defaults and output types. The folder is diffusers' format both 
 pipeline runs fastdiff.DPMSolverSampler / UniPCSampler (or diffusers' DPMSolverMultistepScheduler /
 UniPCMultistepScheduler, converted) as its scheduler unchanged:
 
-    pipe = fastdiff.DDPMPipeline.from_pretrained(path, scheduler=fastdiff.DPMSolverSampler.from_config(
-        os.path.join(path, "scheduler")))
+    solver = fastdiff.DPMSolverSampler.from_config(os.path.join(path, "scheduler"))
+    pipe = fastdiff.DDPMPipeline.from_pretrained(path, scheduler=solver)
     images = pipe(batch_size=16, num_inference_steps=20).images
 """
 from __future__ import annotations

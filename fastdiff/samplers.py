@@ -463,6 +463,8 @@ class DDPMSampler(_Sampler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        if variance_type is None:  # a DPM-Solver/UniPC config's; diffusers' DDPM: fixed_small
+            variance_type = "fixed_small"
         if variance_type not in DDPM_VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {DDPM_VARIANCE_TYPES}, got "
                              f"{variance_type!r}")

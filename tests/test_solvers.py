@@ -10,7 +10,6 @@ enough to exercise every coefficient, and it costs nothing. A few loops use the 
 UNet2DModel of test_samplers (guidance, the SDE, UniPC order 3) as a real model."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -368,6 +367,20 @@ def test_float64_samples():
     assert out64.dtype == torch.float64 and rel(out32, out64) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_samples_float32_state(dtype):
+    """A half-precision model: samples in its dtype, the solver state (ring, UniPC's last
+    sample) float32, so the loop stays near the float32 one."""
+    model = Smooth()
+    x = latents()
+    for s in (DPMSolverSampler(solver_order=3), UniPCSampler(solver_order=3)):
+        ref = fastdiff_loop(s, model, x, 12)
+        out = fastdiff_loop(s, lambda xx, t, class_labels=None: model(xx.float(), t).to(dtype),
+                            x.to(dtype), 12, dtype=dtype)
+        assert out.dtype == dtype and rel(out, ref) < 2e-2
+        assert s._loop_state(x.to(dtype))["ring"].dtype == torch.float32
+
+
 # -- from_config, save_config, pipelines ------------------------------------------------------
 def test_from_config_round_trip(tmp_path):
     d = DPMSolverMultistepScheduler(solver_order=3, prediction_type="v_prediction",
@@ -403,8 +416,11 @@ def test_from_ddpm_ddim_config_as_diffusers(base):
         x = latents()
         ref, _ = diffusers_loop(d, Smooth(), x.clone(), 10)
         assert rel(fastdiff_loop(s, Smooth(), x, 10), ref) <= REL
-    # and back: a DDIM sampler from a solver's config ignores the solver's options
-    assert DDIMSampler.from_config(DPMSolverSampler(solver_order=3).config)
+    # and back: DDPM/DDIM samplers from a solver's config ignore the solver's options
+    for cfg in (DPMSolverMultistepScheduler(solver_order=3).config,
+                UniPCMultistepScheduler(solver_type="bh1").config):
+        assert DDIMSampler.from_config(cfg).config["timestep_spacing"] == "linspace"
+        assert DDPMSampler.from_config(cfg).config["variance_type"] == "fixed_small"
 
 
 def test_pipelines_keep_solvers(tmp_path):
