@@ -482,3 +482,147 @@ def test_errors_aliasing_and_in_place_strided():
     a.update(x_t=xs)
     with pytest.raises(ValueError, match="in place needs a contiguous or channels_last x_t"):
         fastdiff.multistep_step(**a, out=xs)
+
+
+# -- every vector loop, sample tails, unaligned views, thread counts ------------------------------
+
+def _cpu_capabilities():
+    try:
+        import fastdiff._C as C
+        return list(C.cpu_capabilities())
+    except (ImportError, AttributeError):
+        return []
+
+
+@pytest.fixture(params=_cpu_capabilities() or ["none"])
+def cpu_capability(request):
+    if request.param == "none" or "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU kernels are not built")
+    import fastdiff._C as C
+    C.set_cpu_capability(request.param)
+    yield request.param
+    C.set_cpu_capability("")
+
+
+LONG = (2, 3, 37, 29)  # 3219 per sample: several work units, vector blocks and a scalar tail
+VEC_CASES = {
+    "2m": dict(K=1, kw=dict(noise="given")),
+    "3m-clip": dict(K=2, kw=dict(clip_sample=True, clip_sample_range=1.5, seed=4)),
+    "sde-drawn": dict(K=2, kw=dict(seed=2 ** 33 + 5, first_index=3, prediction_type="v_prediction")),
+    "unipc-guided-threshold": dict(K=3, last=True, guided=True,
+                                   kw=dict(guidance_scale=2.0, prediction_type="sample",
+                                           **CLIPS["threshold"])),
+}
+
+
+def _vec_case(name, dtype, shape=LONG, seed=40):
+    case = VEC_CASES[name]
+    x, mo, ring, ls, noise = _inputs(shape, case["K"], dtype=dtype, seed=seed,
+                                     guided=case.get("guided", False),
+                                     last=case.get("last", False))
+    kw = dict(case["kw"])
+    z = None
+    if kw.get("noise") == "given":
+        kw["noise"] = z = noise
+    elif "seed" in kw:
+        z = memory_order_normal(kw["seed"], 5, STREAM_MULTISTEP, x.double().cpu(),
+                                kw.get("first_index", 0))
+    ikw = dict(pred=kw.get("prediction_type", "epsilon"), w=kw.get("guidance_scale"))
+    if kw.get("clip_sample"):
+        ikw.update(clip="clip", clip_range=kw["clip_sample_range"])
+    if kw.get("thresholding"):
+        ikw.update(_ind_kw("threshold"))
+    return x, mo, ring, ls, kw, z, ikw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(VEC_CASES))
+def test_cpu_vector_loop_every_capability(cpu_capability, dtype, name):
+    x, mo, ring, ls, kw, z, ikw = _vec_case(name, dtype)
+    coefs = _coefs(20)
+    out, ring2, ls2 = _run("cpu", x, mo, ring, coefs, 5, ls, **kw)
+    want = _independent(x, mo, ring, coefs, 5, ls, z, **ikw)
+    if dtype == torch.float32:
+        _close(out, want[0], 1e-5, cpu_capability)
+    else:
+        assert_close(out, want[0], dtype, scale=float(want[0].abs().max()), msg=cpu_capability)
+    _check_state(ring, ring2, ls2, 5, want[1], want[2], 1e-5, cpu_capability)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VEC_CASES))
+def test_long_samples(backend, name):
+    """Samples of several blocks / programs / work units with a tail, every backend."""
+    x, mo, ring, ls, kw, z, ikw = _vec_case(name, torch.float32, seed=41)
+    coefs = _coefs(21)
+    out, ring2, ls2 = _run(backend, x, mo, ring, coefs, 5, ls, **kw)
+    want = _independent(x, mo, ring, coefs, 5, ls, z, **ikw)
+    _close(out, want[0], 1e-5, backend)
+    _check_state(ring, ring2, ls2, 5, want[1], want[2], 1e-5, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unaligned_views(backend):
+    """Dense views one element into their storage: the kernels' 4-element vector accesses fall
+    back to scalar ones (the C++ shared body), with the same results."""
+    x, mo, ring, ls, noise = _inputs(SHAPE, 3, seed=42, guided=True)
+
+    def shifted(a, k):
+        return torch.cat([a.new_zeros(k), a.flatten()])[k:].view(a.shape)
+
+    xs, ms, ns, lss = shifted(x, 1), shifted(mo, 3), shifted(noise, 2), shifted(ls, 1)
+    rs = shifted(ring, 1)
+    coefs = _coefs(22)
+    out, ring2, ls2 = _run(backend, xs, ms, rs, coefs, 4, lss, noise=ns, guidance_scale=1.5)
+    want = _independent(x, mo, ring, coefs, 4, ls, noise, w=1.5)
+    _close(out, want[0], 1e-5, backend)
+    _check_state(ring, ring2, ls2, 4, want[1], want[2], 1e-5, backend)
+
+
+def test_cpu_same_bits_any_thread_count():
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU kernels are not built")
+    x, mo, ring, ls, _ = _inputs((5, 3, 40, 40), 3, seed=43, guided=True)
+    coefs = _coefs(23)
+    outs = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            outs.append(_run("cpu", x, mo, ring, coefs, 2, ls, seed=3, guidance_scale=3.0,
+                             **CLIPS["threshold"]))
+    finally:
+        torch.set_num_threads(n)
+    for o in outs[1:]:
+        for u, v in zip(o, outs[0]):
+            assert torch.equal(u, v)
+
+
+def test_ext_op_checks_its_arguments():
+    """The extension op checks what the wrapper guarantees (a direct caller gets an error, not
+    a wild read): the ring's dtype, the table's width, the layouts."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU kernels are not built")
+    x, mo, ring, ls, _ = _inputs(SHAPE, 2, seed=44)
+    coefs = _coefs(24)
+
+    def call(**kw):
+        a = dict(x_t=x, model_output=mo, ring=ring, coefs=coefs, step=1, step_t=None,
+                 last_sample=ls, noise=None, thresh=None, seed=0, seed_t=None, first_index=0,
+                 first_t=None, draw_noise=False, prediction_type=0, clip_mode=0,
+                 clip_sample_range=1.0, cond_offset=0, guidance=0.0, guidance_t=None,
+                 out=torch.empty_like(x))
+        a.update(kw)
+        torch.ops.fastdiff_ext.multistep_step(*a.values())
+
+    call()  # the base call is valid
+    for kw, match in ((dict(ring=ring.double()), "ring must be float32"),
+                      (dict(coefs=coefs[:, :13].contiguous()), "coefs must be a contiguous float64"),
+                      (dict(x_t=x.double(), model_output=mo.double(), out=x.double()), "float64"),
+                      (dict(out=torch.empty_like(x).transpose(2, 3).contiguous().transpose(2, 3)),
+                       "out must be laid out like x_t"),
+                      (dict(clip_mode=2), "thresholding needs thresh"),
+                      (dict(cond_offset=3), "bad cond_offset"),
+                      (dict(last_sample=ls[:, :2]), "last_sample must be float32, laid out like x_t")):
+        with pytest.raises(ValueError, match=match):
+            call(**kw)

@@ -34,7 +34,7 @@ from ..reference import STREAM_MULTISTEP, memory_order_normal
 from . import _checks
 from .sampler_step import PREDICTION_TYPES, threshold_scale
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
 
 # Columns of the coefficient table, in order (fastdiff.solvers writes them, the kernels read them
 # by these positions: csrc/multistep_step.h and kernels/multistep_step.py use the same indices).
@@ -136,6 +136,20 @@ def multistep_step_ref(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: T
     return x_prev.to(x_t.dtype), x0, y
 
 
+def _x0_coefs(coefs: Tensor, step, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(cx, cm) of x0 = cx x + cm m as the kernels form them: in float64 from the row, then
+    float32 (0-d tensors on coefs' device)."""
+    c = _row(coefs, step, torch.float64)
+    alpha, sigma = c[COL["alpha"]], c[COL["sigma"]]
+    if prediction_type == "epsilon":
+        cx, cm = 1.0 / alpha, -sigma / alpha
+    elif prediction_type == "sample":
+        cx, cm = torch.zeros_like(alpha), torch.ones_like(alpha)
+    else:
+        cx, cm = alpha, -sigma
+    return cx.float(), cm.float()
+
+
 def _slot_index(step: int, step_t: Optional[Tensor], S: int, K: int, device) -> Tensor:
     """(1,) int64: the ring slot the new x0 goes to, step % K of the clamped step, on device."""
     if step_t is not None:
@@ -184,7 +198,26 @@ def _multistep_step_body(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs:
         if last_sample is not None:
             last_sample.copy_(y)
         return
-    raise RuntimeError(f"multistep_step: backend {name!r} is not implemented")
+    clip_mode = CLIP_THRESHOLD if thresholding else (CLIP_RANGE if clip_sample else CLIP_NONE)
+    thresh = None
+    if thresholding:  # the quantile needs all of x0 first: a separate pass, on the device
+        cx, cm = _x0_coefs(coefs, step_v, prediction_type)
+        m = model_output.float()
+        if guided:
+            m_u, m_c = m.chunk(2)
+            m = m_u + (w if guidance_t is None else guidance_t.reshape(())) * (m_c - m_u)
+        x0 = cx * x_t.float() + cm * m  # the kernels' expression
+        thresh = threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value).contiguous()
+    pred = PREDICTION_TYPES.index(prediction_type)
+    cond_off = x_t.numel() if guided else 0
+    args = (x_t, model_output, ring, coefs, step, step_t, last_sample, noise, thresh, seed,
+            seed_t, first_index, first_t, draw_noise, pred, clip_mode, float(clip_sample_range),
+            cond_off, float(guidance), guidance_t if guided else None, out)
+    if name == "triton":
+        from ..kernels.multistep_step import multistep_step_triton
+        multistep_step_triton(*args)
+    else:
+        torch.ops.fastdiff_ext.multistep_step(*args)
 
 
 _multistep_step_op = torch.library.custom_op(
