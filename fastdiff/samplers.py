@@ -59,6 +59,7 @@ _FOREIGN_KEYS = frozenset((
     "beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "rescale_betas_zero_snr",
     "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
     "sample_max_value", "prediction_type", "timestep_spacing", "eta", "shift_terminal",
+    "use_clipped_model_output",
 ))
 
 

@@ -532,6 +532,50 @@ def test_config_and_sample_errors():
         gen.load_pipeline(None, "dpmpp")
 
 
+def test_solvers_module_errors():
+    ac = solvers.multistep_alphas_cumprod()
+    with pytest.raises(ValueError, match="flavor must be"):
+        solvers.multistep_schedule(ac, 10, flavor="ddim")
+    with pytest.raises(ValueError, match="timestep_spacing must be one of"):
+        solvers.multistep_schedule(ac, 10, timestep_spacing="even")
+    with pytest.raises(ValueError, match="final_sigmas_type must be one of"):
+        solvers.multistep_schedule(ac, 10, final_sigmas_type="one")
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        solvers.multistep_alphas_cumprod("cubic")
+    sig = np.array([5.0, 2.0, 2.0, 1.0, 0.0], dtype=np.float32)
+    for table in (solvers.dpmsolver_table, solvers.unipc_table):
+        with pytest.raises(ValueError, match=r"sigmas: the schedule repeats a noise level "
+                                             r"\(sigmas\[1\]"):
+            table(sig)
+        with pytest.raises(ValueError, match="solver_order must be an int in"):
+            table(sig[[0, 1, 3, 4]], solver_order=5)
+    sig = np.array([5.0, 2.0, 1.0, 1.0], dtype=np.float32)  # a repeated LAST sigma: identity
+    for table in (solvers.dpmsolver_table, solvers.unipc_table):
+        coefs, _ = table(sig, solver_order=2)
+        assert coefs[-1][list(solvers.COEFS).index("pred_y")] == 1.0
+        assert np.count_nonzero(coefs[-1][list(solvers.COEFS).index("pred_y"):]) == 1
+
+
+def test_cross_conversions_as_diffusers():
+    """A solver from the other solver's config: diffusers maps solver_type (bh1/bh2 <->
+    midpoint) and ignores the other's options; so does fastdiff. A pipeline object converts."""
+    u = UniPCMultistepScheduler(solver_type="bh1", use_karras_sigmas=True).config
+    d = DPMSolverMultistepScheduler(solver_type="heun", euler_at_final=True).config
+    for cfg, d_cls, f_cls in ((u, DPMSolverMultistepScheduler, DPMSolverSampler),
+                              (d, UniPCMultistepScheduler, UniPCSampler)):
+        ref, ours = d_cls.from_config(cfg), f_cls.from_config(cfg)
+        assert ours.config["solver_type"] == ref.config.solver_type
+        ref.set_timesteps(15)
+        ours.set_timesteps(15)
+        np.testing.assert_array_equal(ours.sigmas.numpy(), ref.sigmas.numpy())
+    unet = fastdiff.UNet2DModel.from_diffusers(tiny_unet(scale=0.3))
+    pipe = fastdiff.DDIMPipeline(unet, DDIMSampler(num_train_timesteps=100))
+    conv = gen.load_pipeline(pipe, "dpmpp-2m-sde")
+    assert isinstance(conv.scheduler, DPMSolverSampler)
+    assert conv.scheduler.config["algorithm_type"] == "sde-dpmsolver++"
+    assert conv.scheduler.config["num_train_timesteps"] == 100
+
+
 def test_repr_and_names():
     s = UniPCSampler(solver_order=3)
     assert "UniPCSampler(" in repr(s) and "solver_order=3" in repr(s)
