@@ -33,11 +33,13 @@ Where diffusers 0.42.1 breaks, these tables do not (see `unipc_table`): a step t
 sigma has lambda = inf, h = inf. UniPC's bh1 has B(h) = -h = -inf and multiplies it by a zero
 sum at order 1 (NaN); at order >= 2 the ratios r_k = (lambda_k - lambda_i) / h are 0, the
 order-3 predictor solves a singular system, and the order-2 one divides by r = 0 (inf).
-The polynomial terms have no finite limit there (their weights grow like h^(k-1) for the
-degree-k term: extrapolating x0 linearly or quadratically in lambda to lambda = inf), so a step
-to sigma = 0 is order 1 for UniPC too — exactly what DPM-Solver++ does with a zero final sigma —
-and its limit is taken analytically: x_prev = x0_new (sigma_t / sigma_s = 0, alpha_t = 1,
--expm1(-h) = 1), the B(h) term dropped since it multiplies nothing.
+The polynomial terms have no finite limit there (their weights grow without bound with h, the
+linear one like h / (lambda_i - lambda_{i-1}): extrapolating x0 in lambda out to lambda = inf),
+so a step to sigma = 0 is order 1 for UniPC too — exactly what DPM-Solver++ does with a zero
+final sigma — and its limit is taken analytically: x_prev = x0_new (sigma_t / sigma_s = 0,
+alpha_t = 1, -expm1(-h) = 1), the B(h) term dropped since it multiplies nothing. A repeated
+last sigma (diffusers' trailing spacing can end on timestep -1, whose sigma is sigma_min) is
+h = 0: that step is the identity, its limit (and diffusers' result where it stays finite).
 """
 from __future__ import annotations
 
