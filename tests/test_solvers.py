@@ -10,6 +10,7 @@ enough to exercise every coefficient, and it costs nothing. A few loops use the 
 UNet2DModel of test_samplers (guidance, the SDE, UniPC order 3) as a real model."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -353,6 +354,33 @@ def test_unet_guidance_loop(cfg):
     out = fastdiff_loop(ours_cls.from_config(sched.config), unet, x, steps, class_labels=labels,
                         guidance_scale=1.5, step_noise=(lambda k, t, xk: noises[k])
                         if "noises" in kw else None)
+    assert rel(out, ref) <= REL
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "dpmpp-2m-sde", "unipc"])
+def test_embedded_model_equals_diffusers(name):
+    """The issue's definition of done: from_config(the embedded model's scheduler config) then
+    sample(model, latents=x_T) equals diffusers' loop with the same U-Net (diffusers' own
+    UNet2DModel loaded from the folder), v-prediction, class labels, guidance 1.5."""
+    from fastdiff.pipelines import DEFAULT_MODEL
+    unet = diffusers.UNet2DModel.from_pretrained(os.path.join(DEFAULT_MODEL, "unet")).eval()
+    cfg_path = os.path.join(DEFAULT_MODEL, "scheduler")
+    cls, options = gen.MULTISTEP[name]
+    d_cls = UniPCMultistepScheduler if cls is UniPCSampler else DPMSolverMultistepScheduler
+    sched = d_cls.from_config(d_cls.load_config(cfg_path), **options)
+    ours = cls.from_config(cfg_path, **options)
+    x = latents((3, 1, 8, 8), seed=4)
+    labels = torch.tensor([1, 4, 7])
+    steps = 12
+    g = torch.Generator().manual_seed(5)
+    noises = [torch.randn(x.shape, generator=g) for _ in range(steps)]
+    sde = options.get("algorithm_type") == "sde-dpmsolver++"
+    ref, failed = diffusers_loop(sched, unet, x.clone(), steps, noises=noises if sde else None,
+                                 guidance=1.5, class_labels=torch.cat([torch.full((3,), 10),
+                                                                       labels]))
+    assert failed is None
+    out = fastdiff_loop(ours, unet, x, steps, class_labels=labels, guidance_scale=1.5,
+                        step_noise=(lambda k, t, xk: noises[k]) if sde else None)
     assert rel(out, ref) <= REL
 
 
