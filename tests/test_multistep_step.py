@@ -657,3 +657,20 @@ def test_inside_cuda_graph_reads_the_device_step_seed_and_guidance(gpu_backend):
         want = _run(gpu_backend, x, mo, ring, coefs, s, ls, seed=sd, guidance_scale=ws)
         for u, v in zip((out, r, l), want):
             assert torch.equal(u, v), (s, sd, ws)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.995, 1.0])
+@pytest.mark.parametrize("n", [1, 7, 105, 3219])
+def test_kernel_threshold_prepass_is_the_reference_quantile(ratio, n):
+    """The kernels' per-sample threshold (torch.topk) equals the reference's (a full sort),
+    NaN samples included."""
+    from fastdiff.ops.multistep_step import _threshold_scale_topk
+    from fastdiff.ops.sampler_step import threshold_scale
+    g = torch.Generator().manual_seed(n)
+    x0 = 3 * torch.randn(3, n, generator=g)
+    x0[2, n // 2] = float("nan")
+    got = _threshold_scale_topk(x0, ratio, 2.5)
+    want = threshold_scale(x0, ratio, 2.5)
+    assert torch.equal(got[:2], want[:2])
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[2].nan_to_num(7.0), want[2].nan_to_num(7.0))
