@@ -29,10 +29,12 @@ test)
   t attention_gpu tests/test_attention.py -m "gpu and not slow" &
   t attention tests/test_attention.py -m "not gpu and not slow" &
   t sampler_step tests/test_sampler_step.py &
+  t multistep_step tests/test_multistep_step.py &
   t group_norm_silu tests/test_group_norm_silu.py &
   t optimize tests/test_optimize.py &
   t unet tests/test_unet.py &
   t rest tests --ignore=tests/test_attention.py --ignore=tests/test_sampler_step.py \
+    --ignore=tests/test_multistep_step.py \
     --ignore=tests/test_group_norm_silu.py --ignore=tests/test_optimize.py \
     --ignore=tests/test_unet.py &
   wait
@@ -42,7 +44,8 @@ test)
   done
   ;;
 bench)
-  # every registered suite, the unet one (U-Net forward vs diffusers eager/compile) included;
+  # every registered suite, the unet one (U-Net forward vs diffusers eager/compile) and the
+  # multistep one (one solver step vs diffusers' DPMSolver/UniPC step) included;
   # run.py's own budget (default 540 s from its start) keeps the call within 10 minutes
   $PY benchmarks/run.py --out "$OUT" --budget-s $(( 540 - SECONDS > 60 ? 540 - SECONDS : 60 )) \
     2>&1 | tee "$OUT/bench.log" | tail -80

@@ -368,3 +368,4 @@ from . import suites_optimize  # noqa: E402,F401  (registers the `optimize` suit
 from . import suites_unet  # noqa: E402,F401  (registers the unet suite)
 from . import suites_sampling  # noqa: E402,F401  (the `sampling` suite: whole loops)
 from . import suites_train  # noqa: E402,F401  (registers the "train" suite)
+from . import suites_multistep  # noqa: E402,F401  (the `multistep` suite: one solver step)

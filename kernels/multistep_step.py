@@ -12,6 +12,11 @@ device when the step is a tensor: `do_not_specialize`, so a new step never recom
 forms the float32 coefficients in float64; per-element math is float32, the algebra and order of
 csrc/multistep_step.h. A program's tile is (ROWS, 8): each row two whole Philox groups, so a
 thread moves 8 consecutive elements (16-byte accesses for fp16/bf16) and draws each normal once.
+Triton stores at most 16 bytes per thread and access, so in fp16/bf16 the float32 state (ring
+slot, last_sample) is stored 4 elements per thread: those values change hands through shared
+memory once (a barrier per stored tensor, in the compiled code); in fp32 everything is 4 per
+thread and nothing does. Which costs less on a GPU than 8-byte fp16 accesses is for the
+benchmark to say.
 """
 import triton
 import triton.language as tl

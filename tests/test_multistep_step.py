@@ -626,3 +626,51 @@ def test_ext_op_checks_its_arguments():
                       (dict(last_sample=ls[:, :2]), "last_sample must be float32, laid out like x_t")):
         with pytest.raises(ValueError, match=match):
             call(**kw)
+
+
+def test_inside_cuda_graph_reads_the_device_step_seed_and_guidance(gpu_backend):
+    """A captured step, replayed with new device values of step / seed / guidance scale (a
+    sampling loop's graph): each replay equals the eager call with those values."""
+    x, mo, ring, ls, _ = _inputs(SHAPE_ODD, 2, seed=50, guided=True)
+    coefs = _coefs(30)
+    step, seed_t = torch.tensor(1, device=DEVICE), torch.tensor(5, device=DEVICE)
+    w = torch.tensor(2.0, device=DEVICE)
+    r, l, out = ring.clone(), ls.clone(), torch.empty_like(x)
+
+    def call():
+        fastdiff.multistep_step(x, mo, r, coefs, step, last_sample=l, seed=seed_t,
+                                guidance_scale=w, out=out, backend=gpu_backend)
+
+    call()  # compiles / loads the kernel outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call()
+    for s, sd, ws in ((3, 7, 1.5), (4, 9, 3.0)):
+        r.copy_(ring)
+        l.copy_(ls)
+        step.fill_(s)
+        seed_t.fill_(sd)
+        w.fill_(ws)
+        g.replay()
+        torch.cuda.synchronize()
+        want = _run(gpu_backend, x, mo, ring, coefs, s, ls, seed=sd, guidance_scale=ws)
+        for u, v in zip((out, r, l), want):
+            assert torch.equal(u, v), (s, sd, ws)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.995, 1.0])
+@pytest.mark.parametrize("n", [1, 7, 105, 3219])
+def test_kernel_threshold_prepass_is_the_reference_quantile(ratio, n):
+    """The kernels' per-sample threshold (torch.topk) equals the reference's (a full sort),
+    NaN samples included."""
+    from fastdiff.ops.multistep_step import _threshold_scale_topk
+    from fastdiff.ops.sampler_step import threshold_scale
+    g = torch.Generator().manual_seed(n)
+    x0 = 3 * torch.randn(3, n, generator=g)
+    x0[2, n // 2] = float("nan")
+    got = _threshold_scale_topk(x0, ratio, 2.5)
+    want = threshold_scale(x0, ratio, 2.5)
+    assert torch.equal(got[:2], want[:2])
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[2].nan_to_num(7.0), want[2].nan_to_num(7.0))
