@@ -128,7 +128,7 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
                 raise ValueError(f"{name}={t} is out of range {_range_text(lo, num_timesteps)}")
         if ordered and items[1][1] >= items[0][1]:
             (na, a, _), (nb, b, _) = items[0], items[1]
-            raise ValueError(f"{ordered}: got {nb}={b} >= {na}={a}")
+            raise ValueError(f"{ordered}: got {nb}={b} >= {na}={a} for sample 0")
         return
     if any(t.numel() == 0 for t in tensors):
         return
