@@ -83,3 +83,27 @@ def test_int_timesteps_checked_in_plain_python():
     with pytest.raises(ValueError, match="needs t_prev < t: got t_prev=500 >= t=500"):
         _checks.timestep_values(1000, ("t", 500, 0), ("t_prev", 500, None),
                                 ordered="kind='ddpm' needs t_prev < t")
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_the_device_side_check_trips_on_bad_values(kind, monkeypatch):
+    """The device path's torch._assert_async itself (run on CPU tensors standing in for CUDA
+    ones; on the CPU it raises at once): in-range values pass, each out-of-range one (and ddpm's
+    order) fails with the message naming what was expected."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "1")
+    monkeypatch.setattr(_checks, "_host_readable", lambda t: False)
+    s = fastdiff.Schedule()
+    x = torch.randn(2, 4, 4)
+    T = s.num_train_timesteps
+    good_t, good_tp = torch.tensor([5, T - 1]), torch.tensor([4, -1])
+    fastdiff.sampler_step(x, torch.randn_like(x), good_t, good_tp, s, kind=kind, seed=1)
+    fastdiff.q_sample(x, good_t, s, seed=1)
+    bad = [(torch.tensor([5, T]), good_tp), (torch.tensor([-1, 5]), good_tp),
+           (good_t, torch.tensor([4, T]))]
+    if kind == "ddpm":
+        bad.append((good_t, torch.tensor([5, -1])))  # t_prev == t
+    for t, tp in bad:
+        with pytest.raises(RuntimeError, match="timesteps out of range: expected t in"):
+            fastdiff.sampler_step(x, torch.randn_like(x), t, tp, s, kind=kind, seed=1)
+    with pytest.raises(RuntimeError, match="timesteps out of range"):
+        fastdiff.q_sample(x, torch.tensor([0, T]), s, seed=1)
