@@ -1,6 +1,7 @@
 // Shared by the CPU and CUDA kernels: host+device qualifiers, argument-check macros, Philox.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <cmath>
 
 #if defined(__CUDACC__)
@@ -45,16 +46,96 @@ FD_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
 #pragma unroll
 #endif
   for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = mulhi32(M0, c[0]), lo0 = M0 * c[0];
-    const uint32_t hi1 = mulhi32(M1, c[2]), lo1 = M1 * c[2];
-    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
-    c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+    // one 32 x 32 -> 64-bit product gives both words (one IMAD.WIDE.U32 on the GPU, where
+    // __umulhi and a low multiply are two instructions)
+    const uint64_t p0 = static_cast<uint64_t>(M0) * c[0], p1 = static_cast<uint64_t>(M1) * c[2];
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1;
+    c[0] = n0; c[1] = static_cast<uint32_t>(p1); c[2] = n2; c[3] = static_cast<uint32_t>(p0);
     k0 += W0; k1 += W1;
   }
 }
 
+// Box-Muller's math, branch-free (the same operations in the same order as kernels/philox.py,
+// so the CUDA and Triton kernels draw the same bits; see its docstring for the derivation and
+// tests/test_reference.py for the accuracy over every possible input).
+FD_HD float fd_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);  // exact on any host (a libm call without FMA instructions)
+#endif
+}
+
+FD_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f; std::memcpy(&f, &b, 4); return f;
+#endif
+}
+
+FD_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b; std::memcpy(&b, &f, 4); return b;
+#endif
+}
+
 FD_HD float uniform_from_bits(uint32_t r) {
-  return (static_cast<float>(r >> 9) + 0.5f) * 1.1920928955078125e-07f;  // (0, 1), exact
+  // ((r >> 9) + 0.5) 2^-23 = (r >> 9) 2^-23 + 2^-24: in (0, 1), exact in float32 either way
+  return fd_fma(static_cast<float>(r >> 9), 1.1920928955078125e-07f, 5.960464477539063e-08f);
+}
+
+// ln u for u in (0, 1), never 0 or subnormal: u = m 2^e, m in [2/3, 4/3), ln(1 + f) =
+// f + f^2 Q(f) (Q: degree 7, relative minimax); <= 1.04 ulp over every possible uniform.
+FD_HD float log_unit(float u) {
+  const int32_t bits = static_cast<int32_t>(float_to_bits(u));
+  const int32_t e = (bits - 0x3F2AAAAB) >> 23;
+  const float f = bits_to_float(static_cast<uint32_t>(bits - e * (1 << 23))) - 1.0f;  // exact
+  float q = fd_fma(f, 0.1402635138498298f, -0.15388540944823348f);
+  q = fd_fma(q, f, 0.13995808485929315f);
+  q = fd_fma(q, f, -0.1641596054634504f);
+  q = fd_fma(q, f, 0.20011168579606942f);
+  q = fd_fma(q, f, -0.2500781890569325f);
+  q = fd_fma(q, f, 0.33333198138563097f);
+  q = fd_fma(q, f, -0.49999936078637364f);
+  return fd_fma(static_cast<float>(e), 0.6931471805599453f, fd_fma(f * f, q, f));
+}
+
+// sin and cos of th in [0, 2^21) (the kernels': [0, 2 pi)) from one range reduction:
+// quadrant q = rint(th 2/pi) (the 1.5 * 2^23 trick), r = th - q pi/2 by three FMAs, sin r =
+// r + r^3 S(r^2) (degree 7), cos r = 1 + r^2 C(r^2) (degree 8); <= 1.5 ulp.
+struct SinCos { float s, c; };
+FD_HD SinCos sincos_f32(float th) {
+  const float j = fd_fma(th, 0.6366197723675814f, 12582912.0f);
+  const uint32_t q = float_to_bits(j);  // low bits: the quadrant
+  const float k = j - 12582912.0f;
+  float r = fd_fma(k, -1.5707963705062866f, th);
+  r = fd_fma(k, 4.371138828673793e-08f, r);
+  r = fd_fma(k, 1.7151245100059532e-15f, r);
+  const float r2 = r * r;
+  float s = fd_fma(fd_fma(r2, -0.00019515283237537488f, 0.008332160762279583f), r2,
+                   -0.1666665460955734f);
+  s = fd_fma(r * r2, s, r);
+  float c = fd_fma(fd_fma(fd_fma(r2, 2.4383567388999716e-05f, -0.0013886681648948365f), r2,
+                          0.041666620357168664f), r2, -0.49999999694476394f);
+  c = fd_fma(r2, c, 1.0f);
+  const bool swap = (q & 1u) != 0;
+  return {bits_to_float(float_to_bits(swap ? c : s) ^ ((q & 2u) << 30)),
+          bits_to_float(float_to_bits(swap ? s : c) ^ (((q + 1u) & 2u) << 30))};
+}
+
+// sqrt of a positive normal float: rsqrt.approx and one Newton step on the GPU (<= 1 ulp, no
+// slow path; Triton's tl.rsqrt is the same instruction), correctly rounded on the host.
+FD_HD float sqrt_pos(float x) {
+#if defined(__CUDA_ARCH__)
+  const float y = rsqrtf(x), s = x * y;
+  return fmaf(fmaf(-s, s, x), 0.5f * y, s);
+#else
+  return sqrtf(x);
+#endif
 }
 
 // Normals of elements 4g .. 4g+3 of image `image` (its global index) for (seed, step, stream):
@@ -63,13 +144,13 @@ FD_HD Normal4 normal4(uint64_t seed, uint32_t image, uint32_t g, uint32_t step, 
   uint32_t c[4] = {g, image, step, stream};
   philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   constexpr float kTwoPi = 6.2831854820251465f;
-  const float rad_a = sqrtf(-2.0f * logf(uniform_from_bits(c[0])));
-  const float rad_b = sqrtf(-2.0f * logf(uniform_from_bits(c[2])));
-  const float th_a = kTwoPi * uniform_from_bits(c[1]);
-  const float th_b = kTwoPi * uniform_from_bits(c[3]);
+  const float rad_a = sqrt_pos(-2.0f * log_unit(uniform_from_bits(c[0])));
+  const float rad_b = sqrt_pos(-2.0f * log_unit(uniform_from_bits(c[2])));
+  const SinCos a = sincos_f32(kTwoPi * uniform_from_bits(c[1]));
+  const SinCos b = sincos_f32(kTwoPi * uniform_from_bits(c[3]));
   Normal4 n;
-  n.v[0] = rad_a * cosf(th_a); n.v[1] = rad_a * sinf(th_a);
-  n.v[2] = rad_b * cosf(th_b); n.v[3] = rad_b * sinf(th_b);
+  n.v[0] = rad_a * a.c; n.v[1] = rad_a * a.s;
+  n.v[2] = rad_b * b.c; n.v[3] = rad_b * b.s;
   return n;
 }
 

@@ -32,11 +32,12 @@ struct QSampleArgs {
 // Philox group k of sample b: elements j = 4k .. min(4k + 4, per_sample) - 1 of the sample, at
 // memory positions b * per_sample + j. The noise is that of image first + b at the sample's t
 // as given (only the schedule index is clamped), as fastdiff.reference defines.
+// q_sample_group_at: the same with the sample's t (as given) and coefficients already at hand
+// (the CUDA kernel gathers them once per sample, not once per group).
 template <typename scalar_t, bool kHasNoise, bool kWantV>
-FD_HD void q_sample_group(int64_t b, int64_t k, const QSampleArgs& a, const scalar_t* x0,
-                          const scalar_t* noise, scalar_t* x_t, scalar_t* eps, scalar_t* v) {
-  const int64_t tb = a.t[b];
-  const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+FD_HD void q_sample_group_at(int64_t b, int64_t k, int64_t tb, QSampleCoef c,
+                             const QSampleArgs& a, const scalar_t* x0, const scalar_t* noise,
+                             scalar_t* x_t, scalar_t* eps, scalar_t* v) {
   const int64_t j0 = 4 * k, i0 = b * a.per_sample + j0;
   const int64_t n = a.per_sample - j0 < 4 ? a.per_sample - j0 : 4;
   Normal4 nz{};
@@ -70,6 +71,14 @@ FD_HD void q_sample_group(int64_t b, int64_t k, const QSampleArgs& a, const scal
     x_t[i] = static_cast<scalar_t>(q_sample_xt(c, x, z));
     if (kWantV) v[i] = static_cast<scalar_t>(q_sample_v(c, x, z));
   }
+}
+
+template <typename scalar_t, bool kHasNoise, bool kWantV>
+FD_HD void q_sample_group(int64_t b, int64_t k, const QSampleArgs& a, const scalar_t* x0,
+                          const scalar_t* noise, scalar_t* x_t, scalar_t* eps, scalar_t* v) {
+  const int64_t tb = a.t[b];
+  q_sample_group_at<scalar_t, kHasNoise, kWantV>(
+      b, k, tb, q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t), a, x0, noise, x_t, eps, v);
 }
 
 }  // namespace fastdiff

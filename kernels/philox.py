@@ -1,8 +1,21 @@
 """Philox4x32-10 and Box-Muller in Triton: the same normals as fastdiff.reference.philox_normal.
 
 `normal4(seed_lo, seed_hi, image, g, step, stream)` gives the four normals of Philox group g
-(elements 4g..4g+3 inside the image) of image `image` (its global index). Transcendentals come from libdevice so that the GPU results match the CUDA kernels'
-logf/cosf/sinf bit for bit (tl.cos would lower to the approximate sin/cos instructions).
+(elements 4g..4g+3 inside the image) of image `image` (its global index); `normal_flat` the 4R
+normals of R consecutive groups as one flat vector (each thread owns whole groups, so loads and
+stores beside it can be 16 bytes wide).
+
+Box-Muller without libdevice: libdevice's sinf and cosf each reduce the angle on their own (with
+a Payne-Hanek slow path), and logf/sqrt.rn carry slow paths too. Here (the same operations, in the
+same order, as csrc/common.h's CUDA code, so the two GPU backends draw the same bits):
+- ln u for u in (0, 1) (never 0, never subnormal): u = m 2^e with m in [2/3, 4/3), ln(1 + f)
+  = f + f^2 Q(f), Q of degree 7 (minimax, relative); <= 1.04 ulp over all 2^23 possible u;
+- sin and cos of theta in [0, 2 pi) from ONE reduction: quadrant q = rint(theta 2/pi) by the
+  1.5 * 2^23 trick, r = theta - q pi/2 by three FMAs (pi/2 in three float32 parts: exact enough
+  near multiples of pi/2), sin r = r + r^3 S(r^2) (degree 7), cos r = 1 + r^2 C(r^2) (degree 8),
+  quadrant by a swap and two sign flips; <= 1.5 ulp over every angle the kernels can form;
+- sqrt on the GPU: rsqrt.approx and one Newton step (<= 1 ulp; CPU: correctly rounded sqrtf).
+tests/test_reference.py::test_box_muller_math_accuracy checks them against float64 on every u.
 """
 import os
 
@@ -49,13 +62,13 @@ TWO_PI = tl.constexpr(6.2831854820251465)  # float32(2 pi)
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Ten Philox rounds on uint32 tensors (broadcastable); returns four uint32 tensors."""
-    m0 = tl.full(c0.shape, PHILOX_M0, tl.uint32)
-    m1 = tl.full(c0.shape, PHILOX_M1, tl.uint32)
     for _ in tl.static_range(10):
-        hi0 = tl.umulhi(m0, c0)
-        lo0 = m0 * c0
-        hi1 = tl.umulhi(m1, c2)
-        lo1 = m1 * c2
+        # one 32 x 32 -> 64-bit product gives both words (mul.wide.u32: one IMAD.WIDE.U32,
+        # where umulhi and a low multiply are two instructions)
+        p0 = c0.to(tl.uint64) * PHILOX_M0
+        p1 = c2.to(tl.uint64) * PHILOX_M1
+        hi0, lo0 = (p0 >> 32).to(tl.uint32), p0.to(tl.uint32)
+        hi1, lo1 = (p1 >> 32).to(tl.uint32), p1.to(tl.uint32)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = k0 + PHILOX_W0
         k1 = k1 + PHILOX_W1
@@ -63,9 +76,93 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _f32(v):  # a constexpr as a float32 scalar (fma wants matching operand types)
+    return tl.full((), v, tl.float32)
+
+
+@triton.jit
 def _uniform(r):
-    # ((r >> 9) + 0.5) * 2^-23: in (0, 1), exact in float32
-    return ((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    # ((r >> 9) + 0.5) * 2^-23 = (r >> 9) 2^-23 + 2^-24: in (0, 1), exact in float32 either way
+    # (24 significant bits), so one FMA
+    return tl.fma((r >> 9).to(tl.float32), _f32(1.1920928955078125e-07), _f32(5.960464477539063e-08))
+
+
+# ln(1 + f) = f + f^2 Q(f) on f in [-1/3, 1/3], Q's coefficients from degree 0 up (a
+# relative-error minimax fit, rounded to float32); csrc/common.h holds the same numbers
+LOG_Q0, LOG_Q1 = tl.constexpr(-0.49999936078637364), tl.constexpr(0.33333198138563097)
+LOG_Q2, LOG_Q3 = tl.constexpr(-0.2500781890569325), tl.constexpr(0.20011168579606942)
+LOG_Q4, LOG_Q5 = tl.constexpr(-0.1641596054634504), tl.constexpr(0.13995808485929315)
+LOG_Q6, LOG_Q7 = tl.constexpr(-0.15388540944823348), tl.constexpr(0.1402635138498298)
+LN2 = tl.constexpr(0.6931471805599453)
+# sin r = r + r^3 (S0 + S1 r^2 + S2 r^4), cos r = 1 + r^2 (C0 + C1 r^2 + C2 r^4 + C3 r^6)
+SIN_S0, SIN_S1 = tl.constexpr(-0.1666665460955734), tl.constexpr(0.008332160762279583)
+SIN_S2 = tl.constexpr(-0.00019515283237537488)
+COS_C0, COS_C1 = tl.constexpr(-0.49999999694476394), tl.constexpr(0.041666620357168664)
+COS_C2, COS_C3 = tl.constexpr(-0.0013886681648948365), tl.constexpr(2.4383567388999716e-05)
+TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it rounds x to an integer (|x| < 2^22)
+PIO2_1, PIO2_2 = tl.constexpr(1.5707963705062866), tl.constexpr(-4.371138828673793e-08)
+PIO2_3 = tl.constexpr(-1.7151245100059532e-15)  # pi/2 = PIO2_1 + PIO2_2 + PIO2_3 (+ ~1e-23)
+
+
+@triton.jit
+def log_unit(u):
+    """ln u for float32 u in (0, 1), never 0 or subnormal (a Philox uniform): no branch."""
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits - 0x3F2AAAAB) >> 23                     # u = m 2^e, m in [2/3, 4/3)
+    f = (bits - (e << 23)).to(tl.float32, bitcast=True) - 1.0  # exact (Sterbenz)
+    q = tl.fma(f, _f32(LOG_Q7), _f32(LOG_Q6))
+    q = tl.fma(q, f, _f32(LOG_Q5))
+    q = tl.fma(q, f, _f32(LOG_Q4))
+    q = tl.fma(q, f, _f32(LOG_Q3))
+    q = tl.fma(q, f, _f32(LOG_Q2))
+    q = tl.fma(q, f, _f32(LOG_Q1))
+    q = tl.fma(q, f, _f32(LOG_Q0))
+    return tl.fma(e.to(tl.float32), _f32(LN2), tl.fma(f * f, q, f))
+
+
+@triton.jit
+def sincos(th):
+    """(sin th, cos th) for float32 th in [0, 2^21) from one range reduction (accurate for the
+    kernels' th in [0, 2 pi); see the module docstring)."""
+    j = tl.fma(th, _f32(TWO_OVER_PI), _f32(ROUND_MAGIC))
+    q = j.to(tl.int32, bitcast=True)                  # low bits: the quadrant
+    k = j - ROUND_MAGIC
+    r = tl.fma(k, _f32(-PIO2_1), th)
+    r = tl.fma(k, _f32(-PIO2_2), r)
+    r = tl.fma(k, _f32(-PIO2_3), r)
+    r2 = r * r
+    s = tl.fma(tl.fma(r2, _f32(SIN_S2), _f32(SIN_S1)), r2, _f32(SIN_S0))
+    s = tl.fma(r * r2, s, r)
+    c = tl.fma(tl.fma(tl.fma(r2, _f32(COS_C3), _f32(COS_C2)), r2, _f32(COS_C1)), r2,
+               _f32(COS_C0))
+    c = tl.fma(r2, c, _f32(1.0))
+    swap = (q & 1) != 0
+    sn = tl.where(swap, c, s).to(tl.uint32, bitcast=True) ^ ((q & 2).to(tl.uint32) << 30)
+    cs = tl.where(swap, s, c).to(tl.uint32, bitcast=True) ^ (((q + 1) & 2).to(tl.uint32) << 30)
+    return sn.to(tl.float32, bitcast=True), cs.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def sqrt_pos(x):
+    """sqrt of a positive normal float32: rsqrt.approx and one Newton step on the GPU (<= 1 ulp,
+    no slow path); correctly rounded in the interpreter."""
+    if USE_LIBDEVICE:
+        y = tl.rsqrt(x)
+        s = x * y
+        return tl.fma(tl.fma(-s, s, x), 0.5 * y, s)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def box_muller(r0, r1, r2, r3):
+    """The four normals of one Philox output (fastdiff/reference.py's formula)."""
+    rad_a = sqrt_pos(-2.0 * log_unit(_uniform(r0)))
+    rad_b = sqrt_pos(-2.0 * log_unit(_uniform(r2)))
+    sa, ca = sincos(TWO_PI * _uniform(r1))
+    sb, cb = sincos(TWO_PI * _uniform(r3))
+    return rad_a * ca, rad_a * sa, rad_b * cb, rad_b * sb
 
 
 @triton.jit
@@ -81,14 +178,37 @@ def normal4(seed_lo, seed_hi, image, g, step, stream):
     k0 = ((tl.zeros_like(g) + seed_lo) & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((tl.zeros_like(g) + seed_hi) & 0xFFFFFFFF).to(tl.uint32)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    # sqrt_rn, not tl.sqrt: tl.sqrt is sqrt.approx.ftz.f32 on the GPU, CUDA's sqrtf (and the
-    # CPU's) round correctly, and the normals must match them bit for bit
-    rad_a = tl.sqrt_rn(-2.0 * dev_log(_uniform(r0)))
-    rad_b = tl.sqrt_rn(-2.0 * dev_log(_uniform(r2)))
-    th_a = TWO_PI * _uniform(r1)
-    th_b = TWO_PI * _uniform(r3)
-    return (rad_a * _cos(th_a), rad_a * _sin(th_a),
-            rad_b * _cos(th_b), rad_b * _sin(th_b))
+    return box_muller(r0, r1, r2, r3)
+
+
+@triton.jit
+def normal_flat(seed_lo, seed_hi, image, g0, step, stream, R: tl.constexpr,
+                PAIRED: tl.constexpr):
+    """The 4R normals of groups g0 .. g0 + R - 1 of one image, in element order (a flat vector
+    for flat loads and stores: element 4 (g - g0) + lane), each drawn by one thread only for
+    R >= 32 num_warps.
+
+    The groups' layout must be the one the accesses beside it get, or the normals move through
+    shared memory: 16-byte fp32 accesses are 4 elements (one group) per thread, and a 1-D group
+    vector gives a thread groups p and p + R/2; 16-byte fp16/bf16 accesses are 8 elements, so
+    with PAIRED the groups are held as a (2, R/2) tensor, group 2p + h at [h, p]: Triton's
+    default layout spreads dim 1 over the threads and keeps dim 0 in registers, so thread p
+    owns groups 2p and 2p + 1."""
+    if PAIRED:
+        e = 2 * tl.arange(0, R // 2)[None, :] + tl.arange(0, 2)[:, None]
+    else:
+        e = tl.arange(0, R)
+    # .to(uint32) keeps the low 32 bits of an int32 or int64 (the counter words mod 2^32)
+    g = g0.to(tl.uint32) + e.to(tl.uint32)
+    one = tl.full(e.shape, 1, tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10(g, one * image.to(tl.uint32), one * step.to(tl.uint32),
+                                   one * stream, one * seed_lo.to(tl.uint32),
+                                   one * seed_hi.to(tl.uint32))
+    n0, n1, n2, n3 = box_muller(r0, r1, r2, r3)
+    n = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [..., i, k] = lane 2 i + k
+    if PAIRED:  # [h, p, i, k] -> [p, h, i, k], flattened: element 4 (2p + h) + lane
+        n = tl.permute(n, (1, 0, 2, 3))
+    return tl.reshape(n, (4 * R,))
 
 
 @triton.jit

@@ -4,10 +4,12 @@ posterior mean, + sigma z with z given or drawn in the kernel (Philox stream 1).
 Bytes per element (e = element size): read x_t and model_out (2e; +e for the learned variance,
 +e for given noise), write x_prev (e; +e for x0).
 
-Grid: (chunks of one sample, B). A program never straddles two samples, so the per-sample
-coefficients are computed once per program, in float64 from the float64 alphas_cumprod table
-(t and t_prev clamped: an unchecked value never reads outside the table); per-element math is
-float32. The same coefficient algebra as csrc/sampler_step.h:
+Grid: (P programs per sample, B). A program never straddles two samples: it computes the
+sample's coefficients once, in float64 from the float64 alphas_cumprod table (t and t_prev
+clamped: an unchecked value never reads outside the table), then loops over tiles p, p + P, ...
+of R Philox groups (every thread two whole groups, as kernels/q_sample.py); P is as small as
+keeps ~1000 programs in flight, so the float64 work (a few hundred instructions a thread) is
+spread over up to 8 tiles. Per-element math is float32. The same coefficient algebra as csrc/sampler_step.h:
     x0   = cx x + cm m                    (m: model prediction)
     x0c  = clamp(x0)  or  clamp(x0, -s, s) / s
     mean = k0 x0c + kx x + km m           (ddim's epsilon folded in: no per-element division)
@@ -20,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import on_tensor_device
-from .philox import MAX_GRID_Y, USE_LIBDEVICE, dev_log, int32_words, noise_key, normal_tile
+from .philox import MAX_GRID_Y, USE_LIBDEVICE, dev_log, int32_words, noise_key, normal_flat
 
 # Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
 STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
@@ -117,14 +119,14 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
 def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_ptr,
                          out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
                          num_t, seed_lo, seed_hi, first, seed_ptr, first_ptr, w_arg, w_ptr,
-                         eta_hi, eta_lo, clip_range, b0,
+                         eta_hi, eta_lo, clip_range, b0, n_tiles,
                          KIND: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
                          CLIP: tl.constexpr, NOISE: tl.constexpr,
                          FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr,
                          SPLIT: tl.constexpr, WANT_X0: tl.constexpr, GUIDED: tl.constexpr,
                          W_PTR: tl.constexpr, SEED_PTR: tl.constexpr, FIRST_PTR: tl.constexpr,
-                         ROWS: tl.constexpr):
-    # each program: ROWS x 4 consecutive elements of sample b (one Philox block per row); grid
+                         R: tl.constexpr, J64: tl.constexpr, PAIRED: tl.constexpr):
+    # program (p, b): tiles p, p + P, ... of sample b, each R Philox groups (4R elements); grid
     # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
     b = tl.program_id(1) + b0
     tb = tl.load(t_ptr + b)
@@ -136,58 +138,83 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
     cx, cm, k0, kx, km, std, l0, l1 = _coef(ab_ptr, num_t, tb, tpb, eta, KIND, PRED, VAR,
                                             FINAL_FROM_TABLE, USE_CLIPPED)
 
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    lane = tl.arange(0, 4)
-    j = rows[:, None] * 4 + lane[None, :]            # index within the sample
-    mask = j < per_sample
-    i = b.to(tl.int64) * per_sample + j              # index in memory order
-    if SPLIT:  # learned_range, channels_last: rows of mo_inner predictions, mo_rs apart
-        mo = b.to(tl.int64) * mo_bs + (j // mo_inner) * mo_rs + j % mo_inner
-    else:
-        mo = b.to(tl.int64) * mo_bs + j
-    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(mo_ptr + mo, mask=mask, other=0.0).to(tl.float32)
-    if GUIDED:  # classifier-free guidance: m_u + w (m_c - m_u)
+    if KIND == DDPM:  # never at the last step (t_prev < 0); ddpm only where t > 0
+        noise_on = (tb > 0) & (tpb >= 0)
+    else:             # ddim: the host checked eta
+        noise_on = tpb >= 0
+    if NOISE == NOISE_DRAWN:
+        k0s, k1s, f = noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR,
+                                FIRST_PTR)
+    if CLIP == CLIP_THRESHOLD:
+        thr = tl.load(thr_ptr + b).to(tl.float32)
+    if GUIDED:
         if W_PTR:
             w = tl.load(w_ptr).to(tl.float32)
         else:
             w = w_arg
-        mc = tl.load(mo_ptr + mo + cond_off, mask=mask, other=0.0).to(tl.float32)
-        m = m + w * (mc - m)
-    x0 = cx * x + cm * m
-    # clamps that keep a NaN, as torch.clamp (a diverged model must not be clipped into an image)
-    if CLIP == CLIP_RANGE:
-        x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
-    elif CLIP == CLIP_THRESHOLD:
-        s = tl.load(thr_ptr + b).to(tl.float32)
-        x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
-    out = k0 * x0 + kx * x + km * m
-    if NOISE != NOISE_NONE:
-        if NOISE == NOISE_GIVEN:
-            z = tl.load(noise_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    base = b.to(tl.int64) * per_sample               # the sample's first element in memory
+    mo_base = b.to(tl.int64) * mo_bs
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        g0 = tile * R
+        if J64:  # samples of 2^31 elements or more
+            j = g0.to(tl.int64) * 4 + tl.arange(0, 4 * R)
+        else:    # index within the sample: 32-bit math
+            j = g0 * 4 + tl.arange(0, 4 * R)
+        mask = j < per_sample
+        if SPLIT:  # learned_range, channels_last: rows of mo_inner predictions, mo_rs apart
+            mo = mo_base + (j // mo_inner) * mo_rs + j % mo_inner
         else:
-            k0s, k1s, f = noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR,
-                                    FIRST_PTR)
-            z = normal_tile(k0s, k1s, f + b, rows, tb, STREAM)
-        if VAR == LEARNED_RANGE or VAR == LEARNED:  # the cond half's variance with guidance
-            if GUIDED:
-                v = tl.load(mo_ptr + mo + cond_off + var_off, mask=mask, other=0.0).to(tl.float32)
+            mo = mo_base + j
+        x = tl.load(x_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(mo_ptr + mo, mask=mask, other=0.0).to(tl.float32)
+        if GUIDED:  # classifier-free guidance: m_u + w (m_c - m_u)
+            mc = tl.load(mo_ptr + mo + cond_off, mask=mask, other=0.0).to(tl.float32)
+            m = m + w * (mc - m)
+        x0 = cx * x + cm * m
+        # clamps that keep a NaN, as torch.clamp (a diverged model must not be clipped into an
+        # image)
+        if CLIP == CLIP_RANGE:
+            x0 = tl.where(x0 < -clip_range, -clip_range,
+                          tl.where(x0 > clip_range, clip_range, x0))
+        elif CLIP == CLIP_THRESHOLD:
+            x0 = tl.where(x0 < -thr, -thr, tl.where(x0 > thr, thr, x0)) / thr
+        out = k0 * x0 + kx * x + km * m
+        if NOISE != NOISE_NONE:
+            if NOISE == NOISE_GIVEN:
+                z = tl.load(noise_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
             else:
-                v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
-            if VAR == LEARNED:  # correctly rounded, as the C++/CUDA sqrtf
-                sd = tl.sqrt_rn(v)
+                z = normal_flat(k0s, k1s, f + b, g0, tb, STREAM, R, PAIRED)
+            if VAR == LEARNED_RANGE or VAR == LEARNED:  # the cond half's variance with guidance
+                if GUIDED:
+                    v = tl.load(mo_ptr + mo + cond_off + var_off, mask=mask,
+                                other=0.0).to(tl.float32)
+                else:
+                    v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
+                if VAR == LEARNED:  # correctly rounded, as the C++/CUDA sqrtf
+                    sd = tl.sqrt_rn(v)
+                else:
+                    sd = tl.exp(l0 + l1 * v)
             else:
-                sd = tl.exp(l0 + l1 * v)
-        else:
-            sd = std
-        # never at the last step (t_prev < 0); ddpm only where t > 0 (ddim: the host checked eta)
-        if KIND == DDPM:
-            out = tl.where((tb > 0) & (tpb >= 0), out + sd * z, out)
-        else:
-            out = tl.where(tpb >= 0, out + sd * z, out)
-    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
-    if WANT_X0:
-        tl.store(x0_ptr + i, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+                sd = std
+            out = tl.where(noise_on, out + sd * z, out)
+        tl.store(out_ptr + base + j, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if WANT_X0:
+            tl.store(x0_ptr + base + j, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+PROGRAMS = 1024   # programs to keep in flight (~8 per SM of an H100), when the work allows
+MAX_TILES = 8     # tiles per program at most: the per-sample float64 work spread this far
+
+
+def plan(B: int, per_sample: int):
+    """(R, num_warps, P): tiles of R = 64 num_warps groups (two per thread, as q_sample), P
+    programs per sample, each looping over ceil(tiles / P) <= MAX_TILES of them."""
+    groups = -(-per_sample // 4)
+    warps = 4 if groups > 128 else (2 if groups > 64 else 1)
+    R = 64 * warps
+    tiles = -(-groups // R)
+    P = min(tiles, max(-(-PROGRAMS // max(B, 1)), -(-tiles // MAX_TILES)))
+    return R, warps, P
 
 
 @on_tensor_device
@@ -202,13 +229,13 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
     device tensors (int64, int64, float32) read by the kernel instead of the int/float."""
     B = x_t.shape[0]
     per_sample = x_t.numel() // B
-    rows = 256 if per_sample >= 4096 else 64
+    R, warps, P = plan(B, per_sample)
     seed_lo, seed_hi, first = int32_words(seed, first_index)
     eta_hi = float(np.float32(eta))
     noise_mode = (NOISE_GIVEN if noise is not None else
                   (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
     for b0 in range(0, B, MAX_GRID_Y):
-        grid = (triton.cdiv(triton.cdiv(per_sample, 4), rows), min(MAX_GRID_Y, B - b0))
+        grid = (P, min(MAX_GRID_Y, B - b0))
         _sampler_step_kernel[grid](
             x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
             thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
@@ -217,10 +244,11 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
             first_t if first_t is not None else t, float(guidance),
             guidance_t if guidance_t is not None else alphas_cumprod,
             eta_hi, float(eta) - eta_hi, float(clip_range), b0,
+            triton.cdiv(triton.cdiv(per_sample, 4), R),
             KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
             FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one,
             USE_CLIPPED=bool(use_clipped),
             SPLIT=mo_inner != per_sample, WANT_X0=x0.numel() > 0, GUIDED=cond_off > 0,
             W_PTR=guidance_t is not None, SEED_PTR=seed_t is not None,
-            FIRST_PTR=first_t is not None,
-            ROWS=rows, num_warps=4)
+            FIRST_PTR=first_t is not None, R=R, J64=per_sample > 2 ** 31 - 8 * R,
+            PAIRED=x_t.element_size() == 2, num_warps=warps, num_stages=1)

@@ -106,3 +106,56 @@ def test_multistep_code_at_benchmark_shapes():
             f"{case}: stores narrower than 16 bytes {row['stores']}"
         assert row["local"] == 0, f"{case}: spills {row}"
         assert row["stack"] <= (8 if "sde" in row["case"] else 0), f"{case}: stack {row}"
+
+
+# Instruction budget of the noise kernels. An H100 SXM issues 132 SMs x 4 schedulers x 32
+# lanes x ~1.75 GHz ~ 30e12 thread-instructions/s against ~3e12 B/s of copy bandwidth: ~10
+# instructions per byte moved. q_sample with drawn noise and sampler_step move 6 bytes per
+# fp16/bf16 element (read 2, write 2 + 2) and 12 per fp32 one, so a kernel that is to run at
+# the bandwidth may issue at most 60 (fp16/bf16) / 120 (fp32) instructions per element.
+# Counted from the sm_90 SASS (tests/triton_offline.py sass_counts): straight-line code is its
+# instructions over the elements a thread handles; a loop is its body over the elements a thread
+# handles per iteration, plus the code outside it over the elements of all the program's
+# iterations at that shape. Slow-path subroutines after EXIT (float64 division/sqrt, never taken
+# for a schedule's values) are not counted; branches to them are.
+# Measured (commit of this test): q_sample 52.6 (fp32) / 53.9-54.4 (fp16/bf16) at every
+# benchmark shape (was 180-182, and 368 at per_sample < 4096 where each group was drawn twice);
+# sampler_step's loop body 52-54 (was 233-240 and 560-585 for the whole program), but its
+# float64 coefficient prologue (~400 instructions a thread) is spread over 1-6 tiles of 8
+# elements: 60-104 per element in all, over the budget where a program has one tile.
+BUDGET_PER_BYTE = 10
+LOOP_BUDGET = {"float32": 60, "float16": 60, "bfloat16": 60}  # the steady state, every dtype
+TOTAL_BUDGET = {"q_sample": 60, "sampler_step ddpm": 110, "sampler_step ddim": 110}
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark measures it")
+def test_noise_kernels_instruction_budget_and_access_width():
+    rows, out = _code_properties("noise_properties")
+    assert len(rows) == 3 * 5 * 3, out
+    for row in rows:
+        case = f"{row['op']} {row['dtype']} {row['shape']}"
+        ept = row["elems_per_thread"]
+        steady = (row["loop"] or row["main"]) / ept
+        assert steady <= min(LOOP_BUDGET[row["dtype"]],
+                             BUDGET_PER_BYTE * row["bytes_per_elem"]), f"{case}: {row}"
+        assert row["per_elem"] <= TOTAL_BUDGET[row["op"]], f"{case}: {row}"
+        # every thread owns whole groups (none drawn twice), its accesses 16 bytes wide, and
+        # nothing goes through shared memory, the stack or spills
+        assert ept >= 4 and row["shared"] == 0, f"{case}: {row}"
+        wide = sum(n for op, n in row["loads"].items() if ".v4." in op)
+        assert wide >= 1, f"{case}: no 16-byte loads {row['loads']}"
+        assert row["stack"] == 0 and row["local"] == 0, f"{case}: spills {row}"
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the op tests run it")
+def test_one_compiled_variant_whatever_the_seed():
+    """24 calls with fresh seeds and image offsets (ints of every width, both signs, multiples
+    of 16 or not) compile each noise kernel once: the seed words and first index are passed as
+    signed 32-bit ints under do_not_specialize (a JIT compile on a GPU costs ~1 s, maybe inside
+    a CUDA-graph capture)."""
+    rows, out = _code_properties("seed_variants")
+    assert {r["kernel"] for r in rows} == {"_q_sample_kernel", "_sampler_step_kernel"}, out
+    for row in rows:
+        assert row["variants"] == 1, row

@@ -279,6 +279,97 @@ def group_norm_properties():
                                       "stores": dict(stores), **code_properties(kernel)}))
 
 
+def sass_counts(cubin: bytes, tool: str) -> dict:
+    """Instructions of a kernel's SASS (cuobjdump -sass), NOPs left out: `main` up to the first
+    unpredicated EXIT (what follows are called slow-path subroutines: float64 division and
+    sqrt), `loop` the body of its one backward branch (0 when loop-free)."""
+    import re
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);", sass)
+    ins = [(int(a, 16), text) for a, text in ins if not text.split()[-1].startswith("NOP")
+           and not text.startswith("NOP")]
+    main, loop = [], 0
+    for addr, text in ins:
+        main.append(addr)
+        m = re.match(r"(?:@!?P\w+\s+)?BRA\s+(?:P\w+,\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loop = sum(1 for a, _ in ins if int(m.group(1), 16) <= a <= addr)
+        if text.strip() == "EXIT":
+            break
+    return {"main": len(main), "loop": loop}
+
+
+# q_sample / sampler_step at the benchmark's shapes (benchmarks/suites.py Q_SHAPES, S_SHAPES)
+NOISE_BENCH_SHAPES = [(256, 3, 32, 32), (64, 4, 64, 64), (32, 3, 256, 256), (16, 4, 64, 64),
+                      (16, 3, 256, 256)]
+
+
+def noise_properties():
+    """One JSON line per noise-kernel variant at the benchmark shapes (drawn noise; fp32, fp16,
+    bf16): its SASS counts, elements a thread handles per tile, tiles a program loops over."""
+    import json
+    import triton
+    from fastdiff.kernels import q_sample as kq, sampler_step as ks
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    s = fastdiff.Schedule()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in NOISE_BENCH_SHAPES:
+            x = torch.randn(shape).to(dtype)
+            B, per = shape[0], x[0].numel()
+            t = torch.full((B,), 500)
+            rows = []
+            fastdiff.q_sample(x, t, s, seed=1234)
+            R, warps = kq.plan(per)
+            rows.append(("q_sample", R, warps, 1, 6 * x.element_size() // 2))
+            for kind, gap, kw in (("ddpm", 1, {}), ("ddim", 20, {"eta": 1.0})):
+                fastdiff.sampler_step(x, torch.randn_like(x), t, t - gap, s, kind=kind,
+                                      clip_sample=True, seed=1234, **kw)
+                R, warps, P = ks.plan(B, per)
+                tiles = -(-(-(-per // 4)) // R)
+                rows.append((f"sampler_step {kind}", R, warps, -(-tiles // P),
+                             6 * x.element_size() // 2))
+            for kernel, (name, R, warps, tpp, nbytes) in zip(KERNELS[-3:], rows):
+                c = sass_counts(kernel.asm["cubin"], tool)
+                ept = 4 * R // (32 * warps)
+                body = c["loop"] or c["main"]
+                rest = c["main"] - c["loop"] if c["loop"] else 0
+                print(json.dumps({"op": name, "dtype": str(dtype).split(".")[-1], "shape": shape,
+                                  "warps": kernel.metadata.num_warps, "elems_per_thread": ept,
+                                  "tiles_per_program": tpp, "bytes_per_elem": nbytes, **c,
+                                  "per_elem": round(body / ept + rest / (ept * tpp), 2),
+                                  "shared": kernel.metadata.shared,
+                                  **code_properties(kernel)}))
+
+
+def seed_variants():
+    """Compiled variants of the noise kernels over 24 fresh seeds and image offsets (ints of
+    every width, both signs) at fixed shapes: one line per kernel with the count."""
+    import collections
+    import json
+    import random
+    rng = random.Random(0)
+    s = fastdiff.Schedule()
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([5, 6, 7, 8])
+    for _ in range(24):
+        seed = rng.choice([rng.randrange(16), rng.randrange(2 ** 31), rng.randrange(2 ** 64),
+                           -rng.randrange(2 ** 63), 16 * rng.randrange(2 ** 20)])
+        first = rng.choice([0, 16, rng.randrange(2 ** 31), rng.randrange(2 ** 32 - 4)])
+        fastdiff.q_sample(x, t, s, seed=seed, first_index=first)
+        fastdiff.sampler_step(x, torch.randn_like(x), t, t - 1, s, seed=seed, first_index=first)
+    per = collections.Counter()
+    for k in {id(k): k for k in KERNELS}.values():
+        per[k.name] += 1
+    for name, n in sorted(per.items()):
+        print(json.dumps({"kernel": name, "variants": n}))
+
+
 if __name__ == "__main__":
     with fastdiff.use_backend("triton"):
         globals()[sys.argv[1]]()

@@ -1,6 +1,8 @@
 // Forward noising on the GPU: one thread per Philox group of 4 consecutive elements of a sample,
-// so each normal is drawn exactly once; grid-stride over groups with 64-bit indices (> 2^31
-// elements).
+// so each normal is drawn exactly once. Grid (x: chunks of a sample, y: sample b), as
+// sampler_step: no per-group division to find a group's sample (two 64-bit divisions per group
+// when the groups of all samples were one range), the sample's t and coefficients read once per
+// sample; 64-bit element indices (> 2^31 elements).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,17 +16,21 @@
 namespace fastdiff {
 namespace {
 
-// One thread per Philox group (4 consecutive elements of one sample; each normal drawn once),
-// grid-stride with 64-bit indices; the group body is q_sample_group, shared with (and tested
-// through) the CPU.
+// One thread per Philox group (4 consecutive elements of one sample; each normal drawn once):
+// a grid-stride loop over the groups of sample b (grid axis y, striding over batches beyond
+// 65535); the group body is q_sample_group_at, shared with (and tested through) the CPU.
 template <typename scalar_t, bool kHasNoise, bool kWantV>
 __global__ void q_sample_kernel(QSampleArgs a, int64_t B, const scalar_t* __restrict__ x0,
                                 const scalar_t* __restrict__ noise, scalar_t* __restrict__ x_t,
                                 scalar_t* __restrict__ eps, scalar_t* __restrict__ v) {
-  const int64_t gps = groups_per_sample(a.per_sample), groups = B * gps;
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    q_sample_group<scalar_t, kHasNoise, kWantV>(g / gps, g % gps, a, x0, noise, x_t, eps, v);
+  const int64_t gps = groups_per_sample(a.per_sample);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t tb = __ldg(a.t + b);
+    const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      q_sample_group_at<scalar_t, kHasNoise, kWantV>(b, k, tb, c, a, x0, noise, x_t, eps, v);
+    }
   }
 }
 
@@ -51,10 +57,12 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
   if (numel == 0) return;
   const int64_t B = x0.size(0), per_sample = numel / B;
   const c10::cuda::CUDAGuard guard(x0.device());
-  const int64_t groups = B * groups_per_sample(per_sample);
+  const int64_t groups = groups_per_sample(per_sample);
   const int threads = 256;
-  const int64_t max_blocks = static_cast<int64_t>(sm_count(x0.get_device())) * 16;
-  const int blocks = static_cast<int>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks));
+  // ~16 blocks per SM in all, at least one per sample
+  const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x0.get_device())) * 16 / B);
+  const dim3 blocks(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
+                    static_cast<unsigned>(std::min<int64_t>(B, 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool has_noise = noise.has_value(), want_v = v.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {

@@ -1,8 +1,8 @@
-// One DDPM / DDIM reverse step on the GPU. Grid (x: chunks of a sample, y: sample b): every
-// thread computes its sample's coefficients once (float64, a few dozen flops, no shared memory
-// or barrier), then grid-strides over the Philox groups of 4 that overlap sample b, so each
-// normal is drawn once per sample (a group straddling two samples is drawn by each sample's
-// blocks with its own t, as the reference defines). 64-bit indices throughout.
+// One DDPM / DDIM reverse step on the GPU. Grid (x: chunks of a sample, y: sample b): one thread
+// of each block computes its sample's coefficients (float64: a few hundred instructions, which
+// every thread repeated for its ~1-2 groups before) into shared memory, then the block
+// grid-strides over the sample's Philox groups of 4, so each normal is drawn once per sample.
+// 64-bit indices throughout.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
@@ -31,9 +31,12 @@ __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scal
   const float w = guidance_scale(L);
   const float clip_range = static_cast<float>(cfg.clip_range);
   const int64_t gps = groups_per_sample(L.per_sample);
+  __shared__ SamplerStepCoef coef;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t tb = clamp_index(__ldg(t + b), num_t);
-    const SamplerStepCoef c = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
+    if (threadIdx.x == 0) coef = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
+    __syncthreads();
+    const SamplerStepCoef c = coef;
     const float s = cfg.clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
     for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
          k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -41,6 +44,7 @@ __global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scal
                                                          c, s, cfg.clip, clip_range, L, x_t, mo,
                                                          noise, x_prev, x0);
     }
+    __syncthreads();  // every thread has read coef before thread 0 writes the next sample's
   }
 }
 

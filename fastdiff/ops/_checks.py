@@ -59,19 +59,20 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
 
     Accepts an int (broadcast), or an integer tensor of shape (batch,) or () on the device or on
     the CPU. Values are checked to lie in [0, T) (below T with allow_negative: any negative value
-    means "the step after the last", i.e. alpha_cumprod = 1; diffusers' DDIM goes to t - T//n), except while torch.compile traces or a CUDA
-    graph is being captured (the check would be a host sync) or with FASTDIFF_CHECKS=0; a CUDA t
-    costs one sync for the check. The kernels clamp the index regardless, so an unchecked value
-    can never read outside the schedule. check_values=False leaves the values of a tensor t to
-    the caller (timestep_values, to check several with one sync)."""
+    means "the step after the last", i.e. alpha_cumprod = 1; diffusers' DDIM goes to t - T//n):
+    an int in plain Python, a CPU tensor on the host (no sync: host memory), a device tensor by a
+    device-side assert (torch._assert_async: no host sync, a failure surfaces as a CUDA error
+    at the next synchronising call). Not while torch.compile traces, nor with FASTDIFF_CHECKS=0
+    or inside trusted_values(). The kernels clamp the index regardless, so an unchecked value can
+    never read outside the schedule. check_values=False leaves the values of a tensor t to the
+    caller (timestep_values, to check several at once)."""
     lo = None if allow_negative else 0
-    rng = _range_text(lo, num_timesteps)
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
         raise TypeError(f"{name} must be an int or an integer tensor of shape ({batch},), "
                         f"got {type(t).__name__}")
     if isinstance(t, int):
         if not (lo is None or lo <= t) or t >= num_timesteps:
-            raise ValueError(f"{name}={t} is out of range {rng}")
+            raise ValueError(f"{name}={t} is out of range {_range_text(lo, num_timesteps)}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
@@ -80,15 +81,18 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
     if t.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), "
                          f"got {tuple(t.shape)}")
-    if t.device.type not in ("cpu", torch.device(device).type) or (
-            t.device.type != "cpu" and t.device != torch.device(device)):
+    device = torch.device(device)
+    if t.device.type not in ("cpu", device.type) or (
+            t.device.type != "cpu" and t.device != device):
         raise ValueError(f"{name} is on {t.device} but the data is on {device}")
-    if t.device.type == "cpu" and torch.device(device).type == "cuda" and \
+    if t.device.type == "cpu" and device.type == "cuda" and \
             torch.cuda.is_current_stream_capturing():
         raise ValueError(f"{name} is a CPU tensor while a CUDA graph is being captured: the "
                          "copy to the GPU cannot be captured; pass a CUDA tensor (or an int)")
     if check_values:
         timestep_values(num_timesteps, (name, t, lo))
+    if t.dtype == torch.int64 and t.device == device and t.is_contiguous():
+        return t
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
@@ -98,27 +102,46 @@ def _range_text(lo, num_timesteps: int) -> str:
     return f"[{lo}, {num_timesteps})"
 
 
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether t's values are read on the host to check them (CPU memory: no sync); device
+    tensors are checked on the device instead. benchmarks/host_time.py replaces this to time
+    the device path's host work with CPU tensors standing in."""
+    return t.device.type == "cpu"
+
+
 def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
     """Range checks of timesteps as the caller gave them, items (name, t, lo) with t an int or a
     tensor already checked by timesteps(check_values=False), t in [lo, num_timesteps) (lo None:
-    no lower bound);
-    ordered: the second item must be < the first, sample by sample; the error starts with this
-    text. All values are read with
-    one host sync per device (none for CPU tensors), and none at all where values_checked()
-    says they may not be read."""
+    no lower bound); ordered: the second item must be < the first, sample by sample; the error
+    starts with this text.
+
+    Never a host sync: ints are checked in plain Python (no tensor ops), CPU tensors on the
+    host, device tensors by one device-side assert (torch._assert_async) over all items; none
+    at all where values_checked() says values may not be checked (a device assert is skipped
+    too there: FASTDIFF_CHECKS=0, trusted_values(), torch.compile tracing)."""
+    tensors = [t for _, t, _ in items if isinstance(t, torch.Tensor)]
+    if not all(values_checked(t) for t in tensors):
+        return
+    if not tensors:  # plain Python
+        for name, t, lo in items:
+            if (lo is not None and t < lo) or t >= num_timesteps:
+                raise ValueError(f"{name}={t} is out of range {_range_text(lo, num_timesteps)}")
+        if ordered and items[1][1] >= items[0][1]:
+            (na, a, _), (nb, b, _) = items[0], items[1]
+            raise ValueError(f"{ordered}: got {nb}={b} >= {na}={a} for sample 0")
+        return
+    if any(t.numel() == 0 for t in tensors):
+        return
+    if not all(_host_readable(t) for t in tensors):
+        _device_assert(num_timesteps, items, ordered)
+        return
     ts = [(name, t if isinstance(t, torch.Tensor) else torch.tensor(t), lo)
           for name, t, lo in items]
-    if not all(values_checked(t) and t.numel() for _, t, _ in ts):
-        return
-    stats = [s for _, t, _ in ts for s in (t.min(), t.max())]
+    stats = [s for _, t, _ in ts for s in t.aminmax()]
     if ordered:
-        a, b = ts[0][1], ts[1][1].to(ts[0][1].device, non_blocking=True)
-        stats.append((b >= a).any().to(a.dtype))
-    read = [None] * len(stats)
-    for dev in {s.device for s in stats}:  # one stack, one .tolist() (sync) per device
-        idx = [i for i, s in enumerate(stats) if s.device == dev]
-        for i, v in zip(idx, torch.stack([stats[i] for i in idx]).tolist()):
-            read[i] = v
+        a, b = ts[0][1], ts[1][1]
+        stats.append((b >= a).any().to(torch.int64))
+    read = torch.stack([s.to(torch.int64) for s in stats]).tolist()  # host memory: no sync
     for k, (name, _, lo) in enumerate(ts):
         tmin, tmax = read[2 * k], read[2 * k + 1]
         if (lo is not None and tmin < lo) or tmax >= num_timesteps:
@@ -126,9 +149,41 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
                              f"{_range_text(lo, num_timesteps)}")
     if ordered and read[-1]:
         (na, a, _), (nb, b, _) = ts[0], ts[1]
-        a, b = torch.broadcast_tensors(a.reshape(-1), b.to(a.device).reshape(-1))
+        a, b = torch.broadcast_tensors(a.reshape(-1), b.reshape(-1))
         i = int((b >= a).nonzero()[0, 0])
         raise ValueError(f"{ordered}: got {nb}={int(b[i])} >= {na}={int(a[i])} for sample {i}")
+
+
+def _device_assert(num_timesteps: int, items, ordered):
+    """One torch._assert_async over every item's range (and the order): a few tiny kernels on
+    the items' device, no host sync. A failure is a device-side assert (a CUDA error raised at
+    the next synchronising call, the context unusable after it, as any device assert); its
+    message says what was checked."""
+    ok = None
+    what = []
+    # with the order checked, an unbounded-below second item needs no range op of its own:
+    # b < a < T already (two fewer kernels per ddpm sampler_step)
+    implied = bool(ordered) and isinstance(items[0][1], torch.Tensor) and items[1][2] is None
+    for k, (name, t, lo) in enumerate(items):
+        if not isinstance(t, torch.Tensor):  # an int beside a tensor: checked here, in Python
+            timestep_values(num_timesteps, (name, t, lo))
+            continue
+        if k == 1 and implied:
+            what.append(f"{name} < {num_timesteps} (by the order)")
+            continue
+        c = (t.clamp(lo, num_timesteps - 1) == t) if lo is not None else (t < num_timesteps)
+        ok = c if ok is None else ok & c
+        what.append(f"{name} in {_range_text(lo, num_timesteps)}")
+    if ordered:
+        (na, a, _), (nb, b, _) = items[0], items[1]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            c = b.to(a.device) < a
+        else:  # an int stays a Python scalar: no tensor is made (copied) for it
+            c = a > b if isinstance(a, torch.Tensor) else b < a
+        ok = c if ok is None else ok & c
+        what.append(f"{ordered} ({nb} < {na})")
+    torch._assert_async(ok.all(), "fastdiff: timesteps out of range: expected " +
+                        "; ".join(what))
 
 
 _TRUSTED = contextvars.ContextVar("fastdiff_trusted_values", default=False)
@@ -146,14 +201,12 @@ def trusted_values():
 
 
 def values_checked(t: torch.Tensor) -> bool:
-    """Whether t's values may be read on the host: not while torch.compile traces or a CUDA graph
-    is captured (a sync), nor with FASTDIFF_CHECKS=0 or inside trusted_values(), nor on the meta
-    device."""
+    """Whether t's values are checked at all: not while torch.compile traces, nor with
+    FASTDIFF_CHECKS=0 or inside trusted_values(), nor on the meta device. (A CUDA t is checked
+    by a device-side assert, which a CUDA graph captures like any kernel.)"""
     # is_compiling() first: Dynamo cannot trace ContextVar.get (it short-circuits before it)
-    if not checks_enabled() or torch.compiler.is_compiling() or _TRUSTED.get() \
-            or t.device.type == "meta":
-        return False
-    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+    return not (not checks_enabled() or torch.compiler.is_compiling() or _TRUSTED.get()
+                or t.device.type == "meta")
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:

@@ -402,7 +402,7 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     t_dev = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device, check_values=False)
     tp_dev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device,
                                allow_negative=True, check_values=False)
-    # ranges (and ddpm's order) with one host sync for CUDA timesteps
+    # ranges (and ddpm's order): plain Python for ints, one device-side assert for CUDA tensors
     _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, None), ordered=(
         "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None))
     t, t_prev = t_dev, tp_dev
