@@ -96,8 +96,11 @@ def sample(argv) -> int:
         "shards that a rerun completes (resume) and `torchrun --nproc_per_node=K -m fastdiff "
         "sample ...` shards over K processes."))
     p.add_argument("--model", help="a diffusers pipeline folder (default: the embedded model)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, help="inference steps (default: ddim 50, ddpm all)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help=(
+        "ddim (default), ddpm, or a few-step solver: dpmpp-2m / dpmpp-3m (DPM-Solver++ order "
+        "2 / 3), dpmpp-2m-sde (its stochastic variant), unipc (UniPC bh2, order 2)"))
+    p.add_argument("--steps", type=int, help="inference steps (default: the model folder's, "
+                   "else ddim 50, ddpm all; dpmpp-2m, dpmpp-3m, dpmpp-2m-sde, unipc: 20)")
     p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--n", "-n", "--num-images", dest="n", type=int,
                    help="number of images (default: two per class of a class-conditional model, "

@@ -22,9 +22,20 @@ import torch
 
 from . import __version__
 from .pipelines import DEFAULT_MODEL, DDIMPipeline, DDPMPipeline, _Pipeline
+from .samplers import DPMSolverSampler, UniPCSampler
 
 FORMATS = ("grid", "png", "npz")
-SAMPLERS = ("ddpm", "ddim")
+# The few-step solvers (default 20 steps) and the options each name sets on the model folder's
+# scheduler config (its schedule, prediction type and spacing are kept, as diffusers'
+# from_config does): DPM-Solver++ 2M / 3M (lower_order_final), its 2M SDE, UniPC bh2 order 2
+# (diffusers' UniPC defaults; bh1 is the authors' choice for unconditional models only).
+MULTISTEP = {
+    "dpmpp-2m": (DPMSolverSampler, dict(solver_order=2, algorithm_type="dpmsolver++")),
+    "dpmpp-3m": (DPMSolverSampler, dict(solver_order=3, algorithm_type="dpmsolver++")),
+    "dpmpp-2m-sde": (DPMSolverSampler, dict(solver_order=2, algorithm_type="sde-dpmsolver++")),
+    "unipc": (UniPCSampler, dict(solver_order=2, solver_type="bh2")),
+}
+SAMPLERS = ("ddpm", "ddim") + tuple(MULTISTEP)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 MANIFEST = "manifest.json"
@@ -139,14 +150,19 @@ def model_defaults(model) -> dict:
 
 
 def load_pipeline(model=None, sampler: str = "ddim", device=None, dtype=None) -> _Pipeline:
-    """A DDPM/DDIM pipeline from a diffusers pipeline folder (default: the embedded model) or an
-    existing pipeline object (its sampler converted to `sampler`)."""
+    """A pipeline from a diffusers pipeline folder (default: the embedded model) or an existing
+    pipeline object, its scheduler converted to `sampler` (one of SAMPLERS; a multistep one is
+    made from the folder's scheduler config with the options MULTISTEP names)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    cls = DDPMPipeline if sampler == "ddpm" else DDIMPipeline
+    cls = DDPMPipeline if sampler in ("ddpm",) + tuple(MULTISTEP) else DDIMPipeline
     if isinstance(model, _Pipeline):
-        pipe = cls(model.unet, model.scheduler.config if not isinstance(model, cls)
-                   else model.scheduler)
+        if sampler in MULTISTEP:
+            solver, options = MULTISTEP[sampler]
+            pipe = cls(model.unet, solver.from_config(model.scheduler.config, **options))
+        else:
+            pipe = cls(model.unet, model.scheduler.config if not isinstance(model, cls)
+                       else model.scheduler)
         return pipe.to(device=device, dtype=dtype)
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
@@ -154,7 +170,11 @@ def load_pipeline(model=None, sampler: str = "ddim", device=None, dtype=None) ->
                 f"the embedded default model is not in this install ({DEFAULT_MODEL} has no "
                 f"model_index.json); pass --model DIR (a diffusers pipeline folder)")
         model = DEFAULT_MODEL
-    pipe = cls.from_pretrained(model, torch_dtype=dtype)
+    scheduler = None
+    if sampler in MULTISTEP:
+        solver, options = MULTISTEP[sampler]
+        scheduler = solver.from_config(os.path.join(os.fspath(model), "scheduler"), **options)
+    pipe = cls.from_pretrained(model, torch_dtype=dtype, scheduler=scheduler)
     return pipe.to(device=device, dtype=dtype)
 
 
@@ -202,10 +222,12 @@ def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
     samples.png), "png" (out/000000.png ...) or "npz" (out/samples_<start>_<end>.npz shards,
     arr_0 uint8 (N, H, W, C), one per batch). Folders resume and shard over torchrun's ranks.
     n: default two images per class of a class-conditional model (a grid row per round of the
-    classes), else 16. steps and guidance default to the model folder's fastdiff.json, if any.
+    classes), else 16. steps and guidance default to the model folder's fastdiff.json, if any
+    (steps for ddpm/ddim only: the solvers of MULTISTEP default to 20).
     """
     defaults = model_defaults(model)
-    steps = defaults.get("num_inference_steps") if steps is None else steps
+    if sampler not in MULTISTEP:  # a folder's step count is a DDPM/DDIM one: solvers take 20
+        steps = defaults.get("num_inference_steps") if steps is None else steps
     guidance = defaults.get("guidance_scale") if guidance is None else guidance
     if n is None:
         n = 16
@@ -235,6 +257,9 @@ def generate(model=None, *, sampler: str = "ddim", steps: Optional[int] = None,
     if eta is not None and sampler == "ddpm":
         raise ValueError("eta applies to the ddim sampler only (DDPM's variance is fixed by "
                          "the schedule)")
+    if eta is not None and sampler in MULTISTEP:
+        raise ValueError(f"eta applies to the ddim sampler only ({sampler} has no eta; "
+                         f"dpmpp-2m-sde is the stochastic solver)")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

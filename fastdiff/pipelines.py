@@ -5,7 +5,13 @@
     images = pipe(batch_size=16, num_inference_steps=50, seed=0).images
 
 A pipeline is a U-Net (fastdiff.UNet2DModel) and a sampler; `pipe(...)` is `sampler.sample(...)`
-with diffusers' defaults and output types. The folder is diffusers' format both ways.
+with diffusers' defaults and output types. The folder is diffusers' format both ways. Either
+pipeline runs fastdiff.DPMSolverSampler / UniPCSampler (or diffusers' DPMSolverMultistepScheduler /
+UniPCMultistepScheduler, converted) as its scheduler unchanged:
+
+    solver = fastdiff.DPMSolverSampler.from_config(os.path.join(path, "scheduler"))
+    pipe = fastdiff.DDPMPipeline.from_pretrained(path, scheduler=solver)
+    images = pipe(batch_size=16, num_inference_steps=20).images
 """
 from __future__ import annotations
 
@@ -16,7 +22,12 @@ from typing import Optional
 
 import torch
 
-from .samplers import DDIMSampler, DDPMSampler, _Sampler
+from .samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, UniPCSampler,
+                       _MultistepSampler, _read_config, _Sampler)
+
+# diffusers' multistep schedulers: a pipeline keeps them (as diffusers' DDPMPipeline does)
+MULTISTEP_SAMPLERS = {"DPMSolverMultistepScheduler": DPMSolverSampler,
+                      "UniPCMultistepScheduler": UniPCSampler}
 
 # The embedded default model (a diffusers pipeline folder, shipped as package data by the
 # training code): what `python -m fastdiff sample` samples without --model.
@@ -71,11 +82,24 @@ class _Pipeline:
     def __init__(self, unet, scheduler):
         if not callable(unet):
             raise TypeError(f"unet must be a U-Net module, got {type(unet).__name__}")
-        if not isinstance(scheduler, _Sampler):  # a diffusers scheduler or a config
-            scheduler = self.sampler_class.from_config(scheduler)
+        if isinstance(scheduler, _MultistepSampler):
+            pass  # DPM-Solver++ / UniPC run any pipeline's U-Net as they are
+        elif not isinstance(scheduler, _Sampler):  # a diffusers scheduler or a config
+            scheduler = self._sampler_class_for(scheduler).from_config(scheduler)
         elif not isinstance(scheduler, self.sampler_class):
             scheduler = self.sampler_class.from_config(scheduler.config)
         self.unet, self.scheduler = unet, scheduler
+
+    def _sampler_class_for(self, scheduler):
+        """A diffusers DPMSolverMultistepScheduler / UniPCMultistepScheduler (object or config
+        naming it in _class_name) -> fastdiff's solver; any other -> the pipeline's sampler."""
+        name = type(scheduler).__name__
+        if name not in MULTISTEP_SAMPLERS:
+            try:
+                name = _read_config(scheduler).get("_class_name")
+            except (TypeError, OSError, ValueError):
+                name = None
+        return MULTISTEP_SAMPLERS.get(name, self.sampler_class)
 
     @classmethod
     def from_pretrained(cls, path, torch_dtype=None, device=None, unet=None, scheduler=None):
@@ -125,7 +149,8 @@ class _Pipeline:
                  first_index: int = 0, progress: bool = True, cuda_graph="auto",
                  callback=None):
         """Sample `batch_size` images (default 1, or latents' batch). output_type "pil"
-        (default), "np" or "pt"; num_inference_steps default: DDPM num_train_timesteps, DDIM 50.
+        (default), "np" or "pt"; num_inference_steps default: DDPM num_train_timesteps, DDIM 50,
+        DPM-Solver++ / UniPC 20.
 
         generator: as diffusers, x_T = torch.randn(..., generator=generator) (so the same
         generator gives diffusers' x_T); the step noise still comes from `seed`. Without it, x_T

@@ -13,7 +13,8 @@ drawn for timestep `step` in stream `stream`, is a pure function of (seed, n, st
 
 So an image's noise does not depend on the batch size, its position in the batch, the number of
 processes, the block size, the backend, or whether the launch was captured in a CUDA graph.
-Streams keep the ops apart: q_sample draws stream 0, sampler_step stream 1. `seed` and the
+Streams keep the ops apart: q_sample draws stream 0, sampler_step stream 1, multistep_step
+stream 2. `seed` and the
 image index may be int64 tensors (read on their device, no host sync).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ MASK32 = 0xFFFFFFFF
 TWO_PI_F32 = 6.2831854820251465  # float32(2 pi), the constant the kernels use
 STREAM_Q_SAMPLE = 0
 STREAM_SAMPLER_STEP = 1
+STREAM_MULTISTEP = 2
 
 IntOrTensor = Union[int, torch.Tensor]
 

@@ -1,23 +1,28 @@
-"""DDPM and DDIM samplers: a schedule plus options, and a loop of one model call and one fused
-`sampler_step` per step.
+"""Samplers: a schedule plus options, and a loop of one model call and one fused step per step.
 
     sampler = fastdiff.DDIMSampler.from_config("path/to/scheduler_config.json")
     images = sampler.sample(unet, batch_size=64, num_inference_steps=50, seed=0)
 
-The timesteps are on the device before the loop starts and nothing in a step reads a value back
-to the host, so on CUDA the whole step (model + sampler_step) is captured once in a CUDA graph and
-replayed; seed, first image index and guidance scale are device tensors the kernels read, so a
-replay for the next batch draws that batch's noise.
+DDPMSampler / DDIMSampler step with `sampler_step`; the multistep solvers DPMSolverSampler
+(DPM-Solver++ 1-3M, 2M SDE) and UniPCSampler (predictor + corrector) with `multistep_step`, over
+an x0 history ring and a per-step coefficient table made once per schedule (fastdiff.solvers).
+
+The timesteps (and tables) are on the device before the loop starts and nothing in a step reads
+a value back to the host, so on CUDA the whole step (model + fused step) is captured once in a
+CUDA graph and replayed; seed, first image index and guidance scale are device tensors the
+kernels read, so a replay for the next batch draws that batch's noise.
 
 Noise per image: image b of a batch is image `first_index + b` of the run, and every normal it
 gets (its x_T and the noise of each step) is a pure function of (seed, first_index + b, t), so
 an image does not depend on the batch size, its position in the batch, the number of processes
 or where a run was resumed. x_T is the noise q_sample would add at t = T - 1 (stream 0), the
-step noise sampler_step's (stream 1).
+step noise sampler_step's (stream 1; the SDE solver's: multistep_step's stream 2, counted by
+step index).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable, Optional
 
@@ -25,7 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import solvers
 from .ops._checks import trusted_values
+from .ops.multistep_step import multistep_step
 from .ops.q_sample import q_sample
 from .ops.sampler_step import sampler_step
 from .schedule import Schedule
@@ -51,7 +58,7 @@ _FOREIGN_KEYS = frozenset((
     "s_churn", "s_tmin", "s_tmax", "s_noise", "snr_gamma", "trained_betas", "dynamic_thresholding",
     "beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "rescale_betas_zero_snr",
     "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
-    "sample_max_value", "prediction_type", "timestep_spacing", "eta",
+    "sample_max_value", "prediction_type", "timestep_spacing", "eta", "shift_terminal",
 ))
 
 
@@ -324,7 +331,7 @@ class _Sampler:
         n = self.num_inference_steps
         # every step's (B,) timesteps, on the device before the loop (rows are views, no upload)
         ts = self.timesteps.to(device).view(n, 1).expand(n, B).contiguous()
-        tps = self._prev.clamp(min=-1).to(device).view(n, 1).expand(n, B).contiguous()
+        tps = self._step_rows(n, B, device)
         with torch.no_grad():
             if latents is None:
                 x = self.initial_noise((B,) + shape, seed, first_index, device=device, dtype=dtype)
@@ -355,6 +362,23 @@ class _Sampler:
 
     def _eta(self, eta):
         return 0.0
+
+    # -- what a step of this sampler needs besides x and t (hooks of _Loop) --------------------
+    def _step_rows(self, n: int, B: int, device) -> Tensor:
+        """(n, ...) int64 on the device: row k is the second per-step input of step k (here the
+        previous timesteps, (B,))."""
+        return self._prev.clamp(min=-1).to(device).view(n, 1).expand(n, B).contiguous()
+
+    def _stochastic(self, eta: float) -> bool:
+        return self.kind == "ddpm" or eta > 0
+
+    def _loop_state(self, x: Tensor) -> dict:
+        """Tensors a whole loop reads and updates in place (none here), made once per sample()."""
+        return {}
+
+    def _update(self, x, out, t, t_prev, state, kw):
+        """x_t -> x_prev from the model output: one fused op."""
+        return sampler_step(x, out, t, t_prev, self.schedule, **kw)
 
     def _batch_shape(self, model, batch_size, shape, latents):
         if latents is not None:
@@ -439,6 +463,8 @@ class DDPMSampler(_Sampler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        if variance_type is None:  # a DPM-Solver/UniPC config's; diffusers' DDPM: fixed_small
+            variance_type = "fixed_small"
         if variance_type not in DDPM_VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {DDPM_VARIANCE_TYPES}, got "
                              f"{variance_type!r}")
@@ -503,22 +529,293 @@ class DDIMSampler(_Sampler):
                 if k not in ("eta", "use_clipped_model_output")}
 
 
+class _MultistepSampler(_Sampler):
+    """A multistep solver over diffusers' schedule (fastdiff.solvers): per step one model call
+    and one `multistep_step`, whose coefficient row (float64, made on the host by set_timesteps)
+    and x0 history ring (K = solver_order slots, float32 state) live on the device for the whole
+    loop. The ring (and UniPC's last sample) are made once per sample() call; the step index
+    is a device tensor, so on CUDA the step captures in one graph like the DDPM/DDIM ones.
+
+    Rows are indexed by the step counter, not looked up by timestep (diffusers'
+    index_for_timestep picks the wrong row where timesteps repeat, as Karras sigmas on
+    squaredcos_cap_v2 give; pass set_begin_index(0) there for diffusers' intended loop)."""
+    kind = "multistep"
+    flavor = ""
+    default_steps = 20
+    # options of the diffusers class that fastdiff does not implement: name -> accepted values
+    # (a config asking for another value is an error, never silently ignored)
+    _fixed: dict = {}
+
+    def __init__(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                 solver_order, prediction_type, thresholding, dynamic_thresholding_ratio,
+                 sample_max_value, timestep_spacing, steps_offset, rescale_betas_zero_snr,
+                 lower_order_final, use_karras_sigmas, final_sigmas_type, **options):
+        solver_order = solvers._check_order(solver_order)
+        if final_sigmas_type not in solvers.FINAL_SIGMAS_TYPES:
+            raise ValueError(f"final_sigmas_type must be one of {solvers.FINAL_SIGMAS_TYPES}, "
+                             f"got {final_sigmas_type!r}")
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         prediction_type, False, 1.0, thresholding, dynamic_thresholding_ratio,
+                         sample_max_value, timestep_spacing, steps_offset, rescale_betas_zero_snr,
+                         solver_order=solver_order, lower_order_final=bool(lower_order_final),
+                         use_karras_sigmas=bool(use_karras_sigmas),
+                         final_sigmas_type=final_sigmas_type, **options)
+        for k in ("clip_sample", "clip_sample_range"):  # not options of diffusers' solvers
+            del self.config[k]
+        c = self.config
+        # diffusers' float32 alphas_cumprod: the sigmas must be its float32 values, bit for bit
+        self.alphas_cumprod = solvers.multistep_alphas_cumprod(
+            c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"],
+            c["trained_betas"], c["rescale_betas_zero_snr"])
+        self.sigmas = None
+        self.orders = None
+        self.coefs = None
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        import inspect
+        return tuple(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """From a diffusers scheduler config (a dict, a scheduler, a scheduler_config.json path):
+        this solver's own config, or another scheduler's (DDPM, DDIM, ...) whose shared options
+        are taken over, as diffusers' from_config does. Options of diffusers' class that fastdiff
+        does not implement (exponential/beta/flow sigmas, ...) must have their default value."""
+        cfg = _read_config(config)
+        cfg.update(overrides)
+        for k, accepted in cls._fixed.items():
+            if k in cfg and cfg[k] not in accepted:
+                raise ValueError(f"{cls.__name__}.from_config: {k}={cfg[k]!r} is not supported "
+                                 f"(only {accepted[0]!r})")
+            cfg.pop(k, None)
+        return super().from_config(cfg)
+
+    def _round_karras(self) -> bool:
+        return True
+
+    def _schedule_kw(self) -> dict:
+        return {}
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Timesteps and sigmas as diffusers' set_timesteps (fastdiff.solvers.
+        multistep_schedule), and the coefficient table of every step (.coefs, float64 CPU,
+        .orders the order of each step). Returns .timesteps; num_inference_steps may end one
+        larger than asked (trailing spacing, as diffusers)."""
+        T = self.schedule.num_train_timesteps
+        n = _int_arg("num_inference_steps", num_inference_steps, low=1)
+        if n > T:
+            raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={T}")
+        c = self.config
+        ts, sig = solvers.multistep_schedule(
+            self.alphas_cumprod, n, flavor=self.flavor, timestep_spacing=c["timestep_spacing"],
+            steps_offset=c["steps_offset"], use_karras_sigmas=c["use_karras_sigmas"],
+            final_sigmas_type=c["final_sigmas_type"], round_karras_timesteps=self._round_karras(),
+            **self._schedule_kw())
+        if ts.max() >= T:
+            raise ValueError(f"steps_offset={c['steps_offset']} puts the first timestep at "
+                             f"{int(ts.max())}, outside [0, {T})")
+        solvers.check_sigmas(sig, f"num_inference_steps={n}")
+        table, orders = self._table(sig)
+        self.num_inference_steps = len(ts)
+        self.timesteps = torch.from_numpy(ts.copy()).to(device)
+        self.sigmas = torch.from_numpy(sig)
+        self.coefs = torch.from_numpy(table)
+        self.orders = orders
+        self._prev = torch.from_numpy(np.concatenate([ts[1:], [-1]]).astype(np.int64)).to(device)
+        return self.timesteps
+
+    def _eta(self, eta):
+        if eta is not None:
+            raise ValueError(f"eta is a DDIM option; {type(self).__name__} has none (got "
+                             f"eta={eta!r})")
+        return 0.0
+
+    def _step_options(self, eta) -> dict:
+        c = self.config
+        return dict(prediction_type=c["prediction_type"], thresholding=c["thresholding"],
+                    dynamic_thresholding_ratio=c["dynamic_thresholding_ratio"],
+                    sample_max_value=c["sample_max_value"])
+
+    def _stochastic(self, eta) -> bool:
+        return False
+
+    def _step_rows(self, n, B, device):
+        """Row k: the step index k, (1,) int64 on the device (the coefficient row and the ring
+        slot; the SDE noise counter)."""
+        return torch.arange(n, dtype=torch.int64, device=device).view(n, 1)
+
+    def _loop_state(self, x):
+        # zeroed: a ring slot not yet written is multiplied by a zero coefficient, and 0 * NaN
+        # (whatever torch.empty held) would not be 0
+        ring = multistep_step.empty_ring(x, self.config["solver_order"]).zero_()
+        state = {"ring": ring, "coefs": self.coefs.to(x.device)}
+        if self.flavor == "unipc":
+            state["last_sample"] = torch.zeros_like(ring[0])
+        return state
+
+    def _update(self, x, out, t, step, state, kw):
+        return multistep_step(x, out, state["ring"], state["coefs"], step,
+                              last_sample=state.get("last_sample"), **kw)
+
+
+class DPMSolverSampler(_MultistepSampler):
+    """Multistep DPM-Solver++ (Lu et al. 2022), diffusers' DPMSolverMultistepScheduler options:
+    data prediction, solver_order 1-3 (2 recommended for guided sampling, 3 unconditional),
+    algorithm_type "dpmsolver++" (ODE) or "sde-dpmsolver++" (the 2M SDE: noise per image from
+    the in-kernel stream, or `step_noise`), solver_type "midpoint" / "heun" (order 2),
+    lower_order_final (under 15 steps the last two steps drop to orders 1 and 2),
+    euler_at_final, final_sigmas_type "zero" (the last step returns x0) or "sigma_min",
+    use_karras_sigmas, lambda_min_clipped, timestep_spacing (default "linspace", as diffusers),
+    thresholding (pixel models). Default 20 steps.
+
+    Beyond diffusers: beta_schedule "sigmoid" and "laplace" as the DDPM/DDIM samplers (diffusers'
+    class refuses them). Not implemented (diffusers' deprecated "dpmsolver"/"sde-dpmsolver",
+    exponential/beta/Lu/flow sigmas, dynamic shifting): a config that asks for them is an
+    error."""
+    flavor = "dpmsolver"
+    diffusers_class = "DPMSolverMultistepScheduler"
+    _fixed = {"use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None),
+              "use_lu_lambdas": (False, None), "use_flow_sigmas": (False, None),
+              "use_dynamic_shifting": (False, None)}
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+                 beta_end: float = 0.02, beta_schedule: str = "linear", trained_betas=None,
+                 solver_order: int = 2, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++",
+                 solver_type: str = "midpoint", lower_order_final: bool = True,
+                 euler_at_final: bool = False, use_karras_sigmas: bool = False,
+                 final_sigmas_type: str = "zero", lambda_min_clipped: float = -math.inf,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False):
+        if algorithm_type == "deis":  # diffusers' own mapping
+            algorithm_type = "dpmsolver++"
+        if algorithm_type not in solvers.ALGORITHM_TYPES:
+            raise ValueError(f"algorithm_type must be one of {solvers.ALGORITHM_TYPES} (data "
+                             f"prediction; diffusers' deprecated noise-prediction types are not "
+                             f"implemented), got {algorithm_type!r}")
+        if solver_type in ("logrho", "bh1", "bh2"):  # diffusers' own mapping
+            solver_type = "midpoint"
+        if solver_type not in solvers.DPM_SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {solvers.DPM_SOLVER_TYPES}, got "
+                             f"{solver_type!r}")
+        if isinstance(lambda_min_clipped, bool) or \
+                not isinstance(lambda_min_clipped, (int, float)) or math.isnan(lambda_min_clipped):
+            raise ValueError(f"lambda_min_clipped must be a number (-inf: no clipping), got "
+                             f"{lambda_min_clipped!r}")
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         solver_order, prediction_type, thresholding, dynamic_thresholding_ratio,
+                         sample_max_value, timestep_spacing, steps_offset, rescale_betas_zero_snr,
+                         lower_order_final, use_karras_sigmas, final_sigmas_type,
+                         algorithm_type=algorithm_type, solver_type=solver_type,
+                         euler_at_final=bool(euler_at_final),
+                         lambda_min_clipped=float(lambda_min_clipped))
+
+    def _round_karras(self):  # diffusers keeps the fractional timesteps of the cosine schedule
+        return self.config["beta_schedule"] != "squaredcos_cap_v2"
+
+    def _schedule_kw(self):
+        return dict(lambda_min_clipped=self.config["lambda_min_clipped"])
+
+    def _table(self, sigmas):
+        c = self.config
+        return solvers.dpmsolver_table(
+            sigmas, solver_order=c["solver_order"], algorithm_type=c["algorithm_type"],
+            solver_type=c["solver_type"], lower_order_final=c["lower_order_final"],
+            euler_at_final=c["euler_at_final"], final_sigmas_type=c["final_sigmas_type"])
+
+    def _stochastic(self, eta):
+        return self.config["algorithm_type"] == "sde-dpmsolver++"
+
+
+class UniPCSampler(_MultistepSampler):
+    """UniPC (Zhao et al. 2023), diffusers' UniPCMultistepScheduler options: the UniP predictor
+    of solver_order 1-3 and the UniC corrector of the previous step (fused into this step's
+    launch, with this step's x0), solver_type "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1,
+    default), disable_corrector (step indices whose result is not corrected),
+    lower_order_final (the order at step i is at most n - i), final_sigmas_type,
+    use_karras_sigmas (sigma_min / sigma_max override its range), timestep_spacing (default
+    "linspace"), thresholding. Default 20 steps.
+
+    Where diffusers 0.42.1 fails this does not (fastdiff.solvers.unipc_table): bh1 with a zero
+    final sigma (NaN at the last step) and lower_order_final=False (order 3: a singular solve;
+    order 2: inf) take the analytic limit of the step to sigma = 0, x_0 = the last x0
+    prediction. Not implemented: predict_x0=False, solver_p, exponential/beta/flow sigmas."""
+    flavor = "unipc"
+    diffusers_class = "UniPCMultistepScheduler"
+    _fixed = {"use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None),
+              "use_flow_sigmas": (False, None), "use_dynamic_shifting": (False, None),
+              "solver_p": (None,), "shift_terminal": (None,)}
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+                 beta_end: float = 0.02, beta_schedule: str = "linear", trained_betas=None,
+                 solver_order: int = 2, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, predict_x0: bool = True,
+                 solver_type: str = "bh2", lower_order_final: bool = True,
+                 disable_corrector=(), use_karras_sigmas: bool = False,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
+        if predict_x0 is not True:
+            raise ValueError("predict_x0=False (UniPC on the noise prediction) is not "
+                             "implemented: fastdiff's UniPC is the data-prediction one "
+                             "(diffusers' default)")
+        if solver_type in ("midpoint", "heun", "logrho"):  # diffusers' own mapping
+            solver_type = "bh2"
+        if solver_type not in solvers.UNIPC_SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {solvers.UNIPC_SOLVER_TYPES}, got "
+                             f"{solver_type!r}")
+        if isinstance(disable_corrector, (str, bytes)) or not hasattr(disable_corrector,
+                                                                       "__iter__"):
+            raise TypeError(f"disable_corrector must be a list of step indices, got "
+                            f"{type(disable_corrector).__name__}")
+        disable_corrector = [_int_arg("disable_corrector[]", d, low=0)
+                             for d in disable_corrector]
+        for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v > 0):
+                raise ValueError(f"{name} must be None or a number > 0, got {v!r}")
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         solver_order, prediction_type, thresholding, dynamic_thresholding_ratio,
+                         sample_max_value, timestep_spacing, steps_offset, rescale_betas_zero_snr,
+                         lower_order_final, use_karras_sigmas, final_sigmas_type,
+                         predict_x0=True, solver_type=solver_type,
+                         disable_corrector=disable_corrector, sigma_min=sigma_min,
+                         sigma_max=sigma_max)
+
+    def _schedule_kw(self):
+        return dict(sigma_min=self.config["sigma_min"], sigma_max=self.config["sigma_max"])
+
+    def _table(self, sigmas):
+        c = self.config
+        return solvers.unipc_table(sigmas, solver_order=c["solver_order"],
+                                   solver_type=c["solver_type"],
+                                   lower_order_final=c["lower_order_final"],
+                                   disable_corrector=c["disable_corrector"])
+
+
 class _Loop:
-    """One sample() call: the step (model + sampler_step) and the eager and CUDA-graph loops."""
+    """One sample() call: the step (model + the sampler's fused op) and the eager and CUDA-graph
+    loops."""
 
     def __init__(self, sampler, model, x, ts, tps, labels, w, eta, seed, first_index):
         self.sampler, self.model, self.x = sampler, model, x
         self.ts, self.tps, self.labels, self.w = ts, tps, labels, w
         self.seed, self.first_index = seed, first_index
         self.opts = sampler._step_options(eta)
-        self.stochastic = sampler.kind == "ddpm" or eta > 0
+        self.stochastic = sampler._stochastic(eta)
+        self.state = sampler._loop_state(x)
         C = x.shape[1]
         vt = self.opts.get("variance_type")
         self.learned = vt in ("learned", "learned_range")
         self.C = C
 
     def step(self, x, t, t_prev, seed, first_index, noise=None):
-        """x_t -> x_prev: one model call, one sampler_step. Reads no value on the host."""
+        """x_t -> x_prev: one model call, one fused step (sampler_step or multistep_step). Reads
+        no value on the host."""
         if self.w is not None:
             out = _output(self.model(torch.cat([x, x]), torch.cat([t, t]),
                                      class_labels=self.labels))
@@ -535,7 +832,7 @@ class _Loop:
             kw["noise"] = noise.to(device=x.device, dtype=x.dtype)
         elif self.stochastic:
             kw.update(seed=seed, first_index=first_index)
-        return sampler_step(x, out, t, t_prev, self.sampler.schedule, **kw)
+        return self.sampler._update(x, out, t, t_prev, self.state, kw)
 
     def _bar(self, progress):
         if not progress:
@@ -568,6 +865,8 @@ class _Loop:
         g.first_index.fill_(self.first_index)
         if g.labels is not None:
             g.labels.copy_(self.labels)
+        for name, v in self.state.items():  # this call's fresh state (zeroed ring, its table)
+            g.state[name].copy_(v)
         if g.w is not None:
             g.w.fill_(self.w) if not isinstance(self.w, Tensor) else g.w.copy_(self.w)
         bar = self._bar(progress)
@@ -587,7 +886,8 @@ class _Loop:
     def _graph(self, required):
         """The captured step for this (model, shape, dtype, options), made on first use."""
         key = (id(self.model), tuple(self.x.shape), self.x.dtype, self.x.device,
-               tuple(sorted(self.opts.items())), self.w is not None, self.labels is not None)
+               tuple(sorted(self.opts.items())), self.w is not None, self.labels is not None,
+               tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(self.state.items())))
         cache = self.sampler._graphs
         if key in cache:
             return cache[key]
@@ -605,8 +905,9 @@ class _Loop:
 
 class _CapturedStep:
     """Static buffers and a CUDA graph of one step: x, t, t_prev, seed, first_index, labels, w
-    in; out = x_prev. The kernels read seed and first_index from the device, so a replay after
-    fill_ draws that batch's noise."""
+    in; out = x_prev; state (a multistep solver's x0 ring, last sample and coefficient table)
+    updated in place by every replay. The kernels read seed and first_index from the device, so
+    a replay after fill_ draws that batch's noise."""
 
     def __init__(self, loop: _Loop):
         dev = loop.x.device
@@ -620,8 +921,9 @@ class _CapturedStep:
         if loop.w is not None:
             self.w = torch.zeros((), dtype=torch.float32, device=dev)
             self.w.fill_(loop.w) if not isinstance(loop.w, Tensor) else self.w.copy_(loop.w)
-        saved = loop.labels, loop.w
-        loop.labels, loop.w = self.labels, self.w
+        self.state = {k: v.clone() for k, v in loop.state.items()}
+        saved = loop.labels, loop.w, loop.state
+        loop.labels, loop.w, loop.state = self.labels, self.w, self.state
 
         def step():
             return loop.step(self.x, self.t, self.t_prev, self.seed, self.first_index)
@@ -637,4 +939,4 @@ class _CapturedStep:
             with torch.cuda.graph(self.graph):
                 self.out = step()
         finally:
-            loop.labels, loop.w = saved
+            loop.labels, loop.w, loop.state = saved

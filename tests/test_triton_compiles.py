@@ -24,7 +24,8 @@ def _has_nvidia_backend():
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the op tests compile and "
                     "run every kernel variant for real (the fake driver is for machines without one)")
-@pytest.mark.parametrize("op", ["q_sample", "sampler_step", "group_norm_silu", "attention"])
+@pytest.mark.parametrize("op", ["q_sample", "sampler_step", "group_norm_silu", "attention",
+                                "multistep_step"])
 def test_triton_kernels_compile_for_sm90(op):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, os.path.join(HERE, "triton_offline.py"), op],
@@ -79,3 +80,29 @@ def test_group_norm_code_at_benchmark_shapes():
         if row["kernel"] != "_gn_partial_kernel":  # that one writes only fp32 statistics
             assert not narrow, f"{case}: scalar 2-byte stores {row['stores']}"
         assert row["stack"] == 0 and row["local"] == 0, f"{case}: spills {row}"
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark measures it")
+def test_multistep_code_at_benchmark_shapes():
+    """multistep_step's sm_90 code at its benchmark shapes, fp16/bf16 (2M, 2M SDE with drawn
+    noise, UniPC's corrector with guidance and thresholding): every access to the data and the
+    float32 state is a 16-byte vector (a thread moves 8 consecutive elements: two Philox groups),
+    the only narrower loads are per-program scalars (the float64 coefficient row, the step,
+    seed and image index: b64; the threshold: b32; libdevice's sin/cos table with drawn noise:
+    nc.b32), and nothing spills. The drawn-noise variants keep an 8-byte stack frame in this
+    Triton's ptxas (cuobjdump STACK:8, LOCAL:0; ptxas-blackwell -v: 0 bytes stack, 0 spills)."""
+    rows, out = _code_properties("multistep_properties")
+    assert len(rows) == 12, out
+    for row in rows:
+        case = f"{row['dtype']} {row['shape']} {row['case']}"
+        narrow = {op: n for op, n in row["loads"].items()
+                  if ".v4." not in op and op not in ("ld.global.b64", "ld.global.b32",
+                                                     "ld.global.nc.b32")}
+        assert not narrow, f"{case}: loads narrower than 16 bytes {row['loads']}"
+        assert row["loads"].get("ld.global.b32", 0) <= 1, f"{case}: scalar 4-byte loads {row['loads']}"
+        assert "nc.b32" not in str(row["loads"]) or "sde" in row["case"], case
+        assert row["stores"] and all(".v4." in op for op in row["stores"]), \
+            f"{case}: stores narrower than 16 bytes {row['stores']}"
+        assert row["local"] == 0, f"{case}: spills {row}"
+        assert row["stack"] <= (8 if "sde" in row["case"] else 0), f"{case}: stack {row}"

@@ -131,6 +131,69 @@ def sampler_step():
                               eta=0.5, seed=2 ** 40, guidance_scale=1.5, thresholding=True)
 
 
+def _multistep_inputs(shape, dtype, K, guided=False, channels_last=False):
+    from fastdiff.ops.multistep_step import empty_ring
+    x = torch.randn(shape).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    mo = torch.randn((2 * shape[0],) + tuple(shape[1:]) if guided else shape).to(dtype)
+    ring = empty_ring(x, K).normal_()
+    return x, mo, ring, torch.empty_like(ring[0]).normal_()
+
+
+def multistep_step():
+    coefs = torch.rand(8, 14, dtype=torch.float64) + 0.5
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for K in (1, 2, 3):
+            x, mo, ring, last = _multistep_inputs((2, 4, 8, 8), dtype, K)
+            for pred in ("epsilon", "sample", "v_prediction"):
+                fastdiff.multistep_step(x, mo, ring, coefs, 5, prediction_type=pred,
+                                        last_sample=last, clip_sample=True)
+            fastdiff.multistep_step(x, mo, ring, coefs, torch.tensor(3), seed=1,
+                                    thresholding=True)
+            fastdiff.multistep_step(x, mo, ring, coefs, 2, noise=torch.randn_like(x), out=x)
+        x, mo, ring, last = _multistep_inputs((2, 4, 8, 8), dtype, 3, guided=True,
+                                              channels_last=True)
+        fastdiff.multistep_step(x, mo, ring, coefs, 7, last_sample=last, seed=torch.tensor(3),
+                                first_index=torch.tensor(5), guidance_scale=torch.tensor(2.0))
+        fastdiff.multistep_step(x, mo, ring, coefs, 1, seed=2 ** 40, guidance_scale=1.5,
+                                thresholding=True)
+    x, mo, ring, _ = _multistep_inputs((3, 5), torch.float32, 2)  # unaligned samples
+    fastdiff.multistep_step(x, mo, ring, coefs, 0, seed=1)
+
+
+# multistep_step at its step-time benchmark's shapes (benchmarks/suites_multistep.py)
+MULTISTEP_BENCH_SHAPES = [(16, 4, 64, 64), (16, 3, 32, 32)]
+
+
+def multistep_properties():
+    """One JSON line per multistep_step kernel variant the benchmark launches (fp16/bf16, the
+    DPM-Solver++ 2M, its SDE variant with drawn noise and UniPC's corrector with guidance and
+    thresholding), with its loads/stores by width and its code properties."""
+    import collections
+    import json
+    import re
+    coefs = torch.rand(8, 14, dtype=torch.float64) + 0.5
+    cases = {"2m": dict(K=2), "2m-sde": dict(K=2, seed=3),
+             "unipc-guided-threshold": dict(K=3, last=True, guided=True, thresholding=True)}
+    for dtype in (torch.float16, torch.bfloat16):
+        for shape in MULTISTEP_BENCH_SHAPES:
+            for name, case in cases.items():
+                case = dict(case)
+                x, mo, ring, last = _multistep_inputs(shape, dtype, case.pop("K"),
+                                                      guided=case.pop("guided", False))
+                kw = dict(seed=case.pop("seed", None), thresholding=case.pop("thresholding", False),
+                          last_sample=last if case.pop("last", False) else None)
+                if mo.shape[0] != x.shape[0]:
+                    kw["guidance_scale"] = 2.0
+                fastdiff.multistep_step(x, mo, ring, coefs, torch.tensor(4), **kw)
+                kernel = KERNELS[-1]
+                stores = collections.Counter(re.findall(r"st\.global[.\w]*", kernel.asm["ptx"]))
+                print(json.dumps({"dtype": str(dtype).split(".")[-1], "shape": shape,
+                                  "case": name, "stores": dict(stores),
+                                  **code_properties(kernel)}))
+
+
 def group_norm_silu():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape, G in (((2, 64, 16, 16), 32), ((1, 32, 96, 96), 1), ((4, 8, 5, 7), 8),

@@ -1,0 +1,99 @@
+// One multistep-solver step on the GPU. Grid (x: chunks of a sample, y: sample b): every thread
+// reads the step's row (from the device when the step is a tensor: a replayed CUDA graph sees
+// its fill_()), forms the float32 coefficients once (a dozen flops), then grid-strides over the
+// Philox groups of 4 of sample b, body in multistep_step_part (the CPU kernel's scalar body).
+// 64-bit indices throughout.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "multistep_step_args.h"
+
+namespace fastdiff {
+namespace {
+
+template <typename scalar_t, int kNoise, int kK, bool kLast>
+__global__ void multistep_step_kernel(const scalar_t* __restrict__ x_t,
+                                      const scalar_t* __restrict__ mo,
+                                      const scalar_t* __restrict__ noise,
+                                      const double* __restrict__ coefs,
+                                      const int64_t* __restrict__ step_ptr, int64_t step_arg,
+                                      int64_t num_steps, const float* __restrict__ thresh,
+                                      float* ring, float* last, scalar_t* out, MultistepLayout L,
+                                      int64_t B) {
+  // ring, last and out carry no __restrict__: out may be x_t (in place), each element is read
+  // before it is written by the same thread
+  const int64_t s = multistep_clamp_step(step_ptr != nullptr ? __ldg(step_ptr) : step_arg, num_steps);
+  const MultistepCoef c = multistep_coef(coefs + s * kMultistepNcoef, L.pred);
+  const int slot = static_cast<int>(s % L.K);
+  const uint64_t seed = key_seed(L.key);
+  const uint32_t first = key_first(L.key);
+  const float w = multistep_guidance(L);
+  const int64_t gps = groups_per_sample(L.per_sample);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const float th = L.clip == kMsClipThreshold ? __ldg(thresh + b) : 1.0f;
+    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      multistep_step_part<scalar_t, kNoise, kK, kLast>(b, k, c, th, w, seed, image_index(first, b),
+                                                       static_cast<uint32_t>(s), slot, L, x_t, mo,
+                                                       noise, ring, last, out);
+    }
+  }
+}
+
+void multistep_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, at::Tensor ring,
+                         const at::Tensor& coefs, int64_t step,
+                         const c10::optional<at::Tensor>& step_t,
+                         c10::optional<at::Tensor> last_sample,
+                         const c10::optional<at::Tensor>& noise,
+                         const c10::optional<at::Tensor>& thresh, int64_t seed,
+                         const c10::optional<at::Tensor>& seed_t, int64_t first_index,
+                         const c10::optional<at::Tensor>& first_t, bool draw_noise,
+                         int64_t prediction_type, int64_t clip_mode, double clip_sample_range,
+                         int64_t cond_offset, double guidance,
+                         const c10::optional<at::Tensor>& guidance_t, at::Tensor out) {
+  FD_CHECK(x_t.is_cuda() && model_output.is_cuda() && ring.is_cuda() && coefs.is_cuda() &&
+           out.is_cuda() && (!last_sample || last_sample->is_cuda()) &&
+           (!noise || noise->is_cuda()) && (!thresh || thresh->is_cuda()),
+           "multistep_step (cuda): tensors must be CUDA tensors");
+  const NoiseKey key = device_noise_key(seed, seed_t, first_index, first_t, x_t, "multistep_step");
+  const MultistepPlan p = multistep_plan(x_t, model_output, ring, coefs, step_t, last_sample,
+                                         noise, thresh, key, draw_noise, prediction_type,
+                                         clip_mode, clip_sample_range, cond_offset, guidance,
+                                         guidance_t, out);
+  if (p.numel == 0) return;
+  const int64_t B = p.B;
+  const c10::cuda::CUDAGuard guard(x_t.device());
+  const int threads = 256;
+  const int64_t groups = groups_per_sample(p.layout.per_sample);
+  const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x_t.get_device())) * 16 / B);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
+                  static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t* sp = step_t ? step_t->data_ptr<int64_t>() : nullptr;
+  const float* thr = clip_mode == kMsClipThreshold ? thresh->data_ptr<float>() : nullptr;
+  float* lp = last_sample ? last_sample->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "multistep_step_cuda", [&] {
+    if constexpr (!std::is_same<scalar_t, double>::value) {  // float64 runs the reference
+      const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
+      multistep_variants(p.noise_mode, p.layout.K, p.has_last, [&](auto nz, auto kk, auto kl) {
+        multistep_step_kernel<scalar_t, decltype(nz)::value, decltype(kk)::value,
+                              decltype(kl)::value><<<grid, threads, 0, stream>>>(
+            x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np,
+            coefs.data_ptr<double>(), sp, step, p.num_steps, thr, ring.data_ptr<float>(), lp,
+            out.data_ptr<scalar_t>(), p.layout, B);
+      });
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff_ext, CUDA, m) { m.impl("multistep_step", &fastdiff::multistep_step_cuda); }
