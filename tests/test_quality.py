@@ -122,6 +122,8 @@ def test_run_writes_the_table_plot_and_grids_and_resumes(tmp_path):
     md = (out / "quality.md").read_text()
     assert md.count("\n| DD") == 3 and "held-out accuracy" in md and "contended" in md
     assert "python benchmarks/quality.py --n 20" in md
+    assert set(first["machine"]["step_backends"]) == {"sampler_step", "multistep_step"}
+    assert "backend (multistep_step)" in md
     with Image.open(out / "quality.png") as im:
         assert im.size == (1320, 560)
     with Image.open(out / "grid_ddim-3.png") as im:  # two panels of 10 x 2 cells of 32 px
