@@ -511,12 +511,16 @@ def step_backends() -> dict:
 
 
 def accuracy_delta(r, anchor):
-    """(accuracy difference to the anchor, half-width of its 95% interval), percentage points:
-    two independent proportions (conservative: the rows share x_T, which correlates them)."""
-    dp = r["accuracy"] - anchor["accuracy"]
-    se = math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["n"]
-                   + anchor["accuracy"] * (1 - anchor["accuracy"]) / anchor["n"])
-    return 100 * dp, 196 * se
+    """(accuracy difference to the anchor, its 95% interval low, high), percentage points:
+    Newcombe's hybrid score interval for two independent proportions, built from the rows'
+    Wilson intervals, so it stays honest at 100% vs 100% where the normal approximation's is
+    zero wide (conservative: the rows share x_T, which correlates them)."""
+    p1, p2 = r["accuracy"], anchor["accuracy"]
+    (l1, u1), (l2, u2) = r["accuracy_ci95"], anchor["accuracy_ci95"]
+    dp = p1 - p2
+    lo = dp - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = dp + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return 100 * dp, 100 * lo, 100 * hi
 
 
 def headline(rows, anchor, steps) -> list:
@@ -525,12 +529,12 @@ def headline(rows, anchor, steps) -> list:
     for r in rows:
         if r["steps"] != steps or r is anchor:
             continue
-        dp, half = accuracy_delta(r, anchor)
-        word = ("as recognisable as" if abs(dp) <= half else
+        dp, lo, hi = accuracy_delta(r, anchor)
+        word = ("as recognisable as" if lo <= 0 <= hi else
                 "more recognisable than" if dp > 0 else "less recognisable than")
         out.append(f"- **{TITLES.get(r['sampler'], r['sampler'])}, {steps} steps** "
                    f"({r['model_calls']} model calls): accuracy {100 * r['accuracy']:.1f}% vs "
-                   f"{100 * anchor['accuracy']:.1f}% ({dp:+.1f} ± {half:.1f} pp): {word} "
+                   f"{100 * anchor['accuracy']:.1f}% ({dp:+.1f} pp, 95% interval {lo:+.1f} to {hi:+.1f}): {word} "
                    f"DDPM-1000's digits by this classifier; Fréchet {r['frechet']:.2f} vs "
                    f"{anchor['frechet']:.2f}; {r['ms_per_image']:.1f} vs "
                    f"{anchor['ms_per_image']:.1f} ms per image.")
@@ -541,8 +545,8 @@ def _fmt_row(r, anchor):
     lo, hi = r["accuracy_ci95"]
     delta = ""
     if anchor is not None and r is not anchor:
-        dp, half = accuracy_delta(r, anchor)
-        delta = f"{dp:+.1f} ± {half:.1f}"
+        dp, d_lo, d_hi = accuracy_delta(r, anchor)
+        delta = f"{dp:+.1f} ({d_lo:+.1f} to {d_hi:+.1f})"
     sd = r.get("frechet_bootstrap_sd")
     return (f"| {TITLES.get(r['sampler'], r['sampler'])} | {r['steps']} | {r['model_calls']} | "
             f"**{100 * r['accuracy']:.1f}** ({100 * lo:.1f}–{100 * hi:.1f}) | {delta} | "
@@ -578,8 +582,8 @@ def markdown(result) -> str:
         f"classifier.",
         "",
         "Columns: accuracy = samples the classifier puts in the requested class, % (Wilson 95% "
-        "interval); Δ vs DDPM-1000 = difference in accuracy, percentage points ± 1.96 standard "
-        "errors; confidence = mean top softmax probability; Fréchet = distance between Gaussians "
+        "interval); Δ vs DDPM-1000 = difference in accuracy, percentage points (Newcombe's 95% "
+        "interval from the two Wilson intervals); confidence = mean top softmax probability; Fréchet = distance between Gaussians "
         "fitted to the classifier's 128-d penultimate features of the samples and of the "
         f"{c['n_held_out']} held-out digits (an FID analogue, lower is closer to real digits; "
         f"not comparable to Inception FID; it grows as n shrinks, so compare rows of one table "

@@ -164,3 +164,15 @@ def test_errors(capsys, tmp_path):
         quality.main(["--batch-size", "0", *base])
     with pytest.raises(SystemExit):
         quality.main(["--classifier-epochs", "0", "--out", str(tmp_path)])
+
+
+def test_accuracy_delta_is_newcombes_interval():
+    def row(k, n):
+        return dict(accuracy=k / n, accuracy_ci95=list(quality.wilson(k, n)), n=n)
+    # Newcombe (1998), Stat. Med. 17:873, table II, example (a): 56/70 - 48/80
+    dp, lo, hi = quality.accuracy_delta(row(56, 70), row(48, 80))
+    assert dp == pytest.approx(20.0) and lo == pytest.approx(5.24, abs=0.01) and \
+        hi == pytest.approx(33.39, abs=0.01)
+    # two perfect rows: an interval around 0, not a zero-width one
+    dp, lo, hi = quality.accuracy_delta(row(500, 500), row(500, 500))
+    assert dp == 0 and lo == pytest.approx(-100 * (1 - quality.wilson(500, 500)[0])) and hi == -lo
