@@ -203,8 +203,10 @@ def wilson(k: int, n: int, z: float = 1.96):
     return c - h, c + h
 
 
-def score(net, images_u8, labels, real_stats, seed: int = 0, bootstrap: int = BOOTSTRAP):
-    """The row's metrics from its uint8 (N, 8, 8) samples and requested labels."""
+def score(net, images_u8, labels, real_stats, seed: int = 0, bootstrap: Optional[int] = None):
+    """The row's metrics from its uint8 (N, 8, 8) samples and requested labels (bootstrap:
+    resamples for the distance's sd, default BOOTSTRAP)."""
+    bootstrap = BOOTSTRAP if bootstrap is None else bootstrap
     x = torch.from_numpy(images_u8).float() / 127.5 - 1.0
     probs, feats = classify(net, x)
     labels = np.asarray(labels)
@@ -284,6 +286,7 @@ class Sampling:
             raise ValueError("the quality curve needs a class-conditional model (config "
                              "num_class_embeds, the last class the null class)")
         self.model_sha256 = model_fingerprint(unet)
+        self.prediction_type = self._noise.scheduler.config.get("prediction_type")
 
     def labels(self, start, end):
         return torch.arange(start, end, dtype=torch.int64) % self.classes
@@ -567,7 +570,8 @@ def markdown(result) -> str:
         "",
         f"Reproduce: `{result['command']}`",
         "",
-        f"Model: the embedded `fastdiff/assets/digits` (class-conditional, v-prediction, "
+        f"Model: {result['model']} (class-conditional, "
+        f"{result.get('prediction_type', 'v_prediction')}, "
         f"guidance scale {result['guidance']}; U-Net sha256 {result['model_sha256'][:12]}…), "
         f"each sampler loaded as `python -m fastdiff sample --sampler NAME --steps N` loads it. "
         f"{result['n']} samples per row ({result['n'] // 10} per class, image i asks for class "
@@ -689,7 +693,8 @@ def run(args, log=print) -> dict:
             grids.append(name)
     result = dict(machine=machine(), command=args.command, n=args.n, seed=args.seed,
                   guidance=sampling.guidance, batch_size=args.batch_size,
-                  model=args.model or "embedded (fastdiff/assets/digits)",
+                  model=args.model or "the embedded `fastdiff/assets/digits`",
+                  prediction_type=sampling.prediction_type,
                   model_sha256=sampling.model_sha256, classifier=clf,
                   load_avg=float(np.nanmean([r["load_avg"] for r in results])),
                   grid_steps=args.grid_steps,
