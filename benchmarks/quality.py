@@ -610,6 +610,10 @@ def markdown(result) -> str:
         if head:
             lines += ["", f"At {result['grid_steps']} steps against DDPM-1000 (1000 model calls):",
                       ""] + head
+            if anchor["accuracy"] >= 0.99:
+                lines += ["", "The accuracy is at its ceiling for DDPM-1000 (and most rows): it "
+                          "tells a row that loses digits from one that does not, but not finer "
+                          "differences; the Fréchet column does, within its bootstrap sd."]
     if any(r.get("clip_sample") for r in rows if r["sampler"] == "ddim"):
         lines += ["", "Clipping: DDIM (and DDPM) inherit `clip_sample=True` from the model's DDPM "
                   "scheduler config, as `python -m fastdiff sample` and diffusers' "
