@@ -537,7 +537,8 @@ def headline(rows, anchor, steps) -> list:
                 "more recognisable than" if dp > 0 else "less recognisable than")
         out.append(f"- **{TITLES.get(r['sampler'], r['sampler'])}, {steps} steps** "
                    f"({r['model_calls']} model calls): accuracy {100 * r['accuracy']:.1f}% vs "
-                   f"{100 * anchor['accuracy']:.1f}% ({dp:+.1f} pp, 95% interval {lo:+.1f} to {hi:+.1f}): {word} "
+                   f"{100 * anchor['accuracy']:.1f}% ({dp:+.1f} pp, 95% interval {lo:+.1f} to "
+                   f"{hi:+.1f}): {word} "
                    f"DDPM-1000's digits by this classifier; Fréchet {r['frechet']:.2f} vs "
                    f"{anchor['frechet']:.2f}; {r['ms_per_image']:.1f} vs "
                    f"{anchor['ms_per_image']:.1f} ms per image.")
@@ -587,7 +588,8 @@ def markdown(result) -> str:
         "",
         "Columns: accuracy = samples the classifier puts in the requested class, % (Wilson 95% "
         "interval); Δ vs DDPM-1000 = difference in accuracy, percentage points (Newcombe's 95% "
-        "interval from the two Wilson intervals); confidence = mean top softmax probability; Fréchet = distance between Gaussians "
+        "interval from the two Wilson intervals); confidence = mean top softmax probability; "
+        "Fréchet = distance between Gaussians "
         "fitted to the classifier's 128-d penultimate features of the samples and of the "
         f"{c['n_held_out']} held-out digits (an FID analogue, lower is closer to real digits; "
         f"not comparable to Inception FID; it grows as n shrinks, so compare rows of one table "
