@@ -200,7 +200,9 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
           K.cl_sums(P.x + unit_ptr(b, j), C, unit_pix(j), ref, sums.data() + 2 * C * j,
                     sums.data() + 2 * C * j + C);
         finish(b, da, mean, m2, sums.data(), 2 * C, a, k);
-        for (int64_t j = 0; j < nb; ++j)
+        // backwards: the units read last by the statistics pass are still in L2 (an image
+        // larger than L2 is then read a second time partly from L2, the rest from L3)
+        for (int64_t j = nb - 1; j >= 0; --j)
           K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, unit_pix(j), ref, a, k,
                      P.silu);
       }
@@ -224,7 +226,7 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
              a.data() + b * C, k.data() + b * C);
   }
   at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
+    for (int64_t u = u1 - 1; u >= u0; --u) {  // backwards, as above (same split of the units)
       const int64_t b = u / nb, j = u % nb;
       K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, unit_pix(j), ref.data() + b * C,
                  a.data() + b * C, k.data() + b * C, P.silu);
