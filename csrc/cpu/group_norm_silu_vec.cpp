@@ -161,7 +161,7 @@ void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k,
 constexpr int64_t kTile = 16;
 
 template <typename T, int NV>
-inline void cl_sums_block(const T* x, int64_t C, int64_t nq, const float* ref, float* s1,
+inline void cl_sums_block(const T* x, int64_t ldc, int64_t nq, const float* ref, float* s1,
                           float* s2) {
   fVec r[2 * NV], a1[2 * NV], a2[2 * NV];
   for (int v = 0; v < 2 * NV; ++v) {
@@ -172,7 +172,7 @@ inline void cl_sums_block(const T* x, int64_t C, int64_t nq, const float* ref, f
   for (int64_t q = 0; q < nq; ++q) {
     for (int v = 0; v < NV; ++v) {
       fVec d0, d1;
-      Io<T>::load(x + q * C + 2 * v * W, d0, d1);
+      Io<T>::load(x + q * ldc + 2 * v * W, d0, d1);
       d0 = d0 - r[2 * v];
       d1 = d1 - r[2 * v + 1];
       a1[2 * v] = a1[2 * v] + d0;
@@ -188,19 +188,19 @@ inline void cl_sums_block(const T* x, int64_t C, int64_t nq, const float* ref, f
 }
 
 template <typename T>
-void cl_sums(const void* xv, int64_t C, int64_t npix, const float* ref, float* s1, float* s2) {
+void cl_sums(const void* xv, int64_t ldc, int64_t C, int64_t npix, const float* ref, float* s1, float* s2) {
   const T* x = static_cast<const T*>(xv);
   const int64_t C4 = C - C % (4 * W), C2 = C - C % (2 * W);
   for (int64_t q0 = 0; q0 < npix; q0 += kTile) {
     const int64_t nq = std::min(kTile, npix - q0);
-    const T* tx = x + q0 * C;
+    const T* tx = x + q0 * ldc;
     int64_t c = 0;
-    for (; c < C4; c += 4 * W) cl_sums_block<T, 2>(tx + c, C, nq, ref + c, s1 + c, s2 + c);
-    for (; c < C2; c += 2 * W) cl_sums_block<T, 1>(tx + c, C, nq, ref + c, s1 + c, s2 + c);
+    for (; c < C4; c += 4 * W) cl_sums_block<T, 2>(tx + c, ldc, nq, ref + c, s1 + c, s2 + c);
+    for (; c < C2; c += 2 * W) cl_sums_block<T, 1>(tx + c, ldc, nq, ref + c, s1 + c, s2 + c);
     for (; c < C; ++c) {
       float t1 = 0.f, t2 = 0.f;
       for (int64_t q = 0; q < nq; ++q) {
-        const float d = static_cast<float>(tx[q * C + c]) - ref[c];
+        const float d = static_cast<float>(tx[q * ldc + c]) - ref[c];
         t1 += d;
         t2 += d * d;
       }
@@ -211,7 +211,7 @@ void cl_sums(const void* xv, int64_t C, int64_t npix, const float* ref, float* s
 }
 
 template <typename T, int NV, bool kSilu>
-inline void cl_apply_block(const T* x, T* y, int64_t C, int64_t nq, const float* ref,
+inline void cl_apply_block(const T* x, T* y, int64_t ldc, int64_t nq, const float* ref,
                            const float* a, const float* k) {
   constexpr bool kLow = sizeof(T) == 2;
   fVec r[2 * NV], va[2 * NV], vk[2 * NV];
@@ -223,45 +223,45 @@ inline void cl_apply_block(const T* x, T* y, int64_t C, int64_t nq, const float*
   for (int64_t q = 0; q < nq; ++q) {
     for (int v = 0; v < NV; ++v) {
       fVec u, w;
-      Io<T>::load(x + q * C + 2 * v * W, u, w);
+      Io<T>::load(x + q * ldc + 2 * v * W, u, w);
       u = at::vec::fmadd(u - r[2 * v], va[2 * v], vk[2 * v]);
       w = at::vec::fmadd(w - r[2 * v + 1], va[2 * v + 1], vk[2 * v + 1]);
       if (kSilu) {
         u = silu<kLow>(u);
         w = silu<kLow>(w);
       }
-      Io<T>::store(y + q * C + 2 * v * W, u, w);
+      Io<T>::store(y + q * ldc + 2 * v * W, u, w);
     }
   }
 }
 
 template <typename T, bool kSilu>
-void cl_apply_impl(const T* x, T* y, int64_t C, int64_t npix, const float* ref, const float* a,
+void cl_apply_impl(const T* x, T* y, int64_t ldc, int64_t C, int64_t npix, const float* ref, const float* a,
                    const float* k) {
   const int64_t C4 = C - C % (4 * W), C2 = C - C % (2 * W);
   for (int64_t q0 = 0; q0 < npix; q0 += kTile) {
     const int64_t nq = std::min(kTile, npix - q0);
-    const T* tx = x + q0 * C;
-    T* ty = y + q0 * C;
+    const T* tx = x + q0 * ldc;
+    T* ty = y + q0 * ldc;
     int64_t c = 0;
     for (; c < C4; c += 4 * W)
-      cl_apply_block<T, 2, kSilu>(tx + c, ty + c, C, nq, ref + c, a + c, k + c);
+      cl_apply_block<T, 2, kSilu>(tx + c, ty + c, ldc, nq, ref + c, a + c, k + c);
     for (; c < C2; c += 2 * W)
-      cl_apply_block<T, 1, kSilu>(tx + c, ty + c, C, nq, ref + c, a + c, k + c);
+      cl_apply_block<T, 1, kSilu>(tx + c, ty + c, ldc, nq, ref + c, a + c, k + c);
     for (; c < C; ++c)
       for (int64_t q = 0; q < nq; ++q)
-        ty[q * C + c] = static_cast<T>(gn_apply(static_cast<float>(tx[q * C + c]) - ref[c],
+        ty[q * ldc + c] = static_cast<T>(gn_apply(static_cast<float>(tx[q * ldc + c]) - ref[c],
                                                 GnCoef{a[c], k[c]}, kSilu));
   }
 }
 
 template <typename T>
-void cl_apply(const void* xv, void* yv, int64_t C, int64_t npix, const float* ref,
+void cl_apply(const void* xv, void* yv, int64_t ldc, int64_t C, int64_t npix, const float* ref,
               const float* a, const float* k, bool silu_on) {
   const T* x = static_cast<const T*>(xv);
   T* y = static_cast<T*>(yv);
-  if (silu_on) cl_apply_impl<T, true>(x, y, C, npix, ref, a, k);
-  else cl_apply_impl<T, false>(x, y, C, npix, ref, a, k);
+  if (silu_on) cl_apply_impl<T, true>(x, y, ldc, C, npix, ref, a, k);
+  else cl_apply_impl<T, false>(x, y, ldc, C, npix, ref, a, k);
 }
 
 template <typename T>
