@@ -66,7 +66,8 @@ def main():
              lambda: fastdiff.sampler_step(x, eps, 500, 480, sched, kind="ddim",
                                            clip_sample=True))):
         rows.append((name, *bench([step, fd], args.calls), "diffusers"))
-    # the same DDPM step as plain PyTorch ops (z drawn with randn)
+    # the same DDPM step as plain PyTorch ops: z drawn with randn (fastdiff: in the kernel), and
+    # z given to both
     ab = sched.table("alphas_cumprod", "cpu", torch.float64)
     at, ap = ab[500], ab[499]
     c1 = float(ap.sqrt() * (1 - at / ap) / (1 - at))
@@ -74,12 +75,18 @@ def main():
     sig = float(((1 - ap) / (1 - at) * (1 - at / ap)).sqrt())
     sa5, sb5 = float(at.sqrt()), float((1 - at).sqrt())
 
-    def eager_ddpm():
+    z = torch.randn(shape)
+
+    def eager_ddpm(z=None):
         x0 = ((x - sb5 * eps) / sa5).clamp(-1, 1)
-        return c1 * x0 + c2 * x + sig * torch.randn_like(x)
-    rows.append(("DDPM step (16,4,64,64)", *bench(
+        return c1 * x0 + c2 * x + sig * (torch.randn_like(x) if z is None else z)
+    rows.append(("DDPM step (16,4,64,64), noise drawn", *bench(
         [eager_ddpm, lambda: fastdiff.sampler_step(x, eps, 500, 499, sched, clip_sample=True,
                                                    seed=1)], args.calls), "eager"))
+    rows.append(("DDPM step (16,4,64,64), noise given", *bench(
+        [lambda: eager_ddpm(z), lambda: fastdiff.sampler_step(x, eps, 500, 499, sched,
+                                                              clip_sample=True, noise=z)],
+        args.calls), "eager"))
     print(f"| case | baseline | baseline ms | fastdiff ms | baseline ÷ fastdiff |")
     print("|---|---|---|---|---|")
     for name, base, ours, what in rows:

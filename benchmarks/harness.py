@@ -630,6 +630,14 @@ def format_markdown(result: dict, suites: dict) -> str:
              + (f"; {env.get('threads')} threads of {env.get('cpu_count')} CPUs"
                 if env.get("device_type") == "cpu" else "") + ".",
              ""]
+    if env.get("loadavg"):  # CPU: other processes on the machine during the run
+        lo = env["loadavg"]
+        lines += [f"Machine load (1-minute load average) at the start / end of the run: "
+                  f"{lo[0]:.1f} / {lo[-1]:.1f} on {env.get('cpu_count')} CPUs"
+                  + (" — **contended**: other processes shared the cores, so absolute times "
+                     "are inflated; the ratios come from rows of a case timed in interleaved "
+                     "rounds (minimum of each), so a burst of load hits both sides alike."
+                     if max(lo) > 0.5 * (env.get("cpu_count") or 1) else ".") , ""]
     if not env.get("complete", True):
         lines += [f"**Partial results**: written {env.get('wall_s', 0):.0f} s into a run that "
                   "had not finished.", ""]

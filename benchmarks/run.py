@@ -162,7 +162,12 @@ def run(args) -> dict:
           f"matmul {floors['matmul_TFLOPs']:.3g} TFLOP/s ({floors['matmul']})")
     rows, last = [], [0.0]
 
+    if cpu and hasattr(os, "getloadavg"):
+        env["loadavg"] = [os.getloadavg()[0]]
+
     def result(more=(), complete=True):
+        if cpu and hasattr(os, "getloadavg"):
+            env["loadavg"] = env["loadavg"][:1] + [os.getloadavg()[0]]
         env.update(wall_s=time.perf_counter() - ctx.t0, complete=complete and not ctx.lost,
                    lost=ctx.lost, budget_s=budget)
         return dict(env=env, floors=floors, rows=rows + list(more), skipped=ctx.skipped,

@@ -145,8 +145,10 @@ T_STEP, DDIM_STEPS = 500, 50  # DDPM: t 500 -> 499; DDIM (50 of 1000 steps): 500
 
 
 @suite("sampler_step", "sampler_step: one reverse step, epsilon prediction, clip_sample",
-       floor="read x_t and model_output, write x_prev (z drawn in the op): 3 × numel × element "
-             "size. The eager/compile rows are given z (one more read); diffusers draws its z.")
+       floor="read x_t and model_output (and z when given), write x_prev: 3 × numel × element "
+             "size with the noise drawn, 4 × with it given. Noise given: every row reads the "
+             "same z. Noise drawn: eager draws z with torch.randn_like, fastdiff in the kernel "
+             "(Philox), diffusers with its own randn_tensor.")
 def sampler_step_suite(ctx: Ctx):
     (sampler_step,) = _need("fastdiff.ops.sampler_step", "sampler_step")
     from fastdiff import Schedule, backends
@@ -202,28 +204,48 @@ def sampler_step_suite(ctx: Ctx):
 
         eagers = {"DDPM (fixed_small)": ddpm_eager, "DDIM (eta=1)": ddim_eager}
         for name, v in variants.items():
-            def fd(x, eps, z, t, tp, kw=v["fd"]):
+            kw = {k: a for k, a in v["fd"].items() if k != "seed"}
+
+            def fd_given(x, eps, z, t, tp, kw=kw):
+                return sampler_step(x, eps, t, tp, sched, noise=z, **kw)
+
+            def fd_drawn(x, eps, z, t, tp, kw=v["fd"]):
                 return sampler_step(x, eps, t, tp, sched, **kw)
 
             def with_own_noise(inputs, out, eager=eagers[name], seed=v["fd"]["seed"]):
                 # the eager step with the z the kernel draws from its seed (stream, step = t)
                 x, eps, _, t, tp = inputs
                 return eager(x, eps, memory_order_normal(seed, t, STREAM_SAMPLER_STEP, x), t, tp)
-            v["impls"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd, dtype,
+
+            def eager_drawn(x, eps, z, t, tp, eager=eagers[name]):
+                z = torch.randn_like(x)
+                return eager(x, eps, z, t, tp), z
+
+            def with_eager_noise(inputs, out, eager=eagers[name]):
+                # eager / compile rows: the step with the z they drew (returned beside x_prev)
+                x, eps, _, t, tp = inputs
+                return eager(x, eps, out[1], t, tp)
+            v["given"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd_given, dtype)
+            v["drawn"], _ = fastdiff_impls(ctx, "sampler_step", implemented, fd_drawn, dtype,
                                            expect=with_own_noise)
+            v["eager_drawn"], v["eager_expect"] = eager_drawn, with_eager_noise
             if diffusers_ok:  # draws its own z: timed, not checked
                 dname, step = v["diffusers"]
-                v["impls"].append(Impl(dname, lambda x, eps, z, t, tp, step=step: step(x, eps),
+                v["drawn"].append(Impl(dname, lambda x, eps, z, t, tp, step=step: step(x, eps),
                                        verify=False))
         for shape in ctx.shapes(S_SHAPES):
-            nbytes = 3 * math.prod(shape) * _esize(dtype)
+            numel = math.prod(shape)
             for variant, v in variants.items():
                 def inputs(gap=v["gap"]):
                     t = torch.full((shape[0],), T_STEP, device=ctx.device, dtype=torch.int64)
                     return tuple(torch.randn(shape, device=ctx.device, dtype=dtype)
                                  for _ in range(3)) + (t, t - gap)
-                case = Case("sampler_step", variant, shape, dtype, "NCHW", bytes=nbytes)
-                yield from ctx.run_case(case, inputs, v["impls"], eagers[variant])
+                for noise, impls, eager, n, expect in (
+                        ("noise given", v["given"], eagers[variant], 4, None),
+                        ("noise drawn", v["drawn"], v["eager_drawn"], 3, v["eager_expect"])):
+                    case = Case("sampler_step", f"{variant}, {noise}", shape, dtype, "NCHW",
+                                bytes=n * numel * _esize(dtype), expect=expect)
+                    yield from ctx.run_case(case, inputs, impls, eager)
 
 
 # -- group_norm_silu ------------------------------------------------------------------------

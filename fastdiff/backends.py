@@ -57,8 +57,10 @@ AUTO_CPU_ORDER = {
 }
 
 # Per (op, dtype, layout) exceptions to AUTO_CPU_ORDER (dtype as "float16", layout as
-# "channels_last" / "contiguous"; None matches any). Empty: no case measured where the order
-# above loses.
+# "channels_last" / "contiguous"; None matches any). Empty: the 2026-12-02 table (contended) has
+# channels_last group_norm_silu at 0.80-0.97x of eager F.group_norm + F.silu on some rows, but
+# the only other backend there, the `torch` reference, does more passes than that eager code
+# (it shifts each group by its first element before F.group_norm), so `cpu` stays first.
 AUTO_CPU_ORDER_BY = {}
 
 _state = threading.local()
@@ -100,6 +102,13 @@ def backend_status() -> dict[str, tuple[bool, str]]:
 
 
 @functools.lru_cache(maxsize=None)
+def _available(interpret: bool) -> dict:
+    # name -> available, for `pick` (a few µs per op call saved: no dict built per call); never
+    # handed out, so never mutated
+    return {name: ok for name, (ok, _) in _status(interpret)}
+
+
+@functools.lru_cache(maxsize=None)
 def _status(interpret: bool) -> tuple:
     import torch
     status = {"torch": (True, f"reference, torch {torch.__version__}")}
@@ -130,7 +139,7 @@ def _status(interpret: bool) -> tuple:
 
 
 def available(name: str) -> bool:
-    return backend_status()[name][0]
+    return _available(_interpret())[name]
 
 
 def _check_name(name: str) -> str:
@@ -189,10 +198,15 @@ def _runs_on(name: str, device_type: str) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def auto_order(op: str, device_type: str, dtype=None, layout=None) -> tuple:
     """The backends `auto` tries for `op`, fastest first, on that device type (dtype and layout
     pick the tables' exceptions)."""
-    dname = str(dtype).replace("torch.", "") if dtype is not None else None
+    dname = _dtype_name(dtype) if dtype is not None else None
     if device_type == "cuda":
         return AUTO_CUDA_ORDER_BY_DTYPE.get((op, dname)) or \
             AUTO_CUDA_ORDER.get(op, ("triton", "cuda", "torch"))
@@ -211,7 +225,7 @@ def pick(op: str, implemented, device, dtype=None, layout=None) -> str:
     `implemented`: the backends this op has. Raises ValueError/RuntimeError for a forced
     backend that is unavailable or cannot run on this device."""
     import torch
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     want = requested()
     if want != "auto" and want in implemented:
         ok, why = backend_status()[want]

@@ -155,6 +155,25 @@ void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
 }
 
 // -- channels_last: an image is S pixels of C contiguous channels ------------------------------
+// One task per image walks it in slabs of whole groups (cs channels of every pixel): statistics
+// of the slab, then its normalization, while the slab is still in L2. Without slabs an image of
+// 512 KiB (fp32 16x128x32x32) was read twice from L3, as its y evicted it from L2 during the
+// second pass (2.5-3x the NCHW time at the same bytes). A slab is a multiple of 32 channels, so
+// of every capability's 2W, and starts at such a multiple: every channel takes the same vector
+// or scalar path as without slabs, and the bits do not change (the split passes, which do not
+// slab, give the same output).
+constexpr int64_t kClSlabBytes = 256 * 1024;  // x of one slab of an image (its y as much again)
+constexpr int64_t kClSlabAlign = 32;
+
+int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
+
+int64_t cl_slab_channels(const GnProblem& P) {
+  const int64_t step = P.Cg / gcd64(P.Cg, kClSlabAlign) * kClSlabAlign;  // lcm(Cg, 32)
+  const int64_t per_channel = P.S * P.esize;
+  if (step >= P.C || step * per_channel > kClSlabBytes) return P.C;
+  return std::min(P.C, std::max<int64_t>(1, kClSlabBytes / (step * per_channel)) * step);
+}
+
 void gn_cl(const GnProblem& P, const GnVecKernels& K) {
   const int64_t B = P.B, C = P.C, S = P.S, G = P.G, Cg = P.Cg, es = P.esize;
   const int64_t kp = std::max<int64_t>(1, kClBlockElems / C);  // pixels per unit
@@ -169,26 +188,29 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
       group_da(P, b, g, da + g * Cg);
     }
   };
-  // channel statistics (folded over the image's units in order) -> group statistics -> a, k
-  auto finish = [&](int64_t b, const float* da, float* mean, float* m2, const float* sums,
-                    int64_t sums_stride, float* a, float* k) {
-    std::fill(mean, mean + C, 0.f);
-    std::fill(m2, m2 + C, 0.f);
+  // channels [c0, c0 + cn) (whole groups): channel statistics (folded over the image's units in
+  // order) -> group statistics -> a, k. Arrays are indexed by channel, sums by unit j at
+  // j * sums_stride (s1) and + C (s2).
+  auto finish = [&](int64_t b, int64_t c0, int64_t cn, const float* da, float* mean, float* m2,
+                    const float* sums, int64_t sums_stride, float* a, float* k) {
+    std::fill(mean + c0, mean + c0 + cn, 0.f);
+    std::fill(m2 + c0, m2 + c0 + cn, 0.f);
     float n = 0.f;
     for (int64_t j = 0; j < nb; ++j) {
       const float* s = sums + j * sums_stride;
       const float nj = static_cast<float>(unit_pix(j));
-      gn_cl_fold(C, n, mean, m2, nj, s, s + C);
+      gn_cl_fold(cn, n, mean + c0, m2 + c0, nj, s + c0, s + C + c0);
       n += nj;
     }
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = c0 / Cg; g < (c0 + cn) / Cg; ++g) {
       GnStats st{0.f, 0.f, 0.f};
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
         st = gn_combine(st, GnStats{n, mean[c] + da[c], m2[c]});
       group_coefs(P, b, g, st, da + g * Cg, a + g * Cg, k + g * Cg);
     }
   };
-  if (whole_tasks(B)) {  // one task per image
+  if (whole_tasks(B)) {  // one task per image, in slabs
+    const int64_t cs = cl_slab_channels(P);
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> buf(6 * C), sums(2 * C * nb);
       float *ref = buf.data(), *da = ref + C, *mean = da + C, *m2 = mean + C, *a = m2 + C,
@@ -196,38 +218,43 @@ void gn_cl(const GnProblem& P, const GnVecKernels& K) {
       for (int64_t b = b0; b < b1; ++b) {
         refs_of(b, ref, da);
         std::fill(sums.begin(), sums.end(), 0.f);
-        for (int64_t j = 0; j < nb; ++j)
-          K.cl_sums(P.x + unit_ptr(b, j), C, unit_pix(j), ref, sums.data() + 2 * C * j,
-                    sums.data() + 2 * C * j + C);
-        finish(b, da, mean, m2, sums.data(), 2 * C, a, k);
-        for (int64_t j = 0; j < nb; ++j)
-          K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, unit_pix(j), ref, a, k,
-                     P.silu);
+        for (int64_t c0 = 0; c0 < C; c0 += cs) {
+          const int64_t cn = std::min(cs, C - c0);
+          for (int64_t j = 0; j < nb; ++j)
+            K.cl_sums(P.x + unit_ptr(b, j) + c0 * es, C, cn, unit_pix(j), ref + c0,
+                      sums.data() + 2 * C * j + c0, sums.data() + 2 * C * j + C + c0);
+          finish(b, c0, cn, da, mean, m2, sums.data(), 2 * C, a, k);
+          // backwards: the units read last by the statistics pass are still in L2 (a slab
+          // larger than L2 is then read a second time partly from L2, the rest from L3)
+          for (int64_t j = nb - 1; j >= 0; --j)
+            K.cl_apply(P.x + unit_ptr(b, j) + c0 * es, P.y + unit_ptr(b, j) + c0 * es, C, cn,
+                       unit_pix(j), ref + c0, a + c0, k + c0, P.silu);
+        }
       }
     });
     return;
   }
-  // few images: every pass split over the units
+  // few images: every pass split over the units (whole pixels: the units are what is split)
   std::vector<float> ref(B * C), da(B * C), a(B * C), k(B * C), sums(B * nb * 2 * C, 0.f);
   for (int64_t b = 0; b < B; ++b) refs_of(b, ref.data() + b * C, da.data() + b * C);
   at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / nb, j = u % nb;
       float* s = sums.data() + u * 2 * C;
-      K.cl_sums(P.x + unit_ptr(b, j), C, unit_pix(j), ref.data() + b * C, s, s + C);
+      K.cl_sums(P.x + unit_ptr(b, j), C, C, unit_pix(j), ref.data() + b * C, s, s + C);
     }
   });
   {  // the folds: a few vector operations per unit, on this thread
     std::vector<float> mean(C), m2(C);
     for (int64_t b = 0; b < B; ++b)
-      finish(b, da.data() + b * C, mean.data(), m2.data(), sums.data() + b * nb * 2 * C, 2 * C,
-             a.data() + b * C, k.data() + b * C);
+      finish(b, 0, C, da.data() + b * C, mean.data(), m2.data(), sums.data() + b * nb * 2 * C,
+             2 * C, a.data() + b * C, k.data() + b * C);
   }
   at::parallel_for(0, B * nb, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
+    for (int64_t u = u1 - 1; u >= u0; --u) {  // backwards, as above (same split of the units)
       const int64_t b = u / nb, j = u % nb;
-      K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, unit_pix(j), ref.data() + b * C,
-                 a.data() + b * C, k.data() + b * C, P.silu);
+      K.cl_apply(P.x + unit_ptr(b, j), P.y + unit_ptr(b, j), C, C, unit_pix(j),
+                 ref.data() + b * C, a.data() + b * C, k.data() + b * C, P.silu);
     }
   });
 }

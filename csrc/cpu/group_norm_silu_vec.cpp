@@ -1,86 +1,78 @@
 // group_norm_silu's vectorized inner loops. Compiled once per CPU capability (setup.py: DEFAULT,
 // AVX2, AVX512, each with CPU_CAPABILITY set): at::vec::Vectorized<float> is then that width's
-// SIMD register, exp() that width's vectorized exp (Sleef). Only at::vec and c10's 16-bit types
-// are included, so little else is compiled with the wider instruction sets.
+// SIMD register (the SiLU takes that width's intrinsics directly). Only at::vec and c10's 16-bit
+// types are included, so little else is compiled with the wider instruction sets.
 //
 // Work comes in units of two float vectors (2W elements: one 16-bit vector converts to two float
 // vectors); the statistics accumulate in fp32 lanes and are summed in a fixed order, so a unit's
 // result depends on its data alone (never on the thread that computes it).
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
-#include <tuple>
 
 #include "cpu/group_norm_silu_vec.h"
+#include "cpu/vec_io.h"
 
 namespace fastdiff {
 namespace CPU_CAPABILITY {
 namespace {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t W = fVec::size();
-
-template <typename T>
-struct Io {  // c10::Half, c10::BFloat16: one 16-bit vector <-> two float vectors
-  using bVec = at::vec::Vectorized<T>;
-  static_assert(bVec::size() == 2 * W, "a 16-bit vector holds two float vectors");
-  static void load(const T* p, fVec& a, fVec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<T>(bVec::loadu(p));
-  }
-  static void store(T* p, const fVec& a, const fVec& b) {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-  static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
-    at::vec::convert_from_float<T>(a, b).store(p, static_cast<int>(n));
-  }
-};
-
-template <>
-struct Io<float> {
-  static void load(const float* p, fVec& a, fVec& b) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + W);
-  }
-  static void store(float* p, const fVec& a, const fVec& b) {
-    a.store(p);
-    b.store(p + W);
-  }
-  static void store(float* p, const fVec& a, const fVec& b, int64_t n) {
-    if (n > W) {
-      a.store(p);
-      b.store(p + W, static_cast<int>(n - W));
-    } else {
-      a.store(p, static_cast<int>(n));
-    }
-  }
-};
-
-// 1 / d for d >= 1: a vector division costs ~5 cycles of throughput per register on current x86
-// cores, more than the rest of the kernel; the hardware estimate plus one Newton step is ~23 bits.
-// d is capped at 1e30 first (an inf would make the Newton step 0 * inf = NaN; 1e-30 is 0 here)
-inline fVec reciprocal(const fVec& d) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 dc = _mm512_min_ps(d, _mm512_set1_ps(1e30f));
-  const __m512 r = _mm512_rcp14_ps(dc);
-  return fVec(_mm512_mul_ps(r, _mm512_fnmadd_ps(dc, r, _mm512_set1_ps(2.f))));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 dc = _mm256_min_ps(d, _mm256_set1_ps(1e30f));
-  const __m256 r = _mm256_rcp_ps(dc);
-  return fVec(_mm256_mul_ps(r, _mm256_fnmadd_ps(dc, r, _mm256_set1_ps(2.f))));
-#else
-  return fVec(1.f) / d;
-#endif
-}
-
+// SiLU y * sigmoid(y) = y / (1 + 2^t), t = -y log2(e), clamped to [-126, 126] (beyond it the
+// result is y or 0 to float precision, and 1 + 2^t stays finite for the reciprocal's Newton
+// step). 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f a minimax polynomial: degree 5 for float
+// outputs (2.3e-7 relative after float rounding), degree 3 for 16-bit ones (7.5e-5, under half
+// an fp16 ulp). The hardware reciprocal estimate (AVX512: 14 bits, enough for bf16/fp16 output;
+// float output and AVX2's 12-bit one: plus one Newton step, ~23 bits) replaces a division,
+// which costs ~5 cycles of throughput per register. About half the instructions of ATen's
+// exp_u20 + a division.
+template <bool kLow>
 inline fVec silu(const fVec& y) {
-  // y * sigmoid(y). exp_u20: ATen's polynomial exp (about 2e-6 relative), several times cheaper
-  // than Sleef's; it clamps its argument to the finite range itself (very negative y: e ~ 3e38,
-  // y * (1 / e) ~ 0, as gn_silu's clamp gives), so no clamp of our own is spent here
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  using V = __m512;
+#define FD_OP(name) _mm512_##name
+#else
+  using V = __m256;
+#define FD_OP(name) _mm256_##name
+#endif
+  const V one = FD_OP(set1_ps)(1.f);
+  V t = FD_OP(mul_ps)(y, FD_OP(set1_ps)(-1.4426950408889634f));
+  t = FD_OP(min_ps)(FD_OP(max_ps)(t, FD_OP(set1_ps)(-126.f)), FD_OP(set1_ps)(126.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  const V n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const V n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+  const V f = FD_OP(sub_ps)(t, n);
+  V p;
+  if (kLow) {
+    p = FD_OP(fmadd_ps)(f, FD_OP(set1_ps)(0.05517097935080528f), FD_OP(set1_ps)(0.24260970950126648f));
+    p = FD_OP(fmadd_ps)(f, p, FD_OP(set1_ps)(0.6932609677314758f));
+    p = FD_OP(fmadd_ps)(f, p, FD_OP(set1_ps)(0.9999281764030457f));
+  } else {
+    p = FD_OP(fmadd_ps)(f, FD_OP(set1_ps)(0.0013276415411382914f), FD_OP(set1_ps)(0.009675528854131699f));
+    p = FD_OP(fmadd_ps)(f, p, FD_OP(set1_ps)(0.05550713464617729f));
+    p = FD_OP(fmadd_ps)(f, p, FD_OP(set1_ps)(0.24022120237350464f));
+    p = FD_OP(fmadd_ps)(f, p, FD_OP(set1_ps)(0.6931469440460205f));
+    p = FD_OP(fmadd_ps)(f, p, FD_OP(set1_ps)(1.0000001192092896f));
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  const V d = _mm512_add_ps(_mm512_scalef_ps(p, n), one);  // 1 + p 2^n
+  V r = _mm512_rcp14_ps(d);
+  if (!kLow) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+#else
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  const V d = _mm256_fmadd_ps(p, _mm256_castsi256_ps(e), one);  // 1 + p 2^n
+  V r = _mm256_rcp_ps(d);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
+#endif
+#undef FD_OP
+  return y * fVec(r);
+#else
+  // other CPUs: ATen's polynomial exp (about 2e-6 relative; it clamps its argument to the finite
+  // range itself) and a division
   const fVec e = (fVec(0.f) - y).exp_u20();
-  return y * reciprocal(fVec(1.f) + e);
+  return y / (fVec(1.f) + e);
+#endif
 }
 
 inline float lanes_sum(const fVec& v) {  // a fixed order, whatever the compiler
@@ -123,17 +115,16 @@ GnStats row_stats(const void* xv, int64_t n, float ref) {
   return gn_from_sums(static_cast<float>(n), t1, t2);
 }
 
-template <typename T>
-void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k, bool silu_on) {
-  const T* x = static_cast<const T*>(xv);
-  T* y = static_cast<T*>(yv);
+template <typename T, bool kSilu>
+void row_apply_impl(const T* x, T* y, int64_t n, float ref, float a, float k) {
+  constexpr bool kLow = sizeof(T) == 2;
   const fVec r(ref), va(a), vk(k);
   auto body = [&](fVec& u, fVec& v) {
     u = at::vec::fmadd(u - r, va, vk);
     v = at::vec::fmadd(v - r, va, vk);
-    if (silu_on) {
-      u = silu(u);
-      v = silu(v);
+    if (kSilu) {
+      u = silu<kLow>(u);
+      v = silu<kLow>(v);
     }
   };
   int64_t i = 0;
@@ -153,58 +144,124 @@ void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k,
   }
 }
 
-// channels_last: pixel by pixel, across all C channels, so memory is read in order (the DRAM
-// prefetchers follow it; a channel-block-outer order strided by C and ran at half the speed);
-// the per-channel accumulators / coefficients stay in L1
 template <typename T>
-void cl_sums(const void* xv, int64_t C, int64_t npix, const float* ref, float* s1, float* s2) {
+void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k, bool silu_on) {
   const T* x = static_cast<const T*>(xv);
-  const int64_t Cv = C - C % (2 * W);
-  for (int64_t q = 0; q < npix; ++q) {
-    const T* px = x + q * C;
-    for (int64_t c = 0; c < Cv; c += 2 * W) {
-      fVec a, b;
-      Io<T>::load(px + c, a, b);
-      a = a - fVec::loadu(ref + c);
-      b = b - fVec::loadu(ref + c + W);
-      (fVec::loadu(s1 + c) + a).store(s1 + c);
-      (fVec::loadu(s1 + c + W) + b).store(s1 + c + W);
-      at::vec::fmadd(a, a, fVec::loadu(s2 + c)).store(s2 + c);
-      at::vec::fmadd(b, b, fVec::loadu(s2 + c + W)).store(s2 + c + W);
+  T* y = static_cast<T*>(yv);
+  if (silu_on) row_apply_impl<T, true>(x, y, n, ref, a, k);
+  else row_apply_impl<T, false>(x, y, n, ref, a, k);
+}
+
+// channels_last: tiles of kTile pixels x all C channels (the tile's kTile rows of C are read in
+// order, so the DRAM prefetchers follow them); inside a tile, blocks of 2 NV vectors of channels
+// whose accumulators / coefficients stay in registers over the tile's pixels, so the per-channel
+// sums go to memory once per tile, not once per pixel (a store-to-load chain per pixel ran the
+// statistics pass at half the speed of the NCHW one). A channel's sum over a unit is in pixel
+// order within each tile, tiles in order: a function of the data alone.
+constexpr int64_t kTile = 16;
+
+template <typename T, int NV>
+inline void cl_sums_block(const T* x, int64_t ldc, int64_t nq, const float* ref, float* s1,
+                          float* s2) {
+  fVec r[2 * NV], a1[2 * NV], a2[2 * NV];
+  for (int v = 0; v < 2 * NV; ++v) {
+    r[v] = fVec::loadu(ref + v * W);
+    a1[v] = fVec(0.f);
+    a2[v] = fVec(0.f);
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    for (int v = 0; v < NV; ++v) {
+      fVec d0, d1;
+      Io<T>::load(x + q * ldc + 2 * v * W, d0, d1);
+      d0 = d0 - r[2 * v];
+      d1 = d1 - r[2 * v + 1];
+      a1[2 * v] = a1[2 * v] + d0;
+      a1[2 * v + 1] = a1[2 * v + 1] + d1;
+      a2[2 * v] = at::vec::fmadd(d0, d0, a2[2 * v]);
+      a2[2 * v + 1] = at::vec::fmadd(d1, d1, a2[2 * v + 1]);
     }
-    for (int64_t c = Cv; c < C; ++c) {
-      const float d = static_cast<float>(px[c]) - ref[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
+  }
+  for (int v = 0; v < 2 * NV; ++v) {
+    (fVec::loadu(s1 + v * W) + a1[v]).store(s1 + v * W);
+    (fVec::loadu(s2 + v * W) + a2[v]).store(s2 + v * W);
   }
 }
 
 template <typename T>
-void cl_apply(const void* xv, void* yv, int64_t C, int64_t npix, const float* ref,
+void cl_sums(const void* xv, int64_t ldc, int64_t C, int64_t npix, const float* ref, float* s1, float* s2) {
+  const T* x = static_cast<const T*>(xv);
+  const int64_t C4 = C - C % (4 * W), C2 = C - C % (2 * W);
+  for (int64_t q0 = 0; q0 < npix; q0 += kTile) {
+    const int64_t nq = std::min(kTile, npix - q0);
+    const T* tx = x + q0 * ldc;
+    int64_t c = 0;
+    for (; c < C4; c += 4 * W) cl_sums_block<T, 2>(tx + c, ldc, nq, ref + c, s1 + c, s2 + c);
+    for (; c < C2; c += 2 * W) cl_sums_block<T, 1>(tx + c, ldc, nq, ref + c, s1 + c, s2 + c);
+    for (; c < C; ++c) {
+      float t1 = 0.f, t2 = 0.f;
+      for (int64_t q = 0; q < nq; ++q) {
+        const float d = static_cast<float>(tx[q * ldc + c]) - ref[c];
+        t1 += d;
+        t2 += d * d;
+      }
+      s1[c] += t1;
+      s2[c] += t2;
+    }
+  }
+}
+
+template <typename T, int NV, bool kSilu>
+inline void cl_apply_block(const T* x, T* y, int64_t ldc, int64_t nq, const float* ref,
+                           const float* a, const float* k) {
+  constexpr bool kLow = sizeof(T) == 2;
+  fVec r[2 * NV], va[2 * NV], vk[2 * NV];
+  for (int v = 0; v < 2 * NV; ++v) {
+    r[v] = fVec::loadu(ref + v * W);
+    va[v] = fVec::loadu(a + v * W);
+    vk[v] = fVec::loadu(k + v * W);
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    for (int v = 0; v < NV; ++v) {
+      fVec u, w;
+      Io<T>::load(x + q * ldc + 2 * v * W, u, w);
+      u = at::vec::fmadd(u - r[2 * v], va[2 * v], vk[2 * v]);
+      w = at::vec::fmadd(w - r[2 * v + 1], va[2 * v + 1], vk[2 * v + 1]);
+      if (kSilu) {
+        u = silu<kLow>(u);
+        w = silu<kLow>(w);
+      }
+      Io<T>::store(y + q * ldc + 2 * v * W, u, w);
+    }
+  }
+}
+
+template <typename T, bool kSilu>
+void cl_apply_impl(const T* x, T* y, int64_t ldc, int64_t C, int64_t npix, const float* ref, const float* a,
+                   const float* k) {
+  const int64_t C4 = C - C % (4 * W), C2 = C - C % (2 * W);
+  for (int64_t q0 = 0; q0 < npix; q0 += kTile) {
+    const int64_t nq = std::min(kTile, npix - q0);
+    const T* tx = x + q0 * ldc;
+    T* ty = y + q0 * ldc;
+    int64_t c = 0;
+    for (; c < C4; c += 4 * W)
+      cl_apply_block<T, 2, kSilu>(tx + c, ty + c, ldc, nq, ref + c, a + c, k + c);
+    for (; c < C2; c += 2 * W)
+      cl_apply_block<T, 1, kSilu>(tx + c, ty + c, ldc, nq, ref + c, a + c, k + c);
+    for (; c < C; ++c)
+      for (int64_t q = 0; q < nq; ++q)
+        ty[q * ldc + c] = static_cast<T>(gn_apply(static_cast<float>(tx[q * ldc + c]) - ref[c],
+                                                GnCoef{a[c], k[c]}, kSilu));
+  }
+}
+
+template <typename T>
+void cl_apply(const void* xv, void* yv, int64_t ldc, int64_t C, int64_t npix, const float* ref,
               const float* a, const float* k, bool silu_on) {
   const T* x = static_cast<const T*>(xv);
   T* y = static_cast<T*>(yv);
-  const int64_t Cv = C - C % (2 * W);
-  for (int64_t q = 0; q < npix; ++q) {
-    const T* px = x + q * C;
-    T* py = y + q * C;
-    for (int64_t c = 0; c < Cv; c += 2 * W) {
-      fVec u, v;
-      Io<T>::load(px + c, u, v);
-      u = at::vec::fmadd(u - fVec::loadu(ref + c), fVec::loadu(a + c), fVec::loadu(k + c));
-      v = at::vec::fmadd(v - fVec::loadu(ref + c + W), fVec::loadu(a + c + W),
-                         fVec::loadu(k + c + W));
-      if (silu_on) {
-        u = silu(u);
-        v = silu(v);
-      }
-      Io<T>::store(py + c, u, v);
-    }
-    for (int64_t c = Cv; c < C; ++c)
-      py[c] = static_cast<T>(gn_apply(static_cast<float>(px[c]) - ref[c], GnCoef{a[c], k[c]},
-                                      silu_on));
-  }
+  if (silu_on) cl_apply_impl<T, true>(x, y, ldc, C, npix, ref, a, k);
+  else cl_apply_impl<T, false>(x, y, ldc, C, npix, ref, a, k);
 }
 
 template <typename T>

@@ -14,15 +14,17 @@ enum class GnDtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 // NCHW-like layouts: one row of n contiguous elements of one channel.
 //   row_stats: statistics of d = x - ref over the row
 //   row_apply: y = act((x - ref) * a + k)
-// channels_last: npix pixels of C contiguous channels, x at the first of them.
+// channels_last: npix pixels, ldc elements apart; C contiguous channels of each (C <= ldc: a
+// slab of the channels), x at the first of them.
 //   cl_sums:  s1[c] += sum of d, s2[c] += sum of d^2 over the pixels, d = x[., c] - ref[c]
 //   cl_fold:  (n, mean[c], m2[c]) <- Chan's combination with the block (nb, s1[c], s2[c])
 //   cl_apply: y[., c] = act((x[., c] - ref[c]) * a[c] + k[c])
 struct GnVecKernels {
   GnStats (*row_stats)(const void* x, int64_t n, float ref);
   void (*row_apply)(const void* x, void* y, int64_t n, float ref, float a, float k, bool silu);
-  void (*cl_sums)(const void* x, int64_t C, int64_t npix, const float* ref, float* s1, float* s2);
-  void (*cl_apply)(const void* x, void* y, int64_t C, int64_t npix, const float* ref,
+  void (*cl_sums)(const void* x, int64_t ldc, int64_t C, int64_t npix, const float* ref,
+                  float* s1, float* s2);
+  void (*cl_apply)(const void* x, void* y, int64_t ldc, int64_t C, int64_t npix, const float* ref,
                    const float* a, const float* k, bool silu);
 };
 

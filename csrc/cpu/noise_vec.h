@@ -1,24 +1,18 @@
-// Vectorized Philox4x32-10 + Box-Muller and 16-bit loads/stores for the *_vec.cpp kernels of
-// q_sample and sampler_step (compiled once per CPU capability, see cpu/vec.h; everything here
+// Vectorized Philox4x32-10 + Box-Muller for the *_vec.cpp kernels of q_sample and sampler_step
+// (compiled once per CPU capability, see cpu/vec.h; everything here
 // is in namespace fastdiff::CPU_CAPABILITY). The same normals as fastdiff::normal4 (common.h) up
 // to the rounding of the vectorized log/sin/cos (Sleef, <= 1 ulp): one lane per Philox group,
 // the 32-bit multiply-high done in SIMD lanes (vpmuludq on the even and odd lanes).
 #pragma once
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cstdint>
-#include <tuple>
+
+#include "cpu/vec_io.h"
 
 namespace fastdiff {
 namespace CPU_CAPABILITY {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t W = fVec::size();  // Philox groups per block: 4W elements
-
-// W uint32 lanes, one per Philox group.
+// W uint32 lanes (W: the float lanes, cpu/vec_io.h), one per Philox group; a block is W groups,
+// 4W elements.
 #if defined(CPU_CAPABILITY_AVX512)
 struct U32 {
   __m512i v;
@@ -114,25 +108,6 @@ inline void normals_block(uint64_t seed, uint32_t image, uint32_t k, uint32_t st
     out[4 * i] = n[0][i]; out[4 * i + 1] = n[1][i]; out[4 * i + 2] = n[2][i]; out[4 * i + 3] = n[3][i];
   }
 }
-
-// 2W consecutive elements of T as two float vectors (16-bit types: one vector of T).
-template <typename T>
-struct Io {
-  using bVec = at::vec::Vectorized<T>;
-  static_assert(bVec::size() == 2 * W, "a 16-bit vector holds two float vectors");
-  static void load(const T* p, fVec& a, fVec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<T>(bVec::loadu(p));
-  }
-  static void store(T* p, const fVec& a, const fVec& b) {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-};
-
-template <>
-struct Io<float> {
-  static void load(const float* p, fVec& a, fVec& b) { a = fVec::loadu(p); b = fVec::loadu(p + W); }
-  static void store(float* p, const fVec& a, const fVec& b) { a.store(p); b.store(p + W); }
-};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace fastdiff

@@ -51,14 +51,16 @@ def _unit_last(x: Tensor) -> Tensor:
 def _attention_body(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Returns o as a contiguous (B, Lq, H, D) tensor. Inputs are checked."""
     B, H, Lq, D = q.shape
-    out = _checks.empty_like(q, shape=(B, Lq, H, D))
-    o = out.transpose(1, 2)  # (B, H, Lq, D) view the backends write through
     backend = backends.pick("attention", IMPLEMENTED, q.device, q.dtype)
-    if backend == "torch" or q.dtype == torch.float64 or o.numel() == 0:
-        o.copy_(_attention_torch(q, k, v, scale))
-    else:
-        from ..kernels.attention import attention_triton
-        attention_triton(_unit_last(q), _unit_last(k), _unit_last(v), o, scale)
+    if backend == "torch" or q.dtype == torch.float64 or q.numel() == 0:
+        r = _attention_torch(q, k, v, scale).transpose(1, 2)
+        if r.is_contiguous():  # SDPA's flash kernels (CPU, CUDA) return this layout: no copy
+            return r
+        return _checks.empty_like(q, shape=(B, Lq, H, D)).copy_(r)
+    out = _checks.empty_like(q, shape=(B, Lq, H, D))
+    from ..kernels.attention import attention_triton
+    # o: the (B, H, Lq, D) view of out that the kernel writes through
+    attention_triton(_unit_last(q), _unit_last(k), _unit_last(v), out.transpose(1, 2), scale)
     return out
 
 

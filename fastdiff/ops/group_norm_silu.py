@@ -50,6 +50,12 @@ def dense_layout(x: Tensor) -> tuple[Tensor, bool]:
     """(x or a dense copy of it, channels_last flag): the kernels address a dense tensor in
     either order without copying it. A view that is neither (a crop, a strided slice) is copied
     in the order its strides suggest, so y keeps the channels_last-ness of x."""
+    # the two common cases first, in C++ (both skip size-1 dims, as _channels_last_flag does):
+    # a U-Net forward calls this ~60 times, on small tensors
+    if x.is_contiguous():
+        return x, False
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
     cl = _channels_last_flag(x)
     if cl is not None:
         return x, cl
@@ -100,7 +106,8 @@ def group_norm_silu_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 def _params_f32(*ts):
     # the extension kernels take the small per-channel tensors as contiguous float32
-    return [None if t is None else t.to(torch.float32).contiguous() for t in ts]
+    return [t if t is None or (t.dtype == torch.float32 and t.is_contiguous())
+            else t.to(torch.float32).contiguous() for t in ts]
 
 
 def _group_norm_silu_body(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -134,6 +141,12 @@ def _(x, weight, bias, add, num_groups, eps, silu, scale=None, shift=None):
     return torch.empty_like(dense_layout(x)[0])
 
 
+_PARAM_SHAPES = {"weight": "(C,)", "bias": "(C,)",
+                 "add": "(B, C), the per-channel bias added before the norm",
+                 "scale": "(B, C), the per-channel scale applied after the norm as (1 + scale)",
+                 "shift": "(B, C), the per-channel shift added after the norm"}
+
+
 def _check(x, weight, bias, num_groups, eps, add, activation, scale=None, shift=None):
     _checks.float_tensor("x", x, ndim_min=3)
     if x.dim() > 5:
@@ -150,19 +163,16 @@ def _check(x, weight, bias, num_groups, eps, add, activation, scale=None, shift=
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     BC = (x.shape[0], C)
-    what = {"weight": "(C,)", "bias": "(C,)",
-            "add": "(B, C), the per-channel bias added before the norm",
-            "scale": "(B, C), the per-channel scale applied after the norm as (1 + scale)",
-            "shift": "(B, C), the per-channel shift added after the norm"}
     for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("add", add, BC),
                            ("scale", scale, BC), ("shift", shift, BC)):
         if t is None:
             continue
         _checks.float_tensor(name, t)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} = {what[name]}, "
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} = {_PARAM_SHAPES[name]}, "
                              f"got {tuple(t.shape)}")
-    _checks.same_device("x", x, weight=weight, bias=bias, add=add, scale=scale, shift=shift)
+        if t.device != x.device:
+            _checks.same_device("x", x, **{name: t})
 
 
 def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
