@@ -40,7 +40,9 @@ def test_ddim_pipeline_equals_diffusers(tmp_path):
     out = pipe(batch_size=16, latents=x_T, num_inference_steps=20, output_type="np",
                progress=False).images
     assert out.shape == ref.shape == (16, 8, 8, 3)
-    assert np.abs(out - ref).max() <= 1e-5
+    # 2e-5: diffusers computes the DDIM coefficients in float32, fastdiff in float64; over 20
+    # steps that alone puts the torch reference backend 1.0e-5 from diffusers' images
+    assert np.abs(out - ref).max() <= 2e-5
     # a generator gives diffusers' x_T too; PIL output as diffusers' numpy_to_pil
     pil = pipe(batch_size=16, generator=torch.Generator().manual_seed(0),
                num_inference_steps=20, progress=False).images
