@@ -32,7 +32,8 @@ from torch import Tensor
 from .. import backends
 from ..reference import STREAM_MULTISTEP, memory_order_normal
 from . import _checks
-from .sampler_step import PREDICTION_TYPES, threshold_scale
+from .sampler_step import (PREDICTION_TYPES, threshold_scale,
+                           x0_and_guidance_args)
 
 IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
 
@@ -246,19 +247,6 @@ def _(x_t, model_output, ring, coefs, step, step_t, last_sample, noise, seed, se
     return None
 
 
-def _number(name, value, *, low=None, low_open=False, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-            or (high is not None and value > high):
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"<= {high}"
-        raise ValueError(f"{name} must be finite{' and ' + lo if lo else ''}"
-                         f"{' and ' + hi if hi else ''}, got {value!r}")
-    return value
-
-
 def _same_layout(a: Tensor, strides, shape) -> bool:
     """a's strides are `strides` on every dim longer than 1 (a size-1 dim's stride is moot)."""
     return all(sa == sb or n == 1 for sa, sb, n in zip(a.stride(), strides, shape))
@@ -327,21 +315,10 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
     if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
                          f"got {prediction_type!r}")
-    clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
-    dynamic_thresholding_ratio = _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
-                                         low=0.0, high=1.0)
-    sample_max_value = _number("sample_max_value", sample_max_value, low=0.0, low_open=True)
-    if clip_sample and thresholding:
-        raise ValueError("clip_sample and thresholding are exclusive: choose one")
-    _checks.float_tensor("model_output", model_output)
-    _checks.same_device("x_t", x_t, model_output=model_output)
-    _checks.same_dtype("x_t", x_t, model_output=model_output)
+    clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t = \
+        x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
+                             dynamic_thresholding_ratio, sample_max_value, guidance_scale)
     guided = guidance_scale is not None
-    guidance, guidance_t = 0.0, None
-    if isinstance(guidance_scale, Tensor):
-        guidance_t = _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False)
-    elif guided:
-        guidance = _number("guidance_scale", guidance_scale)
     B = x_t.shape[0]
     want = ((2 * B if guided else B),) + tuple(x_t.shape[1:])
     if tuple(model_output.shape) != want:

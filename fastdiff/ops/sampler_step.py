@@ -292,6 +292,29 @@ def _number(name, value, *, low=None, low_open=False, high=None):
     return value
 
 
+def x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
+                         dynamic_thresholding_ratio, sample_max_value, guidance_scale):
+    """The checks sampler_step and multistep_step share: the x0 clipping/thresholding options,
+    model_output against x_t, and guidance_scale (a number, or a device scalar read by the
+    kernels). Returns (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
+    guidance, guidance_t) as the kernels take them."""
+    clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
+    dynamic_thresholding_ratio = _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
+                                         low=0.0, high=1.0)
+    sample_max_value = _number("sample_max_value", sample_max_value, low=0.0, low_open=True)
+    if clip_sample and thresholding:
+        raise ValueError("clip_sample and thresholding are exclusive: choose one")
+    _checks.float_tensor("model_output", model_output)
+    _checks.same_device("x_t", x_t, model_output=model_output)
+    _checks.same_dtype("x_t", x_t, model_output=model_output)
+    guidance, guidance_t = 0.0, None
+    if isinstance(guidance_scale, Tensor):
+        guidance_t = _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False)
+    elif guidance_scale is not None:
+        guidance = _number("guidance_scale", guidance_scale)
+    return clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t
+
+
 def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedule, *,
                  kind: str = "ddpm", prediction_type: str = "epsilon",
                  variance_type: str = "fixed_small", eta: float = 0.0,
@@ -363,21 +386,10 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
         raise ValueError(f"variance_type={variance_type!r} needs kind='ddpm': DDIM's variance is "
                          "fixed by eta")
     eta = _number("eta", eta, low=0.0)
-    clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
-    dynamic_thresholding_ratio = _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
-                                         low=0.0, high=1.0)
-    sample_max_value = _number("sample_max_value", sample_max_value, low=0.0, low_open=True)
-    if clip_sample and thresholding:
-        raise ValueError("clip_sample and thresholding are exclusive: choose one")
-    _checks.float_tensor("model_output", model_output)
-    _checks.same_device("x_t", x_t, model_output=model_output)
-    _checks.same_dtype("x_t", x_t, model_output=model_output)
+    clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t = \
+        x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
+                             dynamic_thresholding_ratio, sample_max_value, guidance_scale)
     guided = guidance_scale is not None
-    guidance, guidance_t = 0.0, None
-    if isinstance(guidance_scale, Tensor):
-        guidance_t = _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False)
-    elif guided:
-        guidance = _number("guidance_scale", guidance_scale)
     B = x_t.shape[0]
     if learned and x_t.dim() < 2:
         raise ValueError(f"variance_type={variance_type!r} needs x_t with a channel dim, got "
