@@ -154,106 +154,85 @@ void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k,
   else row_apply_impl<T, false>(x, y, n, ref, a, k);
 }
 
-// channels_last: tiles of kTile pixels x all C channels (the tile's kTile rows of C are read in
-// order, so the DRAM prefetchers follow them); inside a tile, blocks of 2 NV vectors of channels
-// whose accumulators / coefficients stay in registers over the tile's pixels, so the per-channel
-// sums go to memory once per tile, not once per pixel (a store-to-load chain per pixel ran the
-// statistics pass at half the speed of the NCHW one). A channel's sum over a unit is in pixel
-// order within each tile, tiles in order: a function of the data alone.
-constexpr int64_t kTile = 16;
+// channels_last: the pixels are walked in memory order, a few rows (pixels) of C channels at a
+// time, so the loads are R sequential streams the hardware prefetchers follow. (Column blocks of
+// a 16-pixel tile, the earlier loop, kept the accumulators in registers but read 16 rows 4 lines
+// at a time, a pattern the prefetchers did not follow: every line came from L3 on demand and the
+// loads were most of the profile, 2-3x the NCHW time at the same bytes.) The per-channel sums
+// live in s1/s2 (L1): R rows are summed in registers first, so each accumulator is loaded and
+// stored once per R rows. A channel's sum over a unit is in pixel order, R rows at a time: a
+// function of the data alone.
+constexpr int kSumRows = 4;
 
-template <typename T, int NV>
-inline void cl_sums_block(const T* x, int64_t ldc, int64_t nq, const float* ref, float* s1,
-                          float* s2) {
-  fVec r[2 * NV], a1[2 * NV], a2[2 * NV];
-  for (int v = 0; v < 2 * NV; ++v) {
-    r[v] = fVec::loadu(ref + v * W);
-    a1[v] = fVec(0.f);
-    a2[v] = fVec(0.f);
-  }
-  for (int64_t q = 0; q < nq; ++q) {
-    for (int v = 0; v < NV; ++v) {
-      fVec d0, d1;
-      Io<T>::load(x + q * ldc + 2 * v * W, d0, d1);
-      d0 = d0 - r[2 * v];
-      d1 = d1 - r[2 * v + 1];
-      a1[2 * v] = a1[2 * v] + d0;
-      a1[2 * v + 1] = a1[2 * v + 1] + d1;
-      a2[2 * v] = at::vec::fmadd(d0, d0, a2[2 * v]);
-      a2[2 * v + 1] = at::vec::fmadd(d1, d1, a2[2 * v + 1]);
+template <typename T, int R>
+inline void cl_sums_rows(const T* x, int64_t ldc, int64_t C2, const float* ref, float* s1,
+                         float* s2) {
+  for (int64_t c = 0; c < C2; c += 2 * W) {
+    const fVec r0 = fVec::loadu(ref + c), r1 = fVec::loadu(ref + c + W);
+    fVec d0[R], d1[R];
+    for (int q = 0; q < R; ++q) {
+      Io<T>::load(x + q * ldc + c, d0[q], d1[q]);
+      d0[q] = d0[q] - r0;
+      d1[q] = d1[q] - r1;
     }
-  }
-  for (int v = 0; v < 2 * NV; ++v) {
-    (fVec::loadu(s1 + v * W) + a1[v]).store(s1 + v * W);
-    (fVec::loadu(s2 + v * W) + a2[v]).store(s2 + v * W);
+    fVec t0 = d0[0], t1 = d1[0], u0 = d0[0] * d0[0], u1 = d1[0] * d1[0];
+    for (int q = 1; q < R; ++q) {
+      t0 = t0 + d0[q];
+      t1 = t1 + d1[q];
+      u0 = at::vec::fmadd(d0[q], d0[q], u0);
+      u1 = at::vec::fmadd(d1[q], d1[q], u1);
+    }
+    (fVec::loadu(s1 + c) + t0).store(s1 + c);
+    (fVec::loadu(s1 + c + W) + t1).store(s1 + c + W);
+    (fVec::loadu(s2 + c) + u0).store(s2 + c);
+    (fVec::loadu(s2 + c + W) + u1).store(s2 + c + W);
   }
 }
 
 template <typename T>
 void cl_sums(const void* xv, int64_t ldc, int64_t C, int64_t npix, const float* ref, float* s1, float* s2) {
   const T* x = static_cast<const T*>(xv);
-  const int64_t C4 = C - C % (4 * W), C2 = C - C % (2 * W);
-  for (int64_t q0 = 0; q0 < npix; q0 += kTile) {
-    const int64_t nq = std::min(kTile, npix - q0);
-    const T* tx = x + q0 * ldc;
-    int64_t c = 0;
-    for (; c < C4; c += 4 * W) cl_sums_block<T, 2>(tx + c, ldc, nq, ref + c, s1 + c, s2 + c);
-    for (; c < C2; c += 2 * W) cl_sums_block<T, 1>(tx + c, ldc, nq, ref + c, s1 + c, s2 + c);
-    for (; c < C; ++c) {
-      float t1 = 0.f, t2 = 0.f;
-      for (int64_t q = 0; q < nq; ++q) {
-        const float d = static_cast<float>(tx[q * ldc + c]) - ref[c];
-        t1 += d;
-        t2 += d * d;
-      }
-      s1[c] += t1;
-      s2[c] += t2;
+  const int64_t C2 = C - C % (2 * W);
+  int64_t q = 0;
+  for (; q + kSumRows <= npix; q += kSumRows)
+    cl_sums_rows<T, kSumRows>(x + q * ldc, ldc, C2, ref, s1, s2);
+  for (; q < npix; ++q) cl_sums_rows<T, 1>(x + q * ldc, ldc, C2, ref, s1, s2);
+  for (int64_t c = C2; c < C; ++c) {  // the last C % 2W channels
+    float t1 = 0.f, t2 = 0.f;
+    for (int64_t p = 0; p < npix; ++p) {
+      const float d = static_cast<float>(x[p * ldc + c]) - ref[c];
+      t1 += d;
+      t2 += d * d;
     }
+    s1[c] += t1;
+    s2[c] += t2;
   }
 }
 
-template <typename T, int NV, bool kSilu>
-inline void cl_apply_block(const T* x, T* y, int64_t ldc, int64_t nq, const float* ref,
-                           const float* a, const float* k) {
+// One pixel row at a time, in memory order; the coefficients (3 C floats) stay in L1.
+template <typename T, bool kSilu>
+void cl_apply_impl(const T* x, T* y, int64_t ldc, int64_t C, int64_t npix, const float* ref, const float* a,
+                   const float* k) {
   constexpr bool kLow = sizeof(T) == 2;
-  fVec r[2 * NV], va[2 * NV], vk[2 * NV];
-  for (int v = 0; v < 2 * NV; ++v) {
-    r[v] = fVec::loadu(ref + v * W);
-    va[v] = fVec::loadu(a + v * W);
-    vk[v] = fVec::loadu(k + v * W);
-  }
-  for (int64_t q = 0; q < nq; ++q) {
-    for (int v = 0; v < NV; ++v) {
+  const int64_t C2 = C - C % (2 * W);
+  for (int64_t q = 0; q < npix; ++q) {
+    const T* px = x + q * ldc;
+    T* py = y + q * ldc;
+    for (int64_t c = 0; c < C2; c += 2 * W) {
       fVec u, w;
-      Io<T>::load(x + q * ldc + 2 * v * W, u, w);
-      u = at::vec::fmadd(u - r[2 * v], va[2 * v], vk[2 * v]);
-      w = at::vec::fmadd(w - r[2 * v + 1], va[2 * v + 1], vk[2 * v + 1]);
+      Io<T>::load(px + c, u, w);
+      u = at::vec::fmadd(u - fVec::loadu(ref + c), fVec::loadu(a + c), fVec::loadu(k + c));
+      w = at::vec::fmadd(w - fVec::loadu(ref + c + W), fVec::loadu(a + c + W),
+                         fVec::loadu(k + c + W));
       if (kSilu) {
         u = silu<kLow>(u);
         w = silu<kLow>(w);
       }
-      Io<T>::store(y + q * ldc + 2 * v * W, u, w);
+      Io<T>::store(py + c, u, w);
     }
-  }
-}
-
-template <typename T, bool kSilu>
-void cl_apply_impl(const T* x, T* y, int64_t ldc, int64_t C, int64_t npix, const float* ref, const float* a,
-                   const float* k) {
-  const int64_t C4 = C - C % (4 * W), C2 = C - C % (2 * W);
-  for (int64_t q0 = 0; q0 < npix; q0 += kTile) {
-    const int64_t nq = std::min(kTile, npix - q0);
-    const T* tx = x + q0 * ldc;
-    T* ty = y + q0 * ldc;
-    int64_t c = 0;
-    for (; c < C4; c += 4 * W)
-      cl_apply_block<T, 2, kSilu>(tx + c, ty + c, ldc, nq, ref + c, a + c, k + c);
-    for (; c < C2; c += 2 * W)
-      cl_apply_block<T, 1, kSilu>(tx + c, ty + c, ldc, nq, ref + c, a + c, k + c);
-    for (; c < C; ++c)
-      for (int64_t q = 0; q < nq; ++q)
-        ty[q * ldc + c] = static_cast<T>(gn_apply(static_cast<float>(tx[q * ldc + c]) - ref[c],
-                                                GnCoef{a[c], k[c]}, kSilu));
+    for (int64_t c = C2; c < C; ++c)
+      py[c] = static_cast<T>(gn_apply(static_cast<float>(px[c]) - ref[c], GnCoef{a[c], k[c]},
+                                      kSilu));
   }
 }
 
