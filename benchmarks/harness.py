@@ -548,11 +548,16 @@ def environment(ctx: Ctx) -> dict:
                fastdiff_checks=os.environ.get("FASTDIFF_CHECKS", "1"),
                backends={k: dict(available=v[0], note=v[1]) for k, v in backend_status().items()})
     env["auto"] = {}
-    for op in ("q_sample", "sampler_step", "group_norm_silu", "attention"):
+    for op in ("q_sample", "sampler_step", "multistep_step", "group_norm_silu", "attention"):
         try:
             implemented = __import__(f"fastdiff.ops.{op}", fromlist=["IMPLEMENTED"]).IMPLEMENTED
             env["auto"][op] = {name: backends.pick(op, implemented, ctx.device, dt)
                                for name, dt in DTYPES.items()}
+            if op == "group_norm_silu":  # its auto order may depend on the layout too
+                env["auto"][op].update(
+                    {f"{name} NHWC": backends.pick(op, implemented, ctx.device, dt,
+                                                   "channels_last")
+                     for name, dt in DTYPES.items()})
         except Exception as e:  # noqa: BLE001 -- op not there yet
             env["auto"][op] = f"n/a ({reason(e)})"
     if ctx.cuda:
