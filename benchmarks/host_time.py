@@ -1,4 +1,4 @@
-"""Host time per call of q_sample and sampler_step with the argument checks on, for the path a
+"""Host time per call of q_sample, sampler_step and multistep_step with the argument checks on, for the path a
 CUDA call takes, on this CPU (no GPU needed).
 
 The stub, honestly: CPU tensors stand in for CUDA tensors; fastdiff.ops._checks._host_readable
@@ -44,6 +44,9 @@ def cases():
     m = torch.randn_like(x)
     t = torch.full((16,), 500)
     tp = t - 1
+    coefs = torch.rand(8, fastdiff.ops.multistep_step.NCOEF, dtype=torch.float64)
+    ring = torch.randn((2,) + tuple(x.shape))
+    step = torch.tensor(3)
     return [
         ("q_sample, t tensor, seed", lambda: fastdiff.q_sample(x, t, s, seed=7)),
         ("q_sample, t int, seed", lambda: fastdiff.q_sample(x, 500, s, seed=7)),
@@ -53,6 +56,10 @@ def cases():
             x, m, 500, 499, s, clip_sample=True, seed=7)),
         ("sampler_step ddim eta=1, t tensors", lambda: fastdiff.sampler_step(
             x, m, t, t - 20, s, kind="ddim", eta=1.0, clip_sample=True, seed=7)),
+        ("multistep_step, step tensor, seed", lambda: fastdiff.multistep_step(
+            x, m, ring, coefs, step, seed=7)),
+        ("multistep_step, step int, seed", lambda: fastdiff.multistep_step(
+            x, m, ring, coefs, 3, seed=7)),
     ]
 
 
@@ -80,10 +87,12 @@ def main(argv=None):
     noop = lambda *args, **kw: None  # noqa: E731 - the kernel launch, stubbed
     rows = []
     assert fastdiff.backends.available("cpu"), "the C++ extension is not built"
-    torch.ops.fastdiff_ext.q_sample, torch.ops.fastdiff_ext.sampler_step  # resolve (lazy) first
+    ext = torch.ops.fastdiff_ext
+    ext.q_sample, ext.sampler_step, ext.multistep_step  # resolve (lazy) first
     with mock.patch.object(_checks, "_host_readable", lambda t: False), \
             mock.patch.object(torch.ops.fastdiff_ext, "q_sample", noop), \
             mock.patch.object(torch.ops.fastdiff_ext, "sampler_step", noop), \
+            mock.patch.object(torch.ops.fastdiff_ext, "multistep_step", noop), \
             fastdiff.use_backend("cpu"):
         for name, fn in cases():
             with CountOps() as c:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 
 import torch
@@ -120,7 +121,7 @@ def timestep_values(num_timesteps: int, *items, ordered: str | None = None):
     at all where values_checked() says values may not be checked (a device assert is skipped
     too there: FASTDIFF_CHECKS=0, trusted_values(), torch.compile tracing)."""
     tensors = [t for _, t, _ in items if isinstance(t, torch.Tensor)]
-    if not all(values_checked(t) for t in tensors):
+    if tensors and not values_checked(*tensors):
         return
     if not tensors:  # plain Python
         for name, t, lo in items:
@@ -200,13 +201,13 @@ def trusted_values():
         _TRUSTED.reset(token)
 
 
-def values_checked(t: torch.Tensor) -> bool:
+def values_checked(*ts: torch.Tensor) -> bool:
     """Whether t's values are checked at all: not while torch.compile traces, nor with
     FASTDIFF_CHECKS=0 or inside trusted_values(), nor on the meta device. (A CUDA t is checked
     by a device-side assert, which a CUDA graph captures like any kernel.)"""
     # is_compiling() first: Dynamo cannot trace ContextVar.get (it short-circuits before it)
-    return not (not checks_enabled() or torch.compiler.is_compiling() or _TRUSTED.get()
-                or t.device.type == "meta")
+    return not (torch.compiler.is_compiling() or _TRUSTED.get() or not checks_enabled()
+                or any(t.device.type == "meta" for t in ts))
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +280,33 @@ def _scalar_tensor(name: str, v: torch.Tensor, device, integer: bool) -> torch.T
     return v.reshape(1) if v.dtype == want else v.reshape(1).to(want)  # on-device, no sync
 
 
+def scalar_values(*items):
+    """Range checks of 1-element tensors the kernels read (checked by _scalar_tensor), with the
+    semantics the ints/floats get in plain Python: items (name, v, lo, hi) for an integer in
+    [lo, hi], or (name, v, None, None) for a finite float. A CPU tensor is read on the host (no
+    sync) and raises ValueError naming it; device tensors get one torch._assert_async over all
+    items (no host sync; a failure is a device-side assert, as for the timesteps). Skipped where
+    values_checked() says so."""
+    items = [it for it in items if it[1] is not None]
+    if not items or not values_checked(*(v for _, v, _, _ in items)):
+        return
+    if all(_host_readable(v) for _, v, _, _ in items):
+        for name, v, lo, hi in items:
+            x = v.reshape(()).item()  # host memory: no sync
+            if lo is None and not math.isfinite(x):
+                raise ValueError(f"{name} must be finite, got {x!r}")
+            if lo is not None and not lo <= x <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
+        return
+    ok, what = None, []
+    for name, v, lo, hi in items:
+        c = v.isfinite() if lo is None else (v.clamp(lo, hi) == v)
+        ok = c if ok is None else ok & c
+        what.append(f"{name} finite" if lo is None else f"{name} in [{lo}, {hi}]")
+    torch._assert_async(ok.reshape(()), "fastdiff: argument out of range: expected " +
+                        "; ".join(what))
+
+
 def seed_arg(seed, device):
     """(int seed, tensor or None) for the kernels: an int (any, its low 64 bits used) or an
     int64 device tensor of 1 element, read by the kernels (a replayed CUDA graph sees a
@@ -293,8 +321,9 @@ MAX_IMAGE_INDEX = 2 ** 32  # the image index is one 32-bit word of the Philox co
 
 def first_index_arg(first_index, batch: int, device):
     """(int first_index, tensor or None): the global index of sample 0 (Philox counter word 1),
-    an int in [0, 2^32 - B] or a 1-element integer tensor on the data's device (not checked:
-    taken mod 2^32)."""
+    an int in [0, 2^32 - B] or a 1-element integer tensor on the data's device (the caller
+    checks an int64 one's value with scalar_values(first_index_item(...)): no host sync; a
+    narrower one is taken mod 2^32)."""
     if isinstance(first_index, torch.Tensor):
         return 0, _scalar_tensor("first_index", first_index, device, True)
     if isinstance(first_index, bool) or not isinstance(first_index, int):
@@ -304,6 +333,14 @@ def first_index_arg(first_index, batch: int, device):
         raise ValueError(f"first_index must be in [0, 2^32 - B] = [0, {MAX_IMAGE_INDEX - batch}] "
                          f"(the image index is a 32-bit Philox counter word), got {first_index}")
     return first_index, None
+
+
+def first_index_item(first_index, first_t, batch: int):
+    """The scalar_values item of a tensor first_index: an int64 one gets the range an int gets;
+    a narrower integer tensor (int32...) is its 32-bit word, taken mod 2^32, so has none."""
+    if first_t is None or first_index.dtype != torch.int64:
+        return ("first_index", None, None, None)
+    return ("first_index", first_t, 0, MAX_IMAGE_INDEX - batch)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (FakeTensor, DTensor...) take the op

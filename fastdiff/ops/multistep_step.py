@@ -399,6 +399,10 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
         noise = _checks.like(noise.to(x_t.dtype), x_t)
     draw = noise is None and seed is not None
     seed, seed_t = _checks.seed_arg(0 if seed is None else seed, x_t.device)
+    if step_t is not None or first_t is not None or guidance_t is not None:
+        # device scalars: the ranges the ints get, checked on the device (no host sync)
+        _checks.scalar_values(("step", step_t, 0, S - 1), _checks.first_index_item(first_index, first_t, B),
+                              ("guidance_scale", guidance_t, None, None))
     _checks.run_op(_multistep_step_op, _multistep_step_body, x_t, model_output, ring, coefs,
                    step, step_t, last_sample, noise, seed, seed_t, first, first_t, draw,
                    prediction_type, bool(thresholding), dynamic_thresholding_ratio,

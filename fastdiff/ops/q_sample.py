@@ -97,7 +97,8 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
             torch's CPU generator.
         first_index: global index of sample 0 (the noise is per image, whatever the batch):
             an int in [0, 2^32 - B], or a 1-element int64 tensor on x0's device, read by the
-            kernel (taken mod 2^32).
+            kernel (an int64 one range-checked as an int, on the device: no host sync; a narrower
+            integer dtype is its 32-bit word, taken mod 2^32).
         v_target: also return v = sqrt(ab) eps - sqrt(1 - ab) x0 (v-prediction target).
 
     Returns:
@@ -114,6 +115,8 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
         noise = _checks.like(noise.to(x0.dtype), x0)
     seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None)
                                     else (0 if seed is None else seed), x0.device)
+    if first_t is not None:
+        _checks.scalar_values(_checks.first_index_item(first_index, first_t, x0.shape[0]))
     tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
     sqrt_ab = schedule.table("sqrt_alphas_cumprod", x0.device, tdt)
     sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, tdt)

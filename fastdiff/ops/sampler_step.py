@@ -425,6 +425,9 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     needs_noise = kind == "ddpm" or eta > 0
     seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None and needs_noise)
                                     else (0 if seed is None else seed), x_t.device)
+    if first_t is not None or guidance_t is not None:  # device scalars: checked on the device
+        _checks.scalar_values(_checks.first_index_item(first_index, first_t, B),
+                              ("guidance_scale", guidance_t, None, None))
     ab = schedule.table("alphas_cumprod", x_t.device, torch.float64)
     x_prev, x0 = _checks.run_op(_sampler_step_op, _sampler_step_body, x_t, model_output, t,
                                 t_prev, ab, noise, seed, seed_t, first, first_t, kind,
