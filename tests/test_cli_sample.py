@@ -152,8 +152,11 @@ def test_ctrl_c_leaves_whole_images_and_resume_completes(folder, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = ["sample", "--model", folder, "--steps", "30", "--n", "24", "--batch-size", "2",
             "--device", "cpu", "--no-progress", "--sampler", "ddpm"]
+    # a suite started in the background (`pytest &`) runs with SIGINT ignored, which children
+    # inherit and Python then never turns into KeyboardInterrupt: restore the default for it
     p = subprocess.Popen([*FASTDIFF, *args, "--out", str(out)], env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not (out.exists() and
                                           len([f for f in os.listdir(out) if f.endswith(".png")])
