@@ -223,6 +223,19 @@ def _place(row: np.ndarray, prefix: str, i: int, coefs: dict, K: int):
 
 
 # -- DPM-Solver++ ---------------------------------------------------------------------------------
+def _degenerate_step(row, sig_s: float, sig_t: float, a_t: float) -> bool:
+    """The predictor of a step whose h is not finite and positive, written into `row`: to sigma
+    = 0 (order 1 there) h = inf and x_prev = alpha_t x0_new; sigma_t = sigma_s (only a last step,
+    check_sigmas) h = 0 and the step is the identity. False for every other step."""
+    if sig_t == 0.0:
+        row[_COL["pred_y"]], row[_COL["pred_new"]] = 0.0, a_t
+        return True
+    if sig_t == sig_s:
+        row[_COL["pred_y"]] = 1.0
+        return True
+    return False
+
+
 def dpmsolver_orders(n: int, solver_order: int, lower_order_final: bool = True,
                      euler_at_final: bool = False, final_sigmas_type: str = "zero") -> list[int]:
     """The order of each of n steps, diffusers' DPMSolverMultistepScheduler.step logic."""
@@ -260,11 +273,7 @@ def dpmsolver_table(sigmas32: np.ndarray, *, solver_order: int = 2,
         row = table[i]
         row[_COL["alpha"]], row[_COL["sigma"]], row[_COL["corr_x"]] = alpha[i], sig[i], 1.0
         a_t = alpha[i + 1]
-        if sig[i + 1] == 0.0:  # to sigma = 0 (order 1 here): h = inf, x_prev = x0_new
-            row[_COL["pred_y"]], row[_COL["pred_new"]] = 0.0, a_t
-            continue
-        if sig[i + 1] == sig[i]:  # h = 0 (only a last step, check_sigmas): the identity
-            row[_COL["pred_y"]] = 1.0
+        if _degenerate_step(row, sig[i], sig[i + 1], a_t):
             continue
         h = lam[i + 1] - lam[i]
         if sde:
@@ -380,11 +389,7 @@ def unipc_table(sigmas32: np.ndarray, *, solver_order: int = 2, solver_type: str
             _place(row, "corr", i, w, K)
         # predictor: x_{i+1} = UniP(y, m_i, m_{i-1}, ..) of order p
         a_t = alpha[i + 1]
-        if sig[i + 1] == 0.0:
-            row[_COL["pred_y"]], row[_COL["pred_new"]] = 0.0, a_t
-            continue
-        if sig[i + 1] == sig[i]:  # h = 0 (only a last step, check_sigmas): the identity
-            row[_COL["pred_y"]] = 1.0
+        if _degenerate_step(row, sig[i], sig[i + 1], a_t):
             continue
         h = lam[i + 1] - lam[i]
         hh = -h

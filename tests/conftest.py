@@ -66,6 +66,16 @@ def gpu_backend(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module of tiny models: fastest for them, and on a shared 2-core machine
+    two threads wait on each other. Take it with pytestmark = pytest.mark.usefixtures(...)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def seed():
     torch.manual_seed(1234)

@@ -14,12 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_samplers import tiny_unet  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusers_folder(tmp_path, cls="DDIMPipeline", sched=None, **unet_kw):

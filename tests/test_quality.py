@@ -20,12 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_samplers import tiny_unet  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a contended 2-core machine wait on each other
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared machine several oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPACINGS = [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]

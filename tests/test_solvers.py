@@ -31,12 +31,7 @@ from test_samplers import tiny_unet  # noqa: E402
 REL = 1e-4  # whole loops: fastdiff's float64 coefficients vs diffusers' float32 ones
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Smooth:
