@@ -4,12 +4,16 @@ posterior mean, + sigma z with z given or drawn in the kernel (Philox stream 1).
 Bytes per element (e = element size): read x_t and model_out (2e; +e for the learned variance,
 +e for given noise), write x_prev (e; +e for x0).
 
-Grid: (P programs per sample, B). A program never straddles two samples: it computes the
-sample's coefficients once, in float64 from the float64 alphas_cumprod table (t and t_prev
-clamped: an unchecked value never reads outside the table), then loops over tiles p, p + P, ...
-of R Philox groups (every thread two whole groups, as kernels/q_sample.py); P is as small as
-keeps ~1000 programs in flight, so the float64 work (a few hundred instructions a thread) is
-spread over up to 8 tiles. Per-element math is float32. The same coefficient algebra as csrc/sampler_step.h:
+Two launches. `_sampler_coef_kernel`, grid (B,): one program per sample computes its
+coefficients in float64 from the float64 alphas_cumprod table (t and t_prev clamped: an
+unchecked value never reads outside the table) and writes them as NCOEF float32s. Then
+`_sampler_step_kernel`, grid (P programs per sample, B): a program never straddles two samples;
+it loads its sample's row (NCOEF scalar loads) and loops over tiles p, p + P, ... of R Philox
+groups (every thread two whole groups, as kernels/q_sample.py). The float64 work (~350-400
+instructions, float64 divisions and square roots) was each program's prologue before: 40-50
+instructions per element at one tile per program, now ~12000 thread-instruction slots (one
+warp) per sample, once. Per-element math is float32. The same coefficient algebra as
+csrc/sampler_step.h:
     x0   = cx x + cm m                    (m: model prediction)
     x0c  = clamp(x0)  or  clamp(x0, -s, s) / s
     mean = k0 x0c + kx x + km m           (ddim's epsilon folded in: no per-element division)
@@ -17,6 +21,7 @@ spread over up to 8 tiles. Per-element math is float32. The same coefficient alg
 With guidance (GUIDED), m = m_u + w (m_c - m_u), m_c read cond_off further than m_u.
 """
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -115,33 +120,85 @@ def _coef(ab_ptr, num_t, tb, tpb, eta, KIND: tl.constexpr, PRED: tl.constexpr,
             km.to(tl.float32), std.to(tl.float32), l0.to(tl.float32), l1.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first"])
-def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_ptr,
-                         out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
-                         num_t, seed_lo, seed_hi, first, seed_ptr, first_ptr, w_arg, w_ptr,
-                         eta_hi, eta_lo, clip_range, b0, n_tiles,
+# A sample's row, 8 int32 words: cx, cm, k0, kx, km as float32 bits, then std (l0 for
+# learned_range), l1, and t clamped, complemented (~t < 0) where the step adds no noise
+NCOEF = tl.constexpr(8)
+COEF_BLOCK = tl.constexpr(32)  # samples per pre-pass program: one lane each
+
+
+@triton.jit
+def _bits(v):
+    return v.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _sampler_coef_kernel(t_ptr, tp_ptr, ab_ptr, coef_ptr, B, num_t, eta_hi, eta_lo,
                          KIND: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
-                         CLIP: tl.constexpr, NOISE: tl.constexpr,
-                         FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr,
+                         FINAL_FROM_TABLE: tl.constexpr, USE_CLIPPED: tl.constexpr):
+    # lane i of program p: sample 32 p + i (the float64 code once per sample, its divisions and
+    # square roots spread over the lanes; plain stores, so the launch is graph-capturable)
+    b = tl.program_id(0).to(tl.int64) * COEF_BLOCK + tl.arange(0, COEF_BLOCK)
+    live = b < B
+    tb = tl.load(t_ptr + b, mask=live, other=0)
+    tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
+    tpb = tl.load(tp_ptr + b, mask=live, other=0)
+    # eta arrives as two float32s (Triton passes Python floats as float32): their float64 sum is
+    # the host's eta to ~2^-48, so std rounds to the same float32 as the C++/CUDA kernels'
+    eta = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
+    cx, cm, k0, kx, km, std, l0, l1 = _coef(ab_ptr, num_t, tb, tpb, eta, KIND, PRED, VAR,
+                                            FINAL_FROM_TABLE, USE_CLIPPED)
+    if KIND == DDPM:  # never at the last step (t_prev < 0); ddpm only where t > 0
+        noise_on = (tb > 0) & (tpb >= 0)
+    else:             # ddim: the host checked eta
+        noise_on = tpb >= 0
+    t32 = tb.to(tl.int32)
+    row = coef_ptr + b * NCOEF
+    tl.store(row + 0, _bits(cx), mask=live)
+    tl.store(row + 1, _bits(cm), mask=live)
+    tl.store(row + 2, _bits(k0), mask=live)
+    tl.store(row + 3, _bits(kx), mask=live)
+    tl.store(row + 4, _bits(km), mask=live)
+    if VAR == LEARNED_RANGE:
+        tl.store(row + 5, _bits(l0), mask=live)
+    else:
+        tl.store(row + 5, _bits(std), mask=live)
+    tl.store(row + 6, _bits(l1), mask=live)
+    tl.store(row + 7, tl.where(noise_on, t32, ~t32), mask=live)
+
+
+@triton.jit
+def _coef_at(row, i):
+    return tl.load(row + i).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first"])
+def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, coef_ptr, thr_ptr,
+                         out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
+                         seed_lo, seed_hi, first, seed_ptr, first_ptr, w_arg, w_ptr,
+                         clip_range, b0, n_tiles,
+                         VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
                          SPLIT: tl.constexpr, WANT_X0: tl.constexpr, GUIDED: tl.constexpr,
                          W_PTR: tl.constexpr, SEED_PTR: tl.constexpr, FIRST_PTR: tl.constexpr,
                          R: tl.constexpr, J64: tl.constexpr, PAIRED: tl.constexpr):
     # program (p, b): tiles p, p + P, ... of sample b, each R Philox groups (4R elements); grid
     # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
     b = tl.program_id(1) + b0
-    tb = tl.load(t_ptr + b)
-    tb = tl.minimum(tl.maximum(tb, 0), num_t - 1)
-    tpb = tl.load(tp_ptr + b)
-    # eta arrives as two float32s (Triton passes Python floats as float32): their float64 sum is
-    # the host's eta to ~2^-48, so std rounds to the same float32 as the C++/CUDA kernels'
-    eta = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
-    cx, cm, k0, kx, km, std, l0, l1 = _coef(ab_ptr, num_t, tb, tpb, eta, KIND, PRED, VAR,
-                                            FINAL_FROM_TABLE, USE_CLIPPED)
-
-    if KIND == DDPM:  # never at the last step (t_prev < 0); ddpm only where t > 0
-        noise_on = (tb > 0) & (tpb >= 0)
-    else:             # ddim: the host checked eta
-        noise_on = tpb >= 0
+    # the sample's row from _sampler_coef_kernel (only the words this variant uses)
+    row = coef_ptr + b.to(tl.int64) * NCOEF
+    cx = _coef_at(row, 0)
+    cm = _coef_at(row, 1)
+    k0 = _coef_at(row, 2)
+    kx = _coef_at(row, 3)
+    km = _coef_at(row, 4)
+    if NOISE != NOISE_NONE:
+        if VAR == LEARNED_RANGE:
+            l0 = _coef_at(row, 5)
+            l1 = _coef_at(row, 6)
+        elif VAR != LEARNED:
+            std = _coef_at(row, 5)
+        tcode = tl.load(row + 7)
+        noise_on = tcode >= 0
+        tb = tl.where(noise_on, tcode, ~tcode)
     if NOISE == NOISE_DRAWN:
         k0s, k1s, f = noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR,
                                 FIRST_PTR)
@@ -203,7 +260,7 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, t_ptr, tp_ptr, ab_ptr, thr_pt
 
 
 PROGRAMS = 1024   # programs to keep in flight (~8 per SM of an H100), when the work allows
-MAX_TILES = 8     # tiles per program at most: the per-sample float64 work spread this far
+MAX_TILES = 8     # tiles per program at most: its prologue (loads of t, the row, the key) spread this far
 
 
 def plan(B: int, per_sample: int):
@@ -234,20 +291,26 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
     eta_hi = float(np.float32(eta))
     noise_mode = (NOISE_GIVEN if noise is not None else
                   (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
+    # allocated per call: the caching allocator makes it a pointer bump, stream-ordered (two
+    # calls on two streams never share a row), and inside a CUDA-graph capture it comes from the
+    # graph's pool, so a replay writes and reads the same rows (no sync, two plain launches)
+    coef = torch.empty((B, NCOEF.value), dtype=torch.int32, device=x_t.device)
+    _sampler_coef_kernel[(triton.cdiv(B, COEF_BLOCK.value),)](
+        t, t_prev, alphas_cumprod, coef, B, alphas_cumprod.numel(), eta_hi, float(eta) - eta_hi,
+        KIND=kind, PRED=pred, VAR=var,
+        FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one,
+        USE_CLIPPED=bool(use_clipped), num_warps=1, num_stages=1)
     for b0 in range(0, B, MAX_GRID_Y):
         grid = (P, min(MAX_GRID_Y, B - b0))
         _sampler_step_kernel[grid](
-            x_t, mo, noise if noise is not None else x_t, t, t_prev, alphas_cumprod,
-            thresh if thresh is not None else alphas_cumprod, x_prev, x0 if x0.numel() else x_prev,
-            per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off, alphas_cumprod.numel(),
+            x_t, mo, noise if noise is not None else x_t, coef,
+            thresh if thresh is not None else alphas_cumprod, x_prev,
+            x0 if x0.numel() else x_prev, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
             seed_lo, seed_hi, first, seed_t if seed_t is not None else t,
             first_t if first_t is not None else t, float(guidance),
             guidance_t if guidance_t is not None else alphas_cumprod,
-            eta_hi, float(eta) - eta_hi, float(clip_range), b0,
-            triton.cdiv(triton.cdiv(per_sample, 4), R),
-            KIND=kind, PRED=pred, VAR=var, CLIP=clip_mode, NOISE=noise_mode,
-            FINAL_FROM_TABLE=kind == DDIM.value and not set_alpha_to_one,
-            USE_CLIPPED=bool(use_clipped),
+            float(clip_range), b0, triton.cdiv(triton.cdiv(per_sample, 4), R),
+            VAR=var, CLIP=clip_mode, NOISE=noise_mode,
             SPLIT=mo_inner != per_sample, WANT_X0=x0.numel() > 0, GUIDED=cond_off > 0,
             W_PTR=guidance_t is not None, SEED_PTR=seed_t is not None,
             FIRST_PTR=first_t is not None, R=R, J64=per_sample > 2 ** 31 - 8 * R,

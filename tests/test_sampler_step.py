@@ -735,6 +735,25 @@ def test_batches_beyond_one_grid_axis(backend, schedule, monkeypatch):
     _close(got, _ref(schedule, x, mo, t, tp, z), 1e-6, backend)
 
 
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_coefficients_over_many_samples(backend, kind, schedule):
+    """37 samples, each its own t and t_prev (some final steps, t = 0 once): the Triton pre-pass
+    computes 32 samples' coefficient rows per program, so this spans a full and a partial one,
+    and each sample must read its own row (noise flag and t included)."""
+    g = torch.Generator().manual_seed(44)
+    t = torch.randint(1, 1000, (37,), generator=g)
+    tp = (t - torch.randint(1, 40, (37,), generator=g)).clamp(min=-1)
+    t[5], tp[5] = 0, -1
+    tp[::7] = -1
+    x, mo, t, tp, _ = _inputs((37, 3, 5), t.tolist(), tp.tolist(), seed=45)
+    kw = dict(kind=kind, clip_sample=True, eta=0.7 if kind == "ddim" else 0.0)
+    with fastdiff.use_backend(backend):
+        got = fastdiff.sampler_step(x, mo, t, tp, schedule, seed=10, **kw)
+    z = memory_order_normal(10, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
+    _close(got, _ref(schedule, x, mo, t, tp, z, **kw), 1e-6, backend)
+
 @pytest.mark.gpu
 def test_gpu_batch_over_65535(gpu_backend, schedule):
     x, mo, _, _, _ = _inputs((70000, 2), [0] * 70000, [0] * 70000, seed=43)

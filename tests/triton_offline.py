@@ -312,7 +312,9 @@ NOISE_BENCH_SHAPES = [(256, 3, 32, 32), (64, 4, 64, 64), (32, 3, 256, 256), (16,
 
 def noise_properties():
     """One JSON line per noise-kernel variant at the benchmark shapes (drawn noise; fp32, fp16,
-    bf16): its SASS counts, elements a thread handles per tile, tiles a program loops over."""
+    bf16): its SASS counts, elements a thread handles per tile, tiles a program loops over, and
+    for sampler_step the SASS count of its per-sample coefficient pre-pass (`prepass`: one lane
+    a sample, COEF_BLOCK samples a warp), included in per_elem."""
     import json
     import triton
     from fastdiff.kernels import q_sample as kq, sampler_step as ks
@@ -324,25 +326,38 @@ def noise_properties():
             B, per = shape[0], x[0].numel()
             t = torch.full((B,), 500)
             rows = []
+            n0 = len(KERNELS)
             fastdiff.q_sample(x, t, s, seed=1234)
             R, warps = kq.plan(per)
-            rows.append(("q_sample", R, warps, 1, 6 * x.element_size() // 2))
+            rows.append(("q_sample", KERNELS[n0:], R, warps, 1, 6 * x.element_size() // 2))
             for kind, gap, kw in (("ddpm", 1, {}), ("ddim", 20, {"eta": 1.0})):
+                n0 = len(KERNELS)
                 fastdiff.sampler_step(x, torch.randn_like(x), t, t - gap, s, kind=kind,
                                       clip_sample=True, seed=1234, **kw)
                 R, warps, P = ks.plan(B, per)
                 tiles = -(-(-(-per // 4)) // R)
-                rows.append((f"sampler_step {kind}", R, warps, -(-tiles // P),
+                rows.append((f"sampler_step {kind}", KERNELS[n0:], R, warps, -(-tiles // P),
                              6 * x.element_size() // 2))
-            for kernel, (name, R, warps, tpp, nbytes) in zip(KERNELS[-3:], rows):
+            for name, launched, R, warps, tpp, nbytes in rows:
+                main = [k for k in launched if k.name != "_sampler_coef_kernel"]
+                pre = [k for k in launched if k.name == "_sampler_coef_kernel"]
+                assert len(main) == 1 and len(pre) == (name != "q_sample"), launched
+                kernel = main[0]
                 c = sass_counts(kernel.asm["cubin"], tool)
                 ept = 4 * R // (32 * warps)
                 body = c["loop"] or c["main"]
                 rest = c["main"] - c["loop"] if c["loop"] else 0
+                # the pre-pass: one warp per COEF_BLOCK samples, every lane issuing its
+                # straight-line code: thread-instruction slots per sample, over its elements
+                pre_main = sass_counts(pre[0].asm["cubin"], tool)["main"] if pre else 0
+                pre_slots = (pre_main * 32 * pre[0].metadata.num_warps / ks.COEF_BLOCK.value
+                             if pre else 0)
                 print(json.dumps({"op": name, "dtype": str(dtype).split(".")[-1], "shape": shape,
                                   "warps": kernel.metadata.num_warps, "elems_per_thread": ept,
                                   "tiles_per_program": tpp, "bytes_per_elem": nbytes, **c,
-                                  "per_elem": round(body / ept + rest / (ept * tpp), 2),
+                                  "prepass": pre_main,
+                                  "per_elem": round(body / ept + rest / (ept * tpp)
+                                                    + pre_slots / per, 2),
                                   "shared": kernel.metadata.shared,
                                   **code_properties(kernel)}))
 
