@@ -23,13 +23,17 @@ template <typename scalar_t, bool kHasNoise, bool kWantV>
 __global__ void q_sample_kernel(QSampleArgs a, int64_t B, const scalar_t* __restrict__ x0,
                                 const scalar_t* __restrict__ noise, scalar_t* __restrict__ x_t,
                                 scalar_t* __restrict__ eps, scalar_t* __restrict__ v) {
+  // a device key read once per thread: q_sample_group_at reads a.key per group, and through a
+  // pointer the stores may alias, nvcc reloaded it in every iteration (a dependent load)
+  QSampleArgs ak = a;
+  if (!kHasNoise) ak.key = NoiseKey{key_seed(a.key), key_first(a.key), nullptr, nullptr};
   const int64_t gps = groups_per_sample(a.per_sample);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t tb = __ldg(a.t + b);
     const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
     for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
          k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      q_sample_group_at<scalar_t, kHasNoise, kWantV>(b, k, tb, c, a, x0, noise, x_t, eps, v);
+      q_sample_group_at<scalar_t, kHasNoise, kWantV>(b, k, tb, c, ak, x0, noise, x_t, eps, v);
     }
   }
 }
