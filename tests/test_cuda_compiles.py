@@ -214,10 +214,11 @@ def _whole_group_path(code: str, store: str):
 # of 60 leaves ~11 for everything else; measured q_sample 65.8-75 (was 69-77.5: its device key
 # was re-read for every group, a dependent load, now once per thread), sampler_step 98-119,
 # multistep_step 94-112 (fp16/bf16 68-73 / 102-119 / 101-112): over the bandwidth bound. The
-# sampler_step/multistep excess is the runtime clip/threshold/guidance dispatch (the longest
-# path takes the threshold's correctly rounded division of every element) and 64-bit index
-# math per group; the Triton kernels, with those as compile-time variants and two groups a
-# thread, issue 52-54 (tests/test_triton_compiles.py). DRAWN_BUDGET holds the measured counts
+# sampler_step/multistep excess is mostly the runtime clip/threshold/guidance dispatch (the
+# longest path takes the threshold's correctly rounded division of every element, ~50
+# instructions a group) and the per-group loop and index code of one group a thread; the
+# Triton kernels, with those as compile-time variants and two groups a thread, issue 52-54
+# (tests/test_triton_compiles.py). DRAWN_BUDGET holds the measured counts
 # (+1-2%) so they cannot grow unseen; bringing them under 60 is a restructuring (template
 # clip modes, two groups a thread) left for when a GPU can show whether it pays.
 BUDGET_PER_BYTE = 10
