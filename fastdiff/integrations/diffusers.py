@@ -13,7 +13,8 @@ Kept: the user's objects, module tree, parameters, state_dict keys, hooks and ad
 * diffusers `Attention` with its default processor (`AttnProcessor2_0` / `AttnProcessor`) gets
   a `FastdiffAttnProcessor` through `Attention.set_processor`: the same projection modules are
   called (LoRA/peft layers on to_q/to_k/to_v/to_out keep working), the attention itself runs
-  in `fastdiff.attention`, the processor's GroupNorm in `group_norm_silu`. Head dims outside
+  in `fastdiff.attention` (PyTorch's SDPA called directly where the backend picked is `torch`,
+  as on CPU), the processor's GroupNorm in `group_norm_silu`. Head dims outside
   the kernel's 32..256 keep diffusers' processor (SDPA).
 * On CUDA: 4-D parameters (conv weights) to channels_last, so cuDNN keeps the activations
   channels_last, the layout the fused ops read without copies.
@@ -40,6 +41,8 @@ from torch import nn
 
 from .. import backends
 from ..ops.attention import HEAD_DIM_MAX, HEAD_DIM_MIN, attention
+from ..ops.attention import IMPLEMENTED as ATTENTION_BACKENDS
+from ..ops.attention import _attention_torch as attention_torch
 from ..ops.group_norm_silu import group_norm_silu
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,9 @@ def _forced(backend: str):
 
 
 def _gn(norm: nn.GroupNorm, x, backend: str, activation="silu", **modulation):
+    if backend == "auto":  # no context to enter: ~1 µs of the ~60 calls of a U-Net forward
+        return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                               activation=activation, **modulation)
     with _forced(backend):
         return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
                                activation=activation, **modulation)
@@ -141,7 +147,16 @@ class FastdiffAttnProcessor:
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
         with _forced(self.backend):
-            o = attention(q, k, v, self.scale)
+            # where the backend picked is `torch` (CPU tensors, fp32 on CUDA) the op would run
+            # PyTorch's SDPA: call it here, as diffusers' processor does, and skip the op's
+            # wrapper (~15 µs a call, 32 calls in an SD U-Net forward; measured on CPU).
+            # torch.compile traces the op (it picks when the graph runs).
+            if not torch.compiler.is_compiling() and backends.pick(
+                    "attention", ATTENTION_BACKENDS, q.device, q.dtype) == "torch":
+                o = attention_torch(q, k, v, q.shape[-1] ** -0.5 if self.scale is None
+                                    else self.scale)
+            else:
+                o = attention(q, k, v, self.scale)
         # o is a (B, H, L, D) view of a (B, L, H, D) buffer: this reshape copies nothing
         o = o.transpose(1, 2).reshape(batch, -1, heads * dh).to(query.dtype)
         o = attn.to_out[1](attn.to_out[0](o))
