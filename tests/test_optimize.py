@@ -203,10 +203,19 @@ def test_attention_mask_goes_to_original_processor():
     assert rel(out[0], out[1]) > 1e-3  # the mask mattered
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["cpu-delegates", "own-path"])
 @pytest.mark.parametrize("groups, residual, rescale", [(None, False, 1.0), (8, True, 2.0)])
-def test_attention_options(groups, residual, rescale):
+def test_attention_options(groups, residual, rescale, own, monkeypatch):
     """group_norm on/off, residual_connection, rescale_output_factor, 3-D and 4-D input,
-    self-attention and cross-attention of another length."""
+    self-attention and cross-attention of another length. On CPU the processor hands the call
+    to diffusers' AttnProcessor2_0 (the same SDPA, less Python); `own` runs its own computation
+    (the path of CUDA tensors and forced backends) on these CPU tensors."""
+    calls = []
+    real = AttnProcessor2_0.__call__
+    monkeypatch.setattr(AttnProcessor2_0, "__call__",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    if own:
+        monkeypatch.setattr(fd.FastdiffAttnProcessor, "_delegate", lambda self, h: False)
     torch.manual_seed(0)
     a = perturbed(Attention(64, heads=1, dim_head=64, norm_num_groups=groups, bias=True,
                             residual_connection=residual, rescale_output_factor=rescale))
@@ -217,7 +226,10 @@ def test_attention_options(groups, residual, rescale):
     with torch.no_grad():
         want = a(x4), a(x3), c(x3, e)
         fastdiff.optimize(a), fastdiff.optimize(c)
+        calls.clear()
         out = a(x4), a(x3), c(x3, e)
+    assert isinstance(a.processor, fd.FastdiffAttnProcessor)
+    assert len(calls) == (0 if own else 3)
     for o, w in zip(out, want):
         assert rel(o, w) <= REL
 

@@ -113,9 +113,24 @@ class FastdiffAttnProcessor:
         self.qk_norm = qk_norm
         self.backend = backend
 
+    def _sdpa(self, x) -> bool:
+        """Whether the attention backend picked for x's device and dtype is `torch` (SDPA)."""
+        if torch.compiler.is_compiling():  # traced: the op picks when the graph runs
+            return False
+        with _forced(self.backend):
+            return backends.pick("attention", ATTENTION_BACKENDS, x.device, x.dtype) == "torch"
+
+    def _delegate(self, hidden_states) -> bool:
+        """CPU tensors whose attention backend is `torch`: PyTorch's SDPA, which
+        AttnProcessor2_0 calls itself, so its own code is the faster path there (replacing it
+        made a scaled-down SD-1.5 U-Net forward 5-10% slower on 2 cores: per-call Python
+        overhead; benchmarks/results/amd-epyc_2026-12-02_cpu-profile.md)."""
+        return self.qk_norm and hidden_states.device.type == "cpu" and self._sdpa(hidden_states)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        if attention_mask is not None or args or kwargs.get("scale") is not None:
+        if attention_mask is not None or args or kwargs.get("scale") is not None or \
+                self._delegate(hidden_states):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
         residual = hidden_states
@@ -146,16 +161,13 @@ class FastdiffAttnProcessor:
                 q = attn.norm_q(q)
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
-        with _forced(self.backend):
-            # where the backend picked is `torch` (CPU tensors, fp32 on CUDA) the op would run
-            # PyTorch's SDPA: call it here, as diffusers' processor does, and skip the op's
-            # wrapper (~15 µs a call, 32 calls in an SD U-Net forward; measured on CPU).
-            # torch.compile traces the op (it picks when the graph runs).
-            if not torch.compiler.is_compiling() and backends.pick(
-                    "attention", ATTENTION_BACKENDS, q.device, q.dtype) == "torch":
-                o = attention_torch(q, k, v, q.shape[-1] ** -0.5 if self.scale is None
-                                    else self.scale)
-            else:
+        # where the backend picked is `torch` (fp32 on CUDA; CPU after AttnProcessor) the op
+        # would run PyTorch's SDPA: call it here and skip the op's wrapper (~15 µs a call)
+        if self._sdpa(q):
+            o = attention_torch(q, k, v, q.shape[-1] ** -0.5 if self.scale is None
+                                else self.scale)
+        else:
+            with _forced(self.backend):
                 o = attention(q, k, v, self.scale)
         # o is a (B, H, L, D) view of a (B, L, H, D) buffer: this reshape copies nothing
         o = o.transpose(1, 2).reshape(batch, -1, heads * dh).to(query.dtype)
