@@ -44,6 +44,7 @@ def cases():
     m = torch.randn_like(x)
     t = torch.full((16,), 500)
     tp = t - 1
+    tp20 = t - 20
     coefs = torch.rand(8, fastdiff.ops.multistep_step.NCOEF, dtype=torch.float64)
     ring = torch.randn((2,) + tuple(x.shape))
     step = torch.tensor(3)
@@ -55,7 +56,7 @@ def cases():
         ("sampler_step ddpm, t ints, seed", lambda: fastdiff.sampler_step(
             x, m, 500, 499, s, clip_sample=True, seed=7)),
         ("sampler_step ddim eta=1, t tensors", lambda: fastdiff.sampler_step(
-            x, m, t, t - 20, s, kind="ddim", eta=1.0, clip_sample=True, seed=7)),
+            x, m, t, tp20, s, kind="ddim", eta=1.0, clip_sample=True, seed=7)),
         ("multistep_step, step tensor, seed", lambda: fastdiff.multistep_step(
             x, m, ring, coefs, step, seed=7)),
         ("multistep_step, step int, seed", lambda: fastdiff.multistep_step(
