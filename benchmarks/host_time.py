@@ -1,12 +1,14 @@
 """Host time per call of q_sample, sampler_step and multistep_step with the argument checks on, for the path a
 CUDA call takes, on this CPU (no GPU needed).
 
-The stub, honestly: CPU tensors stand in for CUDA tensors; fastdiff.ops._checks._host_readable
-is made to say False, so a tensor t is checked as a CUDA t is (one torch._assert_async over
-the ranges, no host read), and the extension op (torch.ops.fastdiff_ext.<op>, the CUDA kernel's
-entry point) is replaced by a no-op: everything the wrapper does on a CUDA call except the
-kernel launch itself. The device ops the checks issue run on CPU tensors here; on a GPU each is
-a launch instead (~3-6 us of host time), so the table also counts them per call.
+The stub, honestly: CPU tensors stand in for CUDA tensors and the cpu backend for the cuda one:
+both are the extension's kernels, which range-check the values they read (csrc/value_checks.h),
+so the wrapper runs the same code for both (no check op). The extension op
+(torch.ops.fastdiff_ext.<op>, the kernel's entry point) is replaced by a no-op: everything the
+wrapper does on a CUDA call except the launch itself. Not counted: on CUDA, the entry point's
+own host work and, for tensor t/step/guidance values, its one-block check kernel launch
+(~2-3 us on a GPU). fastdiff.ops._checks._host_readable is made to say False (it matters only
+for the torch/Triton backends' torch._assert_async path).
 
     python benchmarks/host_time.py [--calls N] [--out benchmarks/results/host_time_<date>.md]
 """
@@ -21,21 +23,19 @@ import time
 from unittest import mock
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastdiff  # noqa: E402
 from fastdiff.ops import _checks  # noqa: E402
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+def count_ops(fn):
+    """The top-level aten ops one call issues (torch.profiler: a dispatch mode would send the
+    call down the custom-op path instead of the one it takes without one)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        fn()
+    return [e.name.replace("aten::", "") for e in p.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
 
 
 def cases():
@@ -44,6 +44,7 @@ def cases():
     m = torch.randn_like(x)
     t = torch.full((16,), 500)
     tp = t - 1
+    tp20 = t - 20
     coefs = torch.rand(8, fastdiff.ops.multistep_step.NCOEF, dtype=torch.float64)
     ring = torch.randn((2,) + tuple(x.shape))
     step = torch.tensor(3)
@@ -55,7 +56,7 @@ def cases():
         ("sampler_step ddpm, t ints, seed", lambda: fastdiff.sampler_step(
             x, m, 500, 499, s, clip_sample=True, seed=7)),
         ("sampler_step ddim eta=1, t tensors", lambda: fastdiff.sampler_step(
-            x, m, t, t - 20, s, kind="ddim", eta=1.0, clip_sample=True, seed=7)),
+            x, m, t, tp20, s, kind="ddim", eta=1.0, clip_sample=True, seed=7)),
         ("multistep_step, step tensor, seed", lambda: fastdiff.multistep_step(
             x, m, ring, coefs, step, seed=7)),
         ("multistep_step, step int, seed", lambda: fastdiff.multistep_step(
@@ -94,20 +95,21 @@ def main(argv=None):
             mock.patch.object(torch.ops.fastdiff_ext, "sampler_step", noop), \
             mock.patch.object(torch.ops.fastdiff_ext, "multistep_step", noop), \
             fastdiff.use_backend("cpu"):
+        load0 = os.getloadavg()[0]
         for name, fn in cases():
-            with CountOps() as c:
-                fn()
+            fn()
+            ops = count_ops(fn)
             wall, cpu = measure(fn, a.calls)
-            rows.append((name, wall, cpu, len(c.ops), ", ".join(sorted(set(o.split(".")[1] for o in c.ops)))))
+            rows.append((name, wall, cpu, len(ops), ", ".join(sorted(set(ops)))))
     date = datetime.date.today().isoformat()
     lines = [f"# Host time per call, checks on, CUDA-like path with the launch stubbed ({date})", "",
-             "`python benchmarks/host_time.py` on this machine: 2 shared CPU cores, contended by "
-             "other jobs while it ran (5 sessions share them), torch "
-             f"{torch.__version__}, 1 thread. Median of 7 rounds of {a.calls} calls. CPU "
-             "tensors stand in for CUDA ones (see the module docstring); `ops` counts the "
-             "aten ops a call issues (allocations and the device-side assert's small kernels; "
-             "each is a launch on a GPU).", "",
-             f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
+             f"`python benchmarks/host_time.py` on this machine: {os.cpu_count()} CPU cores, "
+             f"load average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+             f"(other jobs share the cores), torch {torch.__version__}, 1 thread. Median of 7 "
+             f"rounds of {a.calls} calls. CPU tensors stand in for CUDA ones and the cpu backend "
+             "for the cuda one (the same wrapper code: the kernels check the values; see the "
+             "module docstring); `ops` counts the top-level aten ops a call issues "
+             "(allocations; each would be a launch or an allocator call on a GPU).", "",
              "| call | wall µs | thread CPU µs | ops | which |", "|---|---:|---:|---:|---|"]
     lines += [f"| {n} | {w:.1f} | {c:.1f} | {k} | {o} |" for n, w, c, k, o in rows]
     text = "\n".join(lines) + "\n"

@@ -149,7 +149,7 @@ class Schedule:
 
     @property
     def num_train_timesteps(self) -> int:
-        return len(self._tables["betas"])
+        return self._tables["betas"].shape[0]
 
     def __len__(self) -> int:
         return self.num_train_timesteps
@@ -162,6 +162,9 @@ class Schedule:
 
     def table(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """Table `name` on `device` in `dtype`, made once and cached (capturable: no upload later)."""
+        out = self._cache.get((name, device, dtype))  # as the ops ask: no str(device) per call
+        if out is not None:
+            return out
         if name not in self._tables:
             raise ValueError(f"table must be one of {TABLES}, got {name!r}")
         key = (name, str(torch.device(device)), dtype)
@@ -169,6 +172,7 @@ class Schedule:
         if out is None:
             out = self._tables[name].to(device=device, dtype=dtype).contiguous()
             self._cache[key] = out
+        self._cache[(name, device, dtype)] = out  # the same tensor under the caller's spelling
         return out
 
     def __repr__(self):

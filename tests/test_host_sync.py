@@ -1,7 +1,13 @@
 """No host sync on the CUDA path of q_sample / sampler_step / multistep_step (issue 15): with a
-device t / t_prev / step / seed / first_index the ops check the values by a device-side assert
-and read nothing back (no .item()/.tolist()/.cpu()/.numpy(), no aten._local_scalar_dense, no
-nonzero, no device->host copy). There is no GPU in CI, so two harnesses stand in for it:
+device t / t_prev / step / seed / first_index the ops read nothing back (no
+.item()/.tolist()/.cpu()/.numpy(), no aten._local_scalar_dense, no nonzero, no device->host
+copy). Who checks the values:
+- the extension's kernels (backends cpu and cuda) check the values they read themselves
+  (csrc/value_checks.h: the CPU kernels on the host, raising a ValueError naming the argument;
+  the CUDA kernels by a device-side assert), so the wrapper issues no check op at all;
+- for the torch and Triton backends the wrapper checks a device tensor by one device-side assert
+  (torch._assert_async) and a CPU tensor on the host.
+There is no GPU in CI, so two harnesses stand in for it:
 - CPU tensors sent down the CUDA path (_checks._host_readable made to say False, as
   benchmarks/host_time.py does) with every host read forbidden;
 - fake CUDA tensors under FakeTensorMode, where a host read raises and a recorder notes every
@@ -15,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdiff
+from fastdiff import backends
 from fastdiff.ops import _checks
 from fastdiff.ops.multistep_step import NCOEF
 
@@ -68,14 +75,15 @@ def test_device_timesteps_read_nothing_back(k):
 
 
 def test_the_harness_catches_a_host_read():
-    """The host path (a CPU tensor read on the host) reads values: the harness must see it."""
+    """The host path (a CPU tensor read on the host by the wrapper: the torch backend) reads
+    values: the harness must see it."""
     s = fastdiff.Schedule()
     x = torch.randn(2, 3, 4, 4)
     ps = [mock.patch.object(torch.Tensor, "tolist", _forbid("tolist"))]
     for p in ps:
         p.start()
     try:
-        with pytest.raises(AssertionError, match="read back"):
+        with pytest.raises(AssertionError, match="read back"), fastdiff.use_backend("torch"):
             fastdiff.q_sample(x, torch.tensor([7, 9]), s, seed=1)
     finally:
         for p in ps:
@@ -88,11 +96,13 @@ def test_the_harness_catches_a_host_read():
     (dict(kind="ddim", eta=0.0), [-1, 9], [-5, 3]),  # t < 0
 ])
 def test_device_assert_fires_on_bad_values(kw, t, tp):
-    """On the device path a bad value is a device-side assert (torch._assert_async; on a CPU
-    tensor it raises at once, on a GPU at the next synchronising call)."""
+    """On the device path of the torch/Triton backends a bad value is a device-side assert
+    (torch._assert_async; on a CPU tensor it raises at once, on a GPU at the next synchronising
+    call)."""
     s = fastdiff.Schedule()
     x = torch.randn(2, 3, 4, 4)
-    with mock.patch.object(_checks, "_host_readable", lambda t: False):
+    with mock.patch.object(_checks, "_host_readable", lambda t: False), \
+            fastdiff.use_backend("torch"):
         with pytest.raises(RuntimeError, match="timesteps out of range"):
             fastdiff.sampler_step(x, torch.randn_like(x), torch.tensor(t), torch.tensor(tp), s,
                                   seed=1, **kw)
@@ -104,6 +114,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = []
+        self.calls = []  # (op, args) of the fastdiff ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -111,20 +122,25 @@ class _Recorder(TorchDispatchMode):
         outs = out if isinstance(out, (tuple, list)) else (out,)
         to_cpu = any(isinstance(o, torch.Tensor) and o.device.type == "cpu" for o in outs)
         self.ops.append((str(func), "cuda" in devs and to_cpu))
+        if str(func).startswith("fastdiff."):
+            self.calls.append((str(func), args))
         return out
 
 
-def _run_fake(fn):
-    """fn(s, x, t, t_prev, seed) on fake CUDA tensors; returns the recorded (op, cuda->cpu) pairs."""
+def _run_fake(fn, calls=False):
+    """fn(s, x, t, t_prev, seed) on fake CUDA tensors; returns the recorded (op, cuda->cpu) pairs
+    (and with calls, the fastdiff ops' (name, args))."""
     s = fastdiff.Schedule()  # a fresh one: the tables it caches for "cuda" will be fake
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(2, 4, 8, 8, device="cuda")
         t = torch.empty(2, dtype=torch.int64, device="cuda")
         tp = torch.empty(2, dtype=torch.int64, device="cuda")
         seed = torch.empty((), dtype=torch.int64, device="cuda")
+        if calls:  # the schedule's tables uploaded once first (a copy per schedule, not per call)
+            fn(s, x, t, tp, seed)
         with _Recorder() as rec:
             fn(s, x, t, tp, seed)
-    return rec.ops
+    return (rec.ops, rec.calls) if calls else rec.ops
 
 
 FAKE_CALLS = {
@@ -142,6 +158,8 @@ FAKE_CALLS = {
 
 @pytest.mark.parametrize("name", list(FAKE_CALLS))
 def test_device_timesteps_checked_without_host_sync(name, monkeypatch):
+    """The torch/Triton backends (no CUDA here: auto picks torch for fake CUDA tensors): one
+    device-side assert, nothing read back."""
     monkeypatch.setenv("FASTDIFF_CHECKS", "1")
     ops = _run_fake(FAKE_CALLS[name])
     names = [op for op, _ in ops]
@@ -175,11 +193,12 @@ def test_int_timesteps_checked_in_plain_python():
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_the_device_side_check_trips_on_bad_values(kind, monkeypatch):
-    """The device path's torch._assert_async itself (run on CPU tensors standing in for CUDA
-    ones; on the CPU it raises at once): in-range values pass, each out-of-range one (and ddpm's
-    order) fails with the message naming what was expected."""
+    """The device path's torch._assert_async itself (the torch/Triton backends; run on CPU
+    tensors standing in for CUDA ones; on the CPU it raises at once): in-range values pass, each
+    out-of-range one (and ddpm's order) fails with the message naming what was expected."""
     monkeypatch.setenv("FASTDIFF_CHECKS", "1")
     monkeypatch.setattr(_checks, "_host_readable", lambda t: False)
+    monkeypatch.setattr(backends, "requested", lambda: "torch")
     s = fastdiff.Schedule()
     x = torch.randn(2, 4, 4)
     T = s.num_train_timesteps
@@ -231,15 +250,19 @@ BAD_SCALARS = [  # (kwargs, ops it applies to, the ValueError (host) / device-as
 ]
 
 
-@pytest.mark.parametrize("device_path", [False, True])
+@pytest.mark.parametrize("path", ["kernel", "host", "device"])
 @pytest.mark.parametrize("k", range(len(BAD_SCALARS)))
-def test_device_scalars_are_range_checked(k, device_path, monkeypatch):
+def test_device_scalars_are_range_checked(k, path, monkeypatch):
     """Each documented range of an int/float argument holds for its tensor form too: a CPU
-    tensor raises a ValueError naming it (host memory, no sync), a device tensor trips the
-    device-side assert (CPU tensors standing in), and in-range tensors pass."""
+    tensor raises a ValueError naming it (host memory, no sync: the C++ kernel's check on the
+    cpu backend), a device tensor on the torch/Triton backends trips the wrapper's device-side
+    assert (CPU tensors standing in), and in-range tensors pass."""
     monkeypatch.setenv("FASTDIFF_CHECKS", "1")
+    device_path = path == "device"
     if device_path:
         monkeypatch.setattr(_checks, "_host_readable", lambda t: False)
+    if path != "kernel":  # the wrapper's checks (the torch backend standing in for Triton)
+        monkeypatch.setattr(backends, "requested", lambda: "torch")
     kw, ops, name = BAD_SCALARS[k]
     x = torch.randn(2, 3, 4, 4)
     good = {key: (torch.tensor(1) if key in ("first_index", "step") else
@@ -257,3 +280,205 @@ def test_device_scalars_unchecked_where_values_are_trusted(monkeypatch):
     monkeypatch.setenv("FASTDIFF_CHECKS", "0")
     x = torch.randn(2, 3, 4, 4)
     _scalar_calls(x, seed=7, first_index=torch.tensor(2 ** 32 - 1))["q_sample"]()
+
+
+# --- the extension's backends (cpu, cuda): the kernels check, the wrapper issues no check op ---
+
+def _pretend_cuda_backend(monkeypatch):
+    """auto picks the extension's CUDA kernels for (fake) CUDA tensors, as on a GPU machine."""
+    real = backends.available
+    monkeypatch.setattr(backends, "available", lambda name: name == "cuda" or real(name))
+    monkeypatch.setattr(backends, "_extension_has", lambda op: True)
+
+
+FAKE_EXT_CALLS = dict(FAKE_CALLS, **{
+    "sampler_step guided": lambda s, x, t, tp, seed: fastdiff.sampler_step(
+        x, torch.empty((4,) + tuple(x.shape[1:]), device="cuda"), t, tp, s, seed=3,
+        first_index=seed, guidance_scale=torch.empty((), device="cuda")),
+})
+# (multistep_step cannot run on fake tensors: its storage-sharing check reads data pointers;
+# test_cpu_backend_wrapper_issues_no_check_ops covers it)
+# ops a call may issue besides the kernel: a tensor's device, views and allocations (never a
+# check's compare, reduction or assert; each would be a launch on a GPU)
+_NOT_CHECKS = ("prim.device", "aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand",
+               "aten.alias", "aten.full", "aten.empty", "aten.new_empty")
+
+
+@pytest.mark.parametrize("name", list(FAKE_EXT_CALLS))
+def test_cuda_backend_issues_no_device_check_ops(name, monkeypatch):
+    """With the CUDA backend picked, the wrapper hands the range checks to the kernel (its
+    `checks` argument: CHECK_VALUES, plus CHECK_FIRST_INDEX for an int64 device first_index) and
+    issues no check op of its own: no _assert_async, no compare or reduction, nothing read back."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "1")
+    _pretend_cuda_backend(monkeypatch)
+    ops, calls = _run_fake(FAKE_EXT_CALLS[name], calls=True)
+    assert len(calls) == 1, ops
+    op, args = calls[0]
+    others = [o for o, _ in ops if not o.startswith(("fastdiff.",) + _NOT_CHECKS)]
+    assert others == [], f"{name}: the wrapper issued {others}"
+    assert not any(to_cpu for _, to_cpu in ops), ops
+    want = _checks.CHECK_VALUES | (_checks.CHECK_FIRST_INDEX if "first_index" in name or
+                                   "guided" in name else 0)
+    assert (args[-2], args[-1]) == ("cuda", want), (op, args[-2:])
+
+
+def test_cuda_backend_checks_nothing_for_ints(monkeypatch):
+    """Python ints are checked in plain Python: the kernel is told to check nothing (on CUDA: no
+    check kernel launched)."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "1")
+    _pretend_cuda_backend(monkeypatch)
+    for fn in (lambda s, x, t, tp, seed: fastdiff.q_sample(x, 7, s, seed=3),
+               lambda s, x, t, tp, seed: fastdiff.sampler_step(x, x, 9, 8, s, seed=3)):
+        ops, calls = _run_fake(fn, calls=True)
+        assert calls[0][1][-1] == 0
+        assert [o for o, _ in ops if not o.startswith(("fastdiff.",) + _NOT_CHECKS)] == []
+
+
+def test_cuda_backend_checks_off_where_values_are_trusted(monkeypatch):
+    """FASTDIFF_CHECKS=0 / trusted_values(): the kernel is told to check nothing."""
+    _pretend_cuda_backend(monkeypatch)
+    monkeypatch.setenv("FASTDIFF_CHECKS", "0")
+    _, calls = _run_fake(FAKE_EXT_CALLS["q_sample"], calls=True)
+    assert calls[0][1][-1] == 0
+    monkeypatch.setenv("FASTDIFF_CHECKS", "1")
+    with _checks.trusted_values():
+        _, calls = _run_fake(FAKE_EXT_CALLS["sampler_step ddpm"], calls=True)
+    assert calls[0][1][-1] == 0
+
+
+def _aten_ops(fn):
+    """The top-level aten ops fn() issues (torch.profiler: unlike a dispatch mode it leaves the
+    call on the path it takes without one)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        fn()
+    return [e.name for e in p.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+
+
+def test_cpu_backend_wrapper_issues_no_check_ops(monkeypatch):
+    """The cpu backend runs the wrapper code the cuda backend does (the kernels check): tensor
+    timesteps, step, first_index and guidance cost no tensor op but the outputs' allocations,
+    and the kernel is asked to check them."""
+    monkeypatch.setenv("FASTDIFF_CHECKS", "1")
+    monkeypatch.delenv("FASTDIFF_POISON", raising=False)  # (the suite's NaN fill: a fill_ each)
+    monkeypatch.setattr(backends, "requested", lambda: "cpu")
+    seen = []
+    for op in ("q_sample", "sampler_step", "multistep_step"):  # the kernel launch, recorded
+        monkeypatch.setattr(torch.ops.fastdiff_ext, op,
+                            lambda *a, _op=op: seen.append((_op, a[-1])), raising=False)
+    x = torch.randn(2, 3, 4, 4)
+    m2 = torch.randn(4, 3, 4, 4)
+    s = fastdiff.Schedule()
+    t, tp, one, w = torch.tensor([7, 9]), torch.tensor([6, 8]), torch.tensor([1]), torch.tensor([2.0])
+    coefs = torch.rand(4, NCOEF, dtype=torch.float64)
+    ring = torch.randn((2,) + tuple(x.shape))
+    calls = {
+        "q_sample": (lambda: fastdiff.q_sample(x, t, s, seed=1, first_index=one),
+                     ["aten::empty_like", "aten::empty_like", "aten::new_empty"]),
+        "sampler_step": (lambda: fastdiff.sampler_step(x, m2, t, tp, s, seed=1, first_index=one,
+                                                       guidance_scale=w),
+                         ["aten::empty_like", "aten::new_empty"]),
+        "multistep_step": (lambda: fastdiff.multistep_step(x, m2, ring, coefs, one, seed=1,
+                                                           first_index=one, guidance_scale=w),
+                           ["aten::empty_like"]),
+    }
+    views = ("aten::reshape", "aten::view", "aten::expand", "aten::alias")
+    for name, (fn, want) in calls.items():
+        seen.clear()
+        assert sorted(o for o in _aten_ops(fn) if o not in views) == sorted(want), name
+        assert seen[-1] == (name, _checks.CHECK_VALUES | _checks.CHECK_FIRST_INDEX), seen
+
+
+# --- the C++ CPU kernels' own checks (csrc/value_checks.h): ValueErrors naming the argument ---
+
+CPU_EXT = pytest.mark.skipif(not backends.available("cpu"), reason="the C++ CPU kernels are not built")
+ALL = _checks.CHECK_VALUES | _checks.CHECK_FIRST_INDEX
+
+
+@CPU_EXT
+def test_cpu_q_sample_kernel_checks_what_it_reads():
+    s = fastdiff.Schedule()
+    x0 = torch.randn(2, 3, 4, 4)
+    ab = s.table("sqrt_alphas_cumprod", "cpu", torch.float32)
+    s1 = s.table("sqrt_one_minus_alphas_cumprod", "cpu", torch.float32)
+
+    noise = torch.randn_like(x0)
+
+    def call(t, first_t=None, checks=ALL):
+        x_t, empty = torch.empty_like(x0), x0.new_empty(0)
+        torch.ops.fastdiff_ext.q_sample(x0, torch.tensor(t), ab, s1, noise, 7, None, 0, first_t,
+                                        x_t, empty, empty, checks)
+        return x_t
+
+    call([0, 999])
+    with pytest.raises(ValueError, match=r"t has values in \[0, 1000\], outside \[0, 1000\)"):
+        call([0, 1000])
+    with pytest.raises(ValueError, match=r"t has values in \[-1, 5\], outside \[0, 1000\)"):
+        call([5, -1])
+    with pytest.raises(ValueError, match=r"first_index must be in \[0, 4294967294\], got 4294967295"):
+        call([1, 2], torch.tensor([2 ** 32 - 1]))
+    with pytest.raises(ValueError, match=r"first_index must be in .*got -1"):
+        call([1, 2], torch.tensor([-1]))
+    # unchecked (checks off; or a narrower first_index dtype, its 32-bit word): no error, and
+    # the out-of-range t reads the table's ends (the kernels clamp)
+    assert torch.equal(call([-5, 5000], checks=0), call([0, 999], checks=0))
+    call([1, 2], torch.tensor([-1]), checks=_checks.CHECK_VALUES)
+
+
+@CPU_EXT
+def test_cpu_sampler_step_kernel_checks_what_it_reads():
+    s = fastdiff.Schedule()
+    B, x = 2, torch.randn(2, 3, 4, 4)
+    ps = x[0].numel()
+    ab = s.table("alphas_cumprod", "cpu", torch.float64)
+
+    def call(t, tp, kind=0, w=None, first_t=None, checks=ALL):
+        mo = torch.randn(2 * B if w is not None else B, 3, 4, 4)
+        out, x0 = torch.empty_like(x), x.new_empty(0)
+        torch.ops.fastdiff_ext.sampler_step(
+            x, mo, torch.tensor(t), torch.tensor(tp), ab, None, None, 7, None, 0, first_t, True,
+            kind, 0, 0, 0.0, 0, 1.0, True, False, ps, ps, ps, 0, B * ps if w is not None else 0,
+            1.0, None if w is None else torch.tensor([w]), out, x0, checks)
+
+    call([9, 5], [8, -1])
+    call([9, 5], [20, 7], kind=1)  # ddim: t_prev > t is the inversion step
+    for t, tp, kind, match in (
+            ([9, 1000], [8, 7], 0, r"t has values in \[9, 1000\], outside \[0, 1000\)"),
+            ([9, 5], [8, 1000], 1, r"t_prev has values in \[8, 1000\], outside \(-inf, 1000\) "
+                                   r"\(any negative value is the final step\)"),
+            ([9, 5], [8, 5], 0, r"kind='ddpm' needs t_prev < t \(a step towards t = 0\): got "
+                                r"t_prev=5 >= t=5 for sample 1")):
+        with pytest.raises(ValueError, match=match):
+            call(t, tp, kind=kind)
+        call(t, tp, kind=kind, checks=0)  # unchecked: clamped, no error
+    with pytest.raises(ValueError, match="guidance_scale must be finite, got nan"):
+        call([9, 5], [8, 4], w=float("nan"))
+    call([9, 5], [8, 4], w=float("nan"), checks=0)
+    with pytest.raises(ValueError, match=r"first_index must be in \[0, 4294967294\], got 4294967295"):
+        call([9, 5], [8, 4], first_t=torch.tensor([2 ** 32 - 1]))
+
+
+@CPU_EXT
+def test_cpu_multistep_step_kernel_checks_what_it_reads():
+    B, x = 2, torch.randn(2, 3, 4, 4)
+    coefs = torch.rand(4, NCOEF, dtype=torch.float64) + 0.5
+    ring = torch.randn((2,) + tuple(x.shape))
+
+    def call(step, w=None, first_t=None, checks=ALL):
+        mo = torch.randn(2 * B if w is not None else B, 3, 4, 4)
+        torch.ops.fastdiff_ext.multistep_step(
+            x, mo, ring, coefs, 0, torch.tensor([step]), None, None, None, 7, None, 0, first_t,
+            True, 0, 0, 1.0, x.numel() if w is not None else 0, 1.0,
+            None if w is None else torch.tensor([w]), torch.empty_like(x), checks)
+
+    call(3)
+    for step, match in ((4, r"step must be in \[0, 3\], got 4"), (-1, r"step must be in \[0, 3\], got -1")):
+        with pytest.raises(ValueError, match=match):
+            call(step)
+        call(step, checks=0)  # unchecked: clamped into the table
+    with pytest.raises(ValueError, match="guidance_scale must be finite, got inf"):
+        call(1, w=float("inf"))
+    with pytest.raises(ValueError, match=r"first_index must be in \[0, 4294967294\], got 4294967295"):
+        call(1, first_t=torch.tensor([2 ** 32 - 1]))
+    call(1, first_t=torch.tensor([2 ** 32 - 1]), checks=_checks.CHECK_VALUES)

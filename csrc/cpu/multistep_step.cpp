@@ -9,6 +9,7 @@
 
 #include "cpu/multistep_step_vec.h"
 #include "multistep_step_args.h"
+#include "value_checks.h"
 
 namespace fastdiff {
 namespace {
@@ -74,7 +75,8 @@ void multistep_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, a
                         const c10::optional<at::Tensor>& first_t, bool draw_noise,
                         int64_t prediction_type, int64_t clip_mode, double clip_sample_range,
                         int64_t cond_offset, double guidance,
-                        const c10::optional<at::Tensor>& guidance_t, at::Tensor out) {
+                        const c10::optional<at::Tensor>& guidance_t, at::Tensor out,
+                        int64_t checks) {
   FD_CHECK(x_t.device().is_cpu() && model_output.device().is_cpu() && ring.device().is_cpu() &&
            coefs.device().is_cpu() && out.device().is_cpu() &&
            (!last_sample || last_sample->device().is_cpu()) &&
@@ -85,9 +87,14 @@ void multistep_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, a
                                          noise, thresh, key, draw_noise, prediction_type,
                                          clip_mode, clip_sample_range, cond_offset, guidance,
                                          guidance_t, out);
-  if (p.numel == 0) return;
   // a CPU tensor's value is host memory: read here, no sync
-  const int64_t s = multistep_clamp_step(step_t ? *step_t->data_ptr<int64_t>() : step, p.num_steps);
+  const int64_t s_in = step_t ? *step_t->data_ptr<int64_t>() : step;
+  FD_CHECK(!(checks & kCheckValues) || !step_t || (s_in >= 0 && s_in < p.num_steps),
+           "step must be in [0, ", p.num_steps - 1, "], got ", s_in);
+  check_finite_host(checks, "guidance_scale", guidance_t ? guidance_t->data_ptr<float>() : nullptr);
+  check_first_index_host(checks, key, p.B);
+  if (p.numel == 0) return;
+  const int64_t s = multistep_clamp_step(s_in, p.num_steps);
   const MultistepCoef c = multistep_coef(coefs.data_ptr<double>() + s * kMultistepNcoef,
                                          static_cast<int>(prediction_type));
   const int slot = static_cast<int>(s % p.layout.K);
@@ -111,7 +118,7 @@ TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
         "Tensor? step_t, Tensor(b!)? last_sample, Tensor? noise, Tensor? thresh, int seed, "
         "Tensor? seed_t, int first_index, Tensor? first_t, bool draw_noise, int prediction_type, "
         "int clip_mode, float clip_sample_range, int cond_offset, float guidance, "
-        "Tensor? guidance_t, Tensor(c!) out) -> ()");
+        "Tensor? guidance_t, Tensor(c!) out, int checks=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) { m.impl("multistep_step", &fastdiff::multistep_step_cpu); }

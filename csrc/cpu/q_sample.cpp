@@ -10,6 +10,7 @@
 #include "cpu/q_sample_vec.h"
 #include "noise_key.h"
 #include "q_sample.h"
+#include "value_checks.h"
 
 namespace fastdiff {
 namespace {
@@ -72,7 +73,7 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& s
                   const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
                   int64_t seed, const c10::optional<at::Tensor>& seed_t, int64_t first_index,
                   const c10::optional<at::Tensor>& first_t, at::Tensor x_t, at::Tensor eps,
-                  at::Tensor v) {
+                  at::Tensor v, int64_t checks) {
   FD_CHECK(x0.device().is_cpu() && t.device().is_cpu(), "q_sample (cpu): tensors must be on the CPU");
   FD_CHECK(t.scalar_type() == at::kLong && t.numel() == x0.size(0),
            "q_sample: t must be int64 of shape (B,)");
@@ -86,9 +87,13 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& s
            (v.numel() == 0 || (v.strides() == x0.strides() && v.device() == x0.device())),
            "q_sample: noise, x_t, eps and v must be laid out like x0, on its device");
   const NoiseKey key = host_noise_key(seed, seed_t, first_index, first_t, x0, "q_sample");
+  const at::Tensor tc = t.contiguous();
+  if (checks & kCheckValues)
+    check_timesteps_host("t", tc.data_ptr<int64_t>(), tc.numel(), sqrt_ab.numel(), false);
+  check_first_index_host(checks, key, x0.size(0));
   if (x0.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
-    q_sample_cpu_impl<scalar_t>(x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
+    q_sample_cpu_impl<scalar_t>(x0, tc, sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
                                 noise, key, x_t, eps, v);
   });
 }
@@ -99,7 +104,7 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& s
 TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
   m.def("q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? noise, int seed, "
         "Tensor? seed_t, int first_index, Tensor? first_t, Tensor(a!) x_t, Tensor(b!) eps, "
-        "Tensor(c!) v) -> ()");
+        "Tensor(c!) v, int checks=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) { m.impl("q_sample", &fastdiff::q_sample_cpu); }

@@ -10,6 +10,7 @@
 
 #include "cpu/sampler_step_vec.h"
 #include "sampler_step_args.h"
+#include "value_checks.h"
 
 namespace fastdiff {
 namespace {
@@ -82,7 +83,7 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
                       bool use_clipped_model_output, int64_t mo_batch_stride, int64_t mo_inner,
                       int64_t mo_row_stride, int64_t var_offset, int64_t cond_offset,
                       double guidance, const c10::optional<at::Tensor>& guidance_t,
-                      at::Tensor x_prev, at::Tensor x0) {
+                      at::Tensor x_prev, at::Tensor x0, int64_t checks) {
   FD_CHECK(x_t.device().is_cpu() && model_output.device().is_cpu() && t.device().is_cpu() &&
            t_prev.device().is_cpu() && alphas_cumprod.device().is_cpu(),
            "sampler_step (cpu): tensors must be on the CPU");
@@ -96,13 +97,20 @@ void sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
            (!noise || noise->device().is_cpu()) && x_prev.device().is_cpu() &&
            (x0.numel() == 0 || x0.device().is_cpu()),
            "sampler_step (cpu): thresh, noise, x_prev and x0 must be on the CPU");
-  if (p.numel == 0) return;
   const int64_t B = p.B;
-  const SamplerStepConfig& cfg = p.cfg;
   const at::Tensor tc = t.contiguous(), tpc = t_prev.contiguous(), abc = alphas_cumprod.contiguous();
   const int64_t* tp = tc.data_ptr<int64_t>();
   const int64_t* tpp = tpc.data_ptr<int64_t>();
   const int64_t num_t = abc.numel();
+  if (checks & kCheckValues) {  // host memory: read here, no sync
+    check_timesteps_host("t", tp, B, num_t, false);
+    check_timesteps_host("t_prev", tpp, B, num_t, true);
+    if (kind == kDDPM) check_ddpm_order_host(tp, tpp, B);
+  }
+  check_finite_host(checks, "guidance_scale", guidance_t ? guidance_t->data_ptr<float>() : nullptr);
+  check_first_index_host(checks, key, B);
+  if (p.numel == 0) return;
+  const SamplerStepConfig& cfg = p.cfg;
   std::vector<SamplerStepCoef> coef(B);
   for (int64_t b = 0; b < B; ++b) coef[b] = sampler_step_coef(abc.data_ptr<double>(), num_t, tp[b], tpp[b], cfg);
   at::Tensor thr_c;
@@ -129,7 +137,7 @@ TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
         "float clip_sample_range, bool set_alpha_to_one, bool use_clipped_model_output, "
         "int mo_batch_stride, int mo_inner, int mo_row_stride, int var_offset, int cond_offset, "
         "float guidance, Tensor? guidance_t, "
-        "Tensor(a!) x_prev, Tensor(b!) x0) -> ()");
+        "Tensor(a!) x_prev, Tensor(b!) x0, int checks=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_ext, CPU, m) { m.impl("sampler_step", &fastdiff::sampler_step_cpu); }

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "multistep_step_args.h"
+#include "value_checks.h"
 
 namespace fastdiff {
 namespace {
@@ -56,7 +57,8 @@ void multistep_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, 
                          const c10::optional<at::Tensor>& first_t, bool draw_noise,
                          int64_t prediction_type, int64_t clip_mode, double clip_sample_range,
                          int64_t cond_offset, double guidance,
-                         const c10::optional<at::Tensor>& guidance_t, at::Tensor out) {
+                         const c10::optional<at::Tensor>& guidance_t, at::Tensor out,
+                         int64_t checks) {
   FD_CHECK(x_t.is_cuda() && model_output.is_cuda() && ring.is_cuda() && coefs.is_cuda() &&
            out.is_cuda() && (!last_sample || last_sample->is_cuda()) &&
            (!noise || noise->is_cuda()) && (!thresh || thresh->is_cuda()),
@@ -78,6 +80,8 @@ void multistep_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, 
   const int64_t* sp = step_t ? step_t->data_ptr<int64_t>() : nullptr;
   const float* thr = clip_mode == kMsClipThreshold ? thresh->data_ptr<float>() : nullptr;
   float* lp = last_sample ? last_sample->data_ptr<float>() : nullptr;
+  launch_value_checks({nullptr, nullptr, B, 0, false, sp, p.num_steps, key.first_ptr,
+                       cond_offset != 0 ? p.layout.w_ptr : nullptr}, checks, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "multistep_step_cuda", [&] {
     if constexpr (!std::is_same<scalar_t, double>::value) {  // float64 runs the reference
       const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;

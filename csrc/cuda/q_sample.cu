@@ -12,6 +12,7 @@
 
 #include "noise_key.h"
 #include "q_sample.h"
+#include "value_checks.h"
 
 namespace fastdiff {
 namespace {
@@ -42,7 +43,7 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
                    const at::Tensor& sqrt_1mab, const c10::optional<at::Tensor>& noise,
                    int64_t seed, const c10::optional<at::Tensor>& seed_t, int64_t first_index,
                    const c10::optional<at::Tensor>& first_t, at::Tensor x_t, at::Tensor eps,
-                   at::Tensor v) {
+                   at::Tensor v, int64_t checks) {
   FD_CHECK(x0.is_cuda() && t.is_cuda() && sqrt_ab.is_cuda() && sqrt_1mab.is_cuda(),
            "q_sample (cuda): x0, t and the schedule tables must be CUDA tensors");
   FD_CHECK(t.scalar_type() == at::kLong && t.numel() == x0.size(0) && t.is_contiguous(),
@@ -68,6 +69,8 @@ void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
   const dim3 blocks(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
                     static_cast<unsigned>(std::min<int64_t>(B, 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  launch_value_checks({t.data_ptr<int64_t>(), nullptr, B, sqrt_ab.numel(), false, nullptr, 0,
+                       key.first_ptr, nullptr}, checks, stream);
   const bool has_noise = noise.has_value(), want_v = v.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {
     const scalar_t* np = has_noise ? noise->data_ptr<scalar_t>() : nullptr;

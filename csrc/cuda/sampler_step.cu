@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "sampler_step_args.h"
+#include "value_checks.h"
 
 namespace fastdiff {
 namespace {
@@ -58,7 +59,7 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
                        bool use_clipped_model_output, int64_t mo_batch_stride, int64_t mo_inner,
                        int64_t mo_row_stride, int64_t var_offset, int64_t cond_offset,
                        double guidance, const c10::optional<at::Tensor>& guidance_t,
-                       at::Tensor x_prev, at::Tensor x0) {
+                       at::Tensor x_prev, at::Tensor x0, int64_t checks) {
   FD_CHECK(x_t.is_cuda() && model_output.is_cuda() && t.is_cuda() && t_prev.is_cuda() &&
            alphas_cumprod.is_cuda(), "sampler_step (cuda): tensors must be CUDA tensors");
   const NoiseKey key = device_noise_key(seed, seed_t, first_index, first_t, x_t, "sampler_step");
@@ -82,6 +83,9 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
                   static_cast<unsigned>(std::min<int64_t>(B, 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  launch_value_checks({t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), B, alphas_cumprod.numel(),
+                       kind == kDDPM, nullptr, 0, key.first_ptr,
+                       cond_offset != 0 ? p.layout.w_ptr : nullptr}, checks, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cuda", [&] {
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;

@@ -4,15 +4,50 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 
 import torch
 
+from ..backends import env_reader
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_ENV_CHECKS = env_reader("FASTDIFF_CHECKS")
+_ENV_POISON = env_reader("FASTDIFF_POISON")
 
 
 def checks_enabled() -> bool:
-    return os.environ.get("FASTDIFF_CHECKS", "1") != "0"
+    return _ENV_CHECKS() != "0"
+
+
+# Bits of the extension ops' `checks` argument (csrc/value_checks.h): which values the C++/CUDA
+# kernel range-checks where it reads them (the CPU kernels on the host, raising a ValueError
+# naming the argument; the CUDA kernels by a device-side assert).
+CHECK_VALUES = 1       # t (t_prev, ddpm's order), multistep's step, a device guidance_scale
+CHECK_FIRST_INDEX = 2  # an int64 device first_index in [0, 2^32 - B]
+KERNEL_CHECKED = ("cpu", "cuda")  # the backends whose kernels do
+
+
+def checked_in_kernel(backend: str, x: torch.Tensor) -> bool:
+    """Whether the kernel that runs this call checks the values it reads itself: the extension's
+    (cpu, cuda), which run every non-empty float32/16/bf16 call (float64 and empty inputs run the
+    reference). The wrapper then issues no check of its own for tensor values (on a GPU: no
+    device op, no launch; for a Python int the check stays in plain Python). The torch and
+    Triton backends keep the wrapper's checks (a device-side assert chain for device tensors)."""
+    return backend in KERNEL_CHECKED and x.dtype != torch.float64 and x.numel() > 0
+
+
+def kernel_checks(*given, first_index=None, first_t=None) -> int:
+    """The `checks` argument of an extension op for this call. given: the arguments whose values
+    the kernel is to check, as the caller gave them (t, t_prev, step, guidance_scale...): only
+    tensors are (an int was checked in plain Python; on CUDA no check kernel is launched for
+    ints). None where values_checked() says values are not checked (FASTDIFF_CHECKS=0,
+    trusted_values(), torch.compile tracing); the first_index range only for an int64 tensor
+    one (a narrower one is its 32-bit word)."""
+    ts = [v for v in given if isinstance(v, torch.Tensor)]
+    wide_first = first_t is not None and first_index.dtype == torch.int64
+    if not (ts or wide_first) or not values_checked(*ts, *((first_t,) if wide_first else ())):
+        return 0
+    return (CHECK_VALUES if ts else 0) | (CHECK_FIRST_INDEX if wide_first else 0)
 
 
 def tensor(name: str, x, *, ndim_min: int | None = None, ndim: int | None = None):
@@ -25,8 +60,13 @@ def tensor(name: str, x, *, ndim_min: int | None = None, ndim: int | None = None
     return x
 
 
+_FLOATS = frozenset(FLOAT_DTYPES + (torch.float64,))
+
+
 def float_tensor(name: str, x, allow_float64: bool = True, **kw):
     tensor(name, x, **kw)
+    if allow_float64 and x.dtype in _FLOATS:
+        return x
     ok = FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
     if x.dtype not in ok:
         raise TypeError(f"{name} must be a floating tensor of dtype "
@@ -54,6 +94,11 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others):
             raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
 
 
+# the integer dtypes a tensor t may have (anything but floating, complex and bool)
+_INT_DTYPES = frozenset(d for d in vars(torch).values() if isinstance(d, torch.dtype) and not (
+    d.is_floating_point or d.is_complex or d == torch.bool))
+
+
 def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negative=False,
               check_values=True):
     """Per-sample timesteps as an int64 tensor of shape (batch,) on `device`.
@@ -74,27 +119,54 @@ def timesteps(name: str, t, batch: int, num_timesteps: int, device, allow_negati
     if isinstance(t, int):
         if not (lo is None or lo <= t) or t >= num_timesteps:
             raise ValueError(f"{name}={t} is out of range {_range_text(lo, num_timesteps)}")
-        return torch.full((batch,), t, dtype=torch.int64, device=device)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        return int_timesteps(t, batch, device)
+    dt = t.dtype
+    if dt not in _INT_DTYPES and (dt.is_floating_point or dt.is_complex or dt == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     if t.dim() == 0:
         t = t.reshape(1).expand(batch)
-    if t.shape != (batch,):
+    elif t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), "
                          f"got {tuple(t.shape)}")
-    device = torch.device(device)
-    if t.device.type not in ("cpu", device.type) or (
-            t.device.type != "cpu" and t.device != device):
-        raise ValueError(f"{name} is on {t.device} but the data is on {device}")
-    if t.device.type == "cpu" and device.type == "cuda" and \
-            torch.cuda.is_current_stream_capturing():
-        raise ValueError(f"{name} is a CPU tensor while a CUDA graph is being captured: the "
-                         "copy to the GPU cannot be captured; pass a CUDA tensor (or an int)")
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    on_device = t.device == device
+    if not on_device:  # a CPU t for device data is copied (never while a graph is captured)
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device} but the data is on {device}")
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"{name} is a CPU tensor while a CUDA graph is being captured: the "
+                             "copy to the GPU cannot be captured; pass a CUDA tensor (or an int)")
     if check_values:
         timestep_values(num_timesteps, (name, t, lo))
-    if t.dtype == torch.int64 and t.device == device and t.is_contiguous():
+    if on_device and dt == torch.int64 and t.is_contiguous():
         return t
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+_INT_T = {}  # (t, batch, device) -> int64 tensor (batch,) filled with t; never written, never evicted
+_INT_T_MAX = 4096  # entries (bytes each); past it a call makes its own tensor, as before
+
+
+def int_timesteps(t: int, batch: int, device) -> torch.Tensor:
+    """A Python-int t as the int64 tensor (batch,) the kernels read, made once per (t, batch,
+    device) and reused: no fill per call (~1.4 us of host time, and a launch on a GPU). No op
+    writes it (it never leaves the ops), and no entry is ever dropped, so a CUDA graph may read
+    one. Made fresh and not kept while torch.compile traces, under a dispatch mode (FakeTensor...)
+    and while a CUDA graph is captured (a captured fill runs only at replay)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    key = (t, batch, device)
+    out = _INT_T.get(key)
+    if out is not None:
+        return out
+    if len(_INT_T) >= _INT_T_MAX or (torch.device(device).type == "cuda" and
+                                     torch.cuda.is_current_stream_capturing()):
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+        out = torch.full((batch,), t, dtype=torch.int64, device=device)
+    _INT_T[key] = out
+    return out
 
 
 def _range_text(lo, num_timesteps: int) -> str:
@@ -206,8 +278,12 @@ def values_checked(*ts: torch.Tensor) -> bool:
     FASTDIFF_CHECKS=0 or inside trusted_values(), nor on the meta device. (A CUDA t is checked
     by a device-side assert, which a CUDA graph captures like any kernel.)"""
     # is_compiling() first: Dynamo cannot trace ContextVar.get (it short-circuits before it)
-    return not (torch.compiler.is_compiling() or _TRUSTED.get() or not checks_enabled()
-                or any(t.device.type == "meta" for t in ts))
+    if torch.compiler.is_compiling() or _TRUSTED.get() or _ENV_CHECKS() == "0":
+        return False
+    for t in ts:
+        if t.is_meta:
+            return False
+    return True
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +309,10 @@ def empty_like(ref: torch.Tensor, dtype=None, shape=None) -> torch.Tensor:
     """Output buffer laid out like `ref`. With FASTDIFF_POISON=1 (the test suite sets it) it is
     filled with NaN first, so that an element a kernel forgets to write fails every comparison."""
     if shape is None:
-        out = torch.empty_like(ref, dtype=dtype or ref.dtype)
+        out = torch.empty_like(ref) if dtype is None else torch.empty_like(ref, dtype=dtype)
     else:
         out = ref.new_empty(shape, dtype=dtype or ref.dtype)
-    if os.environ.get("FASTDIFF_POISON") == "1":
+    if _ENV_POISON() == "1":
         out.fill_(float("nan"))
     return out
 
@@ -343,7 +419,8 @@ def first_index_item(first_index, first_t, batch: int):
     return ("first_index", first_t, 0, MAX_IMAGE_INDEX - batch)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (FakeTensor, DTensor...) take the op
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # subclasses (FakeTensor, DTensor...) take the op
+_SCALARS = frozenset((int, float, bool, str, type(None)))
 
 
 def run_op(op, body, *args):
@@ -354,13 +431,17 @@ def run_op(op, body, *args):
     which an eager loop not captured in a CUDA graph pays on every op. torch.compile, autograd,
     tensor subclasses and dispatch modes still see the op."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the op
+            or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
+            or torch._C._functorch.get_dynamic_layer_stack_depth() > 0):  # vmap, grad...
         return op(*args)
     grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor) and (
-                type(a) not in _PLAIN or not (a.is_cuda or a.is_cpu)
-                or (grad and a.requires_grad)
-                or torch._C._functorch.is_functorch_wrapped_tensor(a)):
+    for a in args:  # (the ops pass ~10-30 arguments: the scalars cost a set lookup each)
+        ta = type(a)
+        if ta in _SCALARS:
+            continue
+        if ta in _PLAIN:
+            if not (a.is_cuda or a.is_cpu) or (grad and a.requires_grad):
+                return op(*args)
+        elif isinstance(a, torch.Tensor):  # a subclass
             return op(*args)
     return body(*args)

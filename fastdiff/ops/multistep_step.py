@@ -179,17 +179,20 @@ def _multistep_step_body(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs:
                          dynamic_thresholding_ratio: float, sample_max_value: float,
                          clip_sample: bool, clip_sample_range: float, guided: bool,
                          guidance: float, guidance_t: Optional[Tensor], backend: str,
-                         out: Tensor) -> None:
+                         out: Tensor, checks: int) -> None:
     """Inputs checked; x_t, ring slots, last_sample, noise and out dense alike. Writes out, ring
     slot step % K and last_sample. Noise: given, or drawn when draw_noise from (seed_t or seed,
-    first_t or first_index); backend "auto" or a name forced for this call."""
+    first_t or first_index); backend: the one the wrapper picked, or (under torch.compile)
+    "auto" or "use:<name>" to pick here; checks: the values the extension's kernel checks
+    (_checks.kernel_checks)."""
     if x_t.numel() == 0:
         return
     S, K = coefs.shape[0], ring.shape[0]
-    if backend == "auto":
+    name = backend
+    if backend == "auto":  # (under torch.compile the wrapper leaves the pick to the op)
         name = backends.pick("multistep_step", IMPLEMENTED, x_t.device)
-    else:  # forced for this call: unavailable or on the wrong device raises, as use_backend
-        with backends.use_backend(backend):
+    elif backend.startswith("use:"):  # forced for this call, as use_backend
+        with backends.use_backend(backend[4:]):
             name = backends.pick("multistep_step", IMPLEMENTED, x_t.device)
     w = (guidance if guidance_t is None else guidance_t) if guided else None
     step_v = step if step_t is None else step_t
@@ -232,7 +235,7 @@ def _multistep_step_body(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs:
         from ..kernels.multistep_step import multistep_step_triton
         multistep_step_triton(*args)
     else:
-        torch.ops.fastdiff_ext.multistep_step(*args)
+        torch.ops.fastdiff_ext.multistep_step(*args, checks)
 
 
 _multistep_step_op = torch.library.custom_op(
@@ -243,13 +246,15 @@ _multistep_step_op = torch.library.custom_op(
 def _(x_t, model_output, ring, coefs, step, step_t, last_sample, noise, seed, seed_t,
       first_index, first_t, draw_noise, prediction_type, thresholding, dynamic_thresholding_ratio,
       sample_max_value, clip_sample, clip_sample_range, guided, guidance, guidance_t, backend,
-      out):
+      out, checks):
     return None
 
 
-def _same_layout(a: Tensor, strides, shape) -> bool:
-    """a's strides are `strides` on every dim longer than 1 (a size-1 dim's stride is moot)."""
-    return all(sa == sb or n == 1 for sa, sb, n in zip(a.stride(), strides, shape))
+def _same_layout(a, strides, shape) -> bool:
+    """a's strides (a tensor's, or a tuple of them) are `strides` on every dim longer than 1 (a
+    size-1 dim's stride is moot)."""
+    sa = a.stride() if isinstance(a, Tensor) else a
+    return sa == strides or all(x == y or n == 1 for x, y, n in zip(sa, strides, shape))
 
 
 def _shares_memory(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
@@ -365,7 +370,7 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
     x_t = _checks.dense(x_t)
     strides = x_t.stride()
     n = x_t.numel()
-    if n and (not _same_layout(ring[0], strides, x_t.shape) or (K > 1 and abs(ring.stride(0)) < n)):
+    if n and (not _same_layout(ring.stride()[1:], strides, x_t.shape) or (K > 1 and abs(ring.stride(0)) < n)):
         raise ValueError(f"ring's slots must be laid out like x_t (strides {strides}, slots "
                          f"apart; fastdiff.ops.multistep_step.empty_ring makes one), got strides "
                          f"{ring.stride()}")
@@ -383,12 +388,19 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
                          (x_t, "x_t", ring, "ring"), (x_t, "x_t", last_sample, "last_sample")):
         if _shares_memory(a, b):
             raise ValueError(f"{an} and {bn} must not share memory")
-    if backend is None:
-        backend = "auto"
+    if backend is not None and (not isinstance(backend, str) or backend not in IMPLEMENTED):
+        raise ValueError(f"backend must be None or one of {IMPLEMENTED} (the backends of "
+                         f"multistep_step), got {backend!r}")
+    # picked here (its checks depend on it); while torch.compile traces, inside the op
+    if torch.compiler.is_compiling():
+        backend = "auto" if backend is None else "use:" + backend
+    elif backend is None:
+        backend = backends.pick("multistep_step", IMPLEMENTED, x_t.device)
     else:
-        if not isinstance(backend, str) or backend not in IMPLEMENTED:
-            raise ValueError(f"backend must be None or one of {IMPLEMENTED} (the backends of "
-                             f"multistep_step), got {backend!r}")
+        with backends.use_backend(backend):  # unavailable or on the wrong device raises
+            backend = backends.pick("multistep_step", IMPLEMENTED, x_t.device)
+    # the extension's kernels check the values of tensor arguments themselves (no device op)
+    in_kernel = _checks.checked_in_kernel(backend, x_t)
     if guided and x_t.numel():
         model_output = model_output.contiguous(
             memory_format=torch.contiguous_format if x_t.is_contiguous() else (
@@ -399,7 +411,11 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
         noise = _checks.like(noise.to(x_t.dtype), x_t)
     draw = noise is None and seed is not None
     seed, seed_t = _checks.seed_arg(0 if seed is None else seed, x_t.device)
-    if step_t is not None or first_t is not None or guidance_t is not None:
+    checks = 0
+    if in_kernel:
+        checks = _checks.kernel_checks(step_t, guidance_t, first_index=first_index,
+                                       first_t=first_t)
+    elif step_t is not None or first_t is not None or guidance_t is not None:
         # device scalars: the ranges the ints get, checked on the device (no host sync)
         _checks.scalar_values(("step", step_t, 0, S - 1), _checks.first_index_item(first_index, first_t, B),
                               ("guidance_scale", guidance_t, None, None))
@@ -407,7 +423,7 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
                    step, step_t, last_sample, noise, seed, seed_t, first, first_t, draw,
                    prediction_type, bool(thresholding), dynamic_thresholding_ratio,
                    sample_max_value, bool(clip_sample), clip_sample_range, guided, guidance,
-                   guidance_t, backend, out)
+                   guidance_t, backend, out, checks)
     return out
 
 

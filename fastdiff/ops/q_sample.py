@@ -39,13 +39,15 @@ def q_sample_ref(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, nois
 def _q_sample_body(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
                    noise: Optional[Tensor], seed: int, seed_t: Optional[Tensor],
                    first_index: int, first_t: Optional[Tensor],
-                   want_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   want_v: bool, backend: str, checks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (x_t, eps drawn here or empty, v or empty). Inputs are checked and dense; the
-    noise key is (seed_t or seed, first_t or first_index)."""
+    noise key is (seed_t or seed, first_t or first_index); backend: the one the wrapper picked
+    ("auto": pick it here, as under torch.compile); checks: the values the extension's kernel checks (_checks.kernel_checks)."""
     x_t = _checks.empty_like(x0)
     eps = _checks.empty_like(x0) if noise is None else x0.new_empty(0)
     v = _checks.empty_like(x0) if want_v else x0.new_empty(0)
-    backend = backends.pick("q_sample", IMPLEMENTED, x0.device)
+    if backend == "auto":
+        backend = backends.pick("q_sample", IMPLEMENTED, x0.device)
     if backend == "torch" or x0.dtype == torch.float64 or x0.numel() == 0:
         if noise is None:
             eps.copy_(memory_order_normal(seed if seed_t is None else seed_t, t, STREAM_Q_SAMPLE,
@@ -60,7 +62,7 @@ def _q_sample_body(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
                         x_t, eps, v)
     else:
         torch.ops.fastdiff_ext.q_sample(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t,
-                                        first_index, first_t, x_t, eps, v)
+                                        first_index, first_t, x_t, eps, v, checks)
     return x_t, eps, v
 
 
@@ -68,7 +70,8 @@ _q_sample_op = torch.library.custom_op("fastdiff::q_sample", mutates_args=())(_q
 
 
 @_q_sample_op.register_fake
-def _(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t, first_index, first_t, want_v):
+def _(x0, t, sqrt_ab, sqrt_1mab, noise, seed, seed_t, first_index, first_t, want_v, backend,
+      checks):
     e = torch.empty_like(x0) if noise is None else x0.new_empty(0)
     return torch.empty_like(x0), e, torch.empty_like(x0) if want_v else x0.new_empty(0)
 
@@ -108,19 +111,30 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
     _checks.noise_and_seed("x0", x0, noise, seed)
-    first, first_t = _checks.first_index_arg(first_index, x0.shape[0], x0.device)
-    t = _checks.timesteps("t", t, x0.shape[0], schedule.num_train_timesteps, x0.device)
+    device, B = x0.device, x0.shape[0]
+    first, first_t = _checks.first_index_arg(first_index, B, device)
+    # picked here (its checks depend on it); while torch.compile traces, inside the op
+    backend = "auto" if torch.compiler.is_compiling() else backends.pick("q_sample", IMPLEMENTED,
+                                                                         device)
+    # the extension's kernels check the values of tensor arguments themselves (no device op)
+    in_kernel = _checks.checked_in_kernel(backend, x0)
+    t_in = t
+    t = _checks.timesteps("t", t, B, schedule.num_train_timesteps, device,
+                          check_values=not in_kernel)
     x0 = _checks.dense(x0)
     if noise is not None:
         noise = _checks.like(noise.to(x0.dtype), x0)
     seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None)
-                                    else (0 if seed is None else seed), x0.device)
-    if first_t is not None:
-        _checks.scalar_values(_checks.first_index_item(first_index, first_t, x0.shape[0]))
+                                    else (0 if seed is None else seed), device)
+    checks = 0
+    if in_kernel:
+        checks = _checks.kernel_checks(t_in, first_index=first_index, first_t=first_t)
+    elif first_t is not None:
+        _checks.scalar_values(_checks.first_index_item(first_index, first_t, B))
     tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    sqrt_ab = schedule.table("sqrt_alphas_cumprod", x0.device, tdt)
-    sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, tdt)
+    sqrt_ab = schedule.table("sqrt_alphas_cumprod", device, tdt)
+    sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", device, tdt)
     x_t, eps, v = _checks.run_op(_q_sample_op, _q_sample_body, x0, t, sqrt_ab, sqrt_1mab, noise,
-                                 seed, seed_t, first, first_t, v_target)
+                                 seed, seed_t, first, first_t, v_target, backend, checks)
     eps = noise if noise is not None else eps
     return (x_t, eps, v) if v_target else (x_t, eps)

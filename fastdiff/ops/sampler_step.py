@@ -205,22 +205,25 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
                        dynamic_thresholding_ratio: float, sample_max_value: float,
                        set_alpha_to_one: bool, use_clipped_model_output: bool, guided: bool,
                        guidance: float, guidance_t: Optional[Tensor],
-                       want_x0: bool) -> tuple[Tensor, Tensor]:
+                       want_x0: bool, backend: str, checks: int) -> tuple[Tensor, Tensor]:
     """Returns (x_prev, x0 or empty). Inputs are checked; x_t and noise dense alike. Noise key:
     (seed_t or seed, first_t or first_index); guidance scale (when guided): guidance_t or
-    guidance."""
+    guidance; backend: the one the wrapper picked ("auto": pick it here, as under
+    torch.compile); checks: the values the extension's kernel checks (_checks.kernel_checks)."""
     x_prev = _checks.empty_like(x_t)
     x0 = _checks.empty_like(x_t) if want_x0 else x_t.new_empty(0)
     needs_noise = kind == "ddpm" or eta > 0
     learned = kind == "ddpm" and variance_type in LEARNED
     w = (guidance if guidance_t is None else guidance_t) if guided else None
-    opts = dict(kind=kind, prediction_type=prediction_type, variance_type=variance_type, eta=eta,
-                clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                sample_max_value=sample_max_value, set_alpha_to_one=set_alpha_to_one,
-                use_clipped_model_output=use_clipped_model_output)
-    backend = backends.pick("sampler_step", IMPLEMENTED, x_t.device)
+    if backend == "auto":
+        backend = backends.pick("sampler_step", IMPLEMENTED, x_t.device)
     if backend == "torch" or x_t.dtype == torch.float64 or x_t.numel() == 0:
+        opts = dict(kind=kind, prediction_type=prediction_type, variance_type=variance_type,
+                    eta=eta, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                    thresholding=thresholding,
+                    dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                    sample_max_value=sample_max_value, set_alpha_to_one=set_alpha_to_one,
+                    use_clipped_model_output=use_clipped_model_output)
         if noise is None and needs_noise and x_t.numel():
             noise = memory_order_normal(seed if seed_t is None else seed_t,
                                         t.clamp(0, alphas_cumprod.numel() - 1),
@@ -258,7 +261,7 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
     else:
         torch.ops.fastdiff_ext.sampler_step(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh,
                                             seed, seed_t, first_index, first_t, needs_noise,
-                                            *args, x_prev, x0)
+                                            *args, x_prev, x0, checks)
     return x_prev, x0
 
 
@@ -270,7 +273,7 @@ _sampler_step_op = torch.library.custom_op("fastdiff::sampler_step",
 def _(x_t, model_output, t, t_prev, alphas_cumprod, noise, seed, seed_t, first_index, first_t,
       kind, prediction_type, variance_type, eta, clip_sample, clip_sample_range, thresholding,
       dynamic_thresholding_ratio, sample_max_value, set_alpha_to_one, use_clipped_model_output,
-      guided, guidance, guidance_t, want_x0):
+      guided, guidance, guidance_t, want_x0, backend, checks):
     return torch.empty_like(x_t), torch.empty_like(x_t) if want_x0 else x_t.new_empty(0)
 
 
@@ -280,7 +283,7 @@ def _choice(name, value, options):
 
 
 def _number(name, value, *, low=None, low_open=False, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
@@ -411,29 +414,44 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
                          f"got {tuple(model_output.shape)}")
     _checks.noise_and_seed("x_t", x_t, noise, seed)
     T = schedule.num_train_timesteps
-    t_dev = _checks.timesteps("t", t, x_t.shape[0], T, x_t.device, check_values=False)
-    tp_dev = _checks.timesteps("t_prev", t_prev, x_t.shape[0], T, x_t.device,
-                               allow_negative=True, check_values=False)
+    device = x_t.device
+    # picked here (its checks depend on it); while torch.compile traces, inside the op
+    backend = "auto" if torch.compiler.is_compiling() else backends.pick(
+        "sampler_step", IMPLEMENTED, device)
+    # the extension's kernels check the values of tensor arguments themselves (no device op)
+    in_kernel = _checks.checked_in_kernel(backend, x_t)
+    t_dev = _checks.timesteps("t", t, B, T, device, check_values=False)
+    tp_dev = _checks.timesteps("t_prev", t_prev, B, T, device, allow_negative=True,
+                               check_values=False)
     # ranges (and ddpm's order): plain Python for ints, one device-side assert for CUDA tensors
-    _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, None), ordered=(
-        "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None))
+    # on the backends whose kernels do not check them (in_kernel: the tensors are left to it)
+    items = (("t", t, 0), ("t_prev", t_prev, None))
+    ordered = "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None
+    if in_kernel:
+        items = tuple(it for it in items if not isinstance(it[1], Tensor))
+        ordered = ordered if len(items) == 2 else None
+    _checks.timestep_values(T, *items, ordered=ordered)
+    given = (t, t_prev, guidance_t)  # the values the kernel checks, where tensors
     t, t_prev = t_dev, tp_dev
     x_t = _checks.dense(x_t)
     if noise is not None:
         noise = _checks.like(noise.to(x_t.dtype), x_t)
-    first, first_t = _checks.first_index_arg(first_index, B, x_t.device)
+    first, first_t = _checks.first_index_arg(first_index, B, device)
     needs_noise = kind == "ddpm" or eta > 0
     seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None and needs_noise)
-                                    else (0 if seed is None else seed), x_t.device)
-    if first_t is not None or guidance_t is not None:  # device scalars: checked on the device
+                                    else (0 if seed is None else seed), device)
+    checks = 0
+    if in_kernel:
+        checks = _checks.kernel_checks(*given, first_index=first_index, first_t=first_t)
+    elif first_t is not None or guidance_t is not None:  # device scalars: checked on the device
         _checks.scalar_values(_checks.first_index_item(first_index, first_t, B),
                               ("guidance_scale", guidance_t, None, None))
-    ab = schedule.table("alphas_cumprod", x_t.device, torch.float64)
+    ab = schedule.table("alphas_cumprod", device, torch.float64)
     x_prev, x0 = _checks.run_op(_sampler_step_op, _sampler_step_body, x_t, model_output, t,
                                 t_prev, ab, noise, seed, seed_t, first, first_t, kind,
                                 prediction_type, variance_type, eta, bool(clip_sample),
                                 clip_sample_range, bool(thresholding),
                                 dynamic_thresholding_ratio, sample_max_value,
                                 bool(set_alpha_to_one), bool(use_clipped_model_output), guided,
-                                guidance, guidance_t, bool(return_x0))
+                                guidance, guidance_t, bool(return_x0), backend, checks)
     return (x_prev, x0) if return_x0 else x_prev
