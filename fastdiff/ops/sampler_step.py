@@ -7,9 +7,9 @@ STREAM_SAMPLER_STEP, step = the sample's t, element index = memory position, as 
 Floor: read x_t and model_out (2x model_out for learned_range, + noise when given), write x_prev
 (+ x0 when asked). Dynamic thresholding adds a per-sample quantile pass over x0 (torch ops).
 
-Per-sample coefficients are computed in float64 from the float64 alphas_cumprod table (once per
-program in the kernels), per-element math in float32: diffusers' float32 `1 - ab_t / ab_prev`
-loses ~1e-3 relative at small t, this does not.
+Per-sample coefficients are computed in float64 from the float64 alphas_cumprod table (not per
+element: Triton in a per-sample pre-pass, CUDA once per block), per-element math in float32:
+diffusers' float32 `1 - ab_t / ab_prev` loses ~1e-3 relative at small t, this does not.
 """
 from __future__ import annotations
 
