@@ -248,6 +248,8 @@ def test_noise_cu_instruction_budget(name, cubins):
     derivation above): 10 instructions per byte with the noise given or none, the measured
     ceiling with drawn noise."""
     _, _, sass = cubins(name)
+    # the one-block range check of tensor arguments (csrc/value_checks.h) moves no elements
+    sass = {fn: code for fn, code in sass.items() if "value_checks_kernel" not in fn}
     counted = 0
     for fn, code in sass.items():
         op, e, drawn, extra = _kernel_variant(fn)
