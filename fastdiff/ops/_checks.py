@@ -411,6 +411,19 @@ def first_index_arg(first_index, batch: int, device):
     return first_index, None
 
 
+def value_checks(in_kernel: bool, given, first_index, first_t, batch: int, *scalars) -> int:
+    """The value checks of an op call's tensor arguments, in one place. in_kernel (the
+    extension's kernel checks what it reads, checked_in_kernel): the `checks` bits to pass it,
+    for `given` (the arguments as the caller gave them: t, t_prev, step, guidance_scale...) and
+    first_index. Otherwise 0, after scalar_values has checked the device scalars here: an int64
+    first_index and `scalars` ((name, tensor or None, lo, hi) items)."""
+    if in_kernel:
+        return kernel_checks(*given, first_index=first_index, first_t=first_t)
+    if first_t is not None or any(v is not None for _, v, _, _ in scalars):
+        scalar_values(first_index_item(first_index, first_t, batch), *scalars)
+    return 0
+
+
 def first_index_item(first_index, first_t, batch: int):
     """The scalar_values item of a tensor first_index: an int64 one gets the range an int gets;
     a narrower integer tensor (int32...) is its 32-bit word, taken mod 2^32, so has none."""
@@ -419,7 +432,8 @@ def first_index_item(first_index, first_t, batch: int):
     return ("first_index", first_t, 0, MAX_IMAGE_INDEX - batch)
 
 
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # subclasses (FakeTensor, DTensor...) take the op
+# subclasses (FakeTensor, DTensor...) take the op
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _SCALARS = frozenset((int, float, bool, str, type(None)))
 
 

@@ -184,7 +184,7 @@ def _multistep_step_body(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs:
     slot step % K and last_sample. Noise: given, or drawn when draw_noise from (seed_t or seed,
     first_t or first_index); backend: the one the wrapper picked, or (under torch.compile)
     "auto" or "use:<name>" to pick here; checks: the values the extension's kernel checks
-    (_checks.kernel_checks)."""
+    (_checks.value_checks)."""
     if x_t.numel() == 0:
         return
     S, K = coefs.shape[0], ring.shape[0]
@@ -370,7 +370,8 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
     x_t = _checks.dense(x_t)
     strides = x_t.stride()
     n = x_t.numel()
-    if n and (not _same_layout(ring.stride()[1:], strides, x_t.shape) or (K > 1 and abs(ring.stride(0)) < n)):
+    if n and (not _same_layout(ring.stride()[1:], strides, x_t.shape)
+              or (K > 1 and abs(ring.stride(0)) < n)):
         raise ValueError(f"ring's slots must be laid out like x_t (strides {strides}, slots "
                          f"apart; fastdiff.ops.multistep_step.empty_ring makes one), got strides "
                          f"{ring.stride()}")
@@ -411,14 +412,9 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
         noise = _checks.like(noise.to(x_t.dtype), x_t)
     draw = noise is None and seed is not None
     seed, seed_t = _checks.seed_arg(0 if seed is None else seed, x_t.device)
-    checks = 0
-    if in_kernel:
-        checks = _checks.kernel_checks(step_t, guidance_t, first_index=first_index,
-                                       first_t=first_t)
-    elif step_t is not None or first_t is not None or guidance_t is not None:
-        # device scalars: the ranges the ints get, checked on the device (no host sync)
-        _checks.scalar_values(("step", step_t, 0, S - 1), _checks.first_index_item(first_index, first_t, B),
-                              ("guidance_scale", guidance_t, None, None))
+    checks = _checks.value_checks(in_kernel, (step_t, guidance_t), first_index, first_t, B,
+                                  ("step", step_t, 0, S - 1),
+                                  ("guidance_scale", guidance_t, None, None))
     _checks.run_op(_multistep_step_op, _multistep_step_body, x_t, model_output, ring, coefs,
                    step, step_t, last_sample, noise, seed, seed_t, first, first_t, draw,
                    prediction_type, bool(thresholding), dynamic_thresholding_ratio,

@@ -42,7 +42,8 @@ def _q_sample_body(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
                    want_v: bool, backend: str, checks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (x_t, eps drawn here or empty, v or empty). Inputs are checked and dense; the
     noise key is (seed_t or seed, first_t or first_index); backend: the one the wrapper picked
-    ("auto": pick it here, as under torch.compile); checks: the values the extension's kernel checks (_checks.kernel_checks)."""
+    ("auto": pick it here, as under torch.compile); checks: the values the extension's kernel
+    checks (_checks.value_checks)."""
     x_t = _checks.empty_like(x0)
     eps = _checks.empty_like(x0) if noise is None else x0.new_empty(0)
     v = _checks.empty_like(x0) if want_v else x0.new_empty(0)
@@ -126,11 +127,7 @@ def q_sample(x0: Tensor, t, schedule: Schedule, noise: Optional[Tensor] = None,
         noise = _checks.like(noise.to(x0.dtype), x0)
     seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None)
                                     else (0 if seed is None else seed), device)
-    checks = 0
-    if in_kernel:
-        checks = _checks.kernel_checks(t_in, first_index=first_index, first_t=first_t)
-    elif first_t is not None:
-        _checks.scalar_values(_checks.first_index_item(first_index, first_t, B))
+    checks = _checks.value_checks(in_kernel, (t_in,), first_index, first_t, B)
     tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
     sqrt_ab = schedule.table("sqrt_alphas_cumprod", device, tdt)
     sqrt_1mab = schedule.table("sqrt_one_minus_alphas_cumprod", device, tdt)

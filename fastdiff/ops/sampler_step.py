@@ -209,7 +209,7 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
     """Returns (x_prev, x0 or empty). Inputs are checked; x_t and noise dense alike. Noise key:
     (seed_t or seed, first_t or first_index); guidance scale (when guided): guidance_t or
     guidance; backend: the one the wrapper picked ("auto": pick it here, as under
-    torch.compile); checks: the values the extension's kernel checks (_checks.kernel_checks)."""
+    torch.compile); checks: the values the extension's kernel checks (_checks.value_checks)."""
     x_prev = _checks.empty_like(x_t)
     x0 = _checks.empty_like(x_t) if want_x0 else x_t.new_empty(0)
     needs_noise = kind == "ddpm" or eta > 0
@@ -440,12 +440,8 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     needs_noise = kind == "ddpm" or eta > 0
     seed, seed_t = _checks.seed_arg(draw_seed() if (noise is None and seed is None and needs_noise)
                                     else (0 if seed is None else seed), device)
-    checks = 0
-    if in_kernel:
-        checks = _checks.kernel_checks(*given, first_index=first_index, first_t=first_t)
-    elif first_t is not None or guidance_t is not None:  # device scalars: checked on the device
-        _checks.scalar_values(_checks.first_index_item(first_index, first_t, B),
-                              ("guidance_scale", guidance_t, None, None))
+    checks = _checks.value_checks(in_kernel, given, first_index, first_t, B,
+                                  ("guidance_scale", guidance_t, None, None))
     ab = schedule.table("alphas_cumprod", device, torch.float64)
     x_prev, x0 = _checks.run_op(_sampler_step_op, _sampler_step_body, x_t, model_output, t,
                                 t_prev, ab, noise, seed, seed_t, first, first_t, kind,
