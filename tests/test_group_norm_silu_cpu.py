@@ -64,6 +64,10 @@ def _ref(x, G, p, activation="silu"):
 # channels_last unit)
 SHAPES = [((2, 64, 9, 11), 32), ((1, 6, 5, 7), 2), ((3, 40, 3, 3), 4), ((1, 4, 70, 70), 2),
           ((2, 96, 24, 20), 8)]
+# NCHW rows under 4 units (S < 4 * 2W = 64 or 128 elements): a group is one run (G = C: one row
+# per run; S = 1; a run not a whole number of units), unless the group is over 4096 elements
+SHORT_ROWS = [((1, 256, 2, 2), 32), ((2, 64, 1, 1), 32), ((2, 64, 2, 2), 64),
+              ((1, 40, 7, 9), 4), ((3, 24, 8, 8), 8), ((1, 12, 11, 11), 3), ((1, 1024, 3, 3), 1)]
 
 
 @pytest.mark.parametrize("capability", _capabilities(), indirect=True)
@@ -80,16 +84,32 @@ def test_every_variant_matches_reference(capability, dtype, cl, seed):
 
 
 @pytest.mark.parametrize("capability", _capabilities(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,G", SHORT_ROWS, ids=str)
+def test_every_variant_short_rows(capability, dtype, shape, G, seed):
+    x, p = _inputs(shape, dtype, False)
+    for add in (True, False):
+        q = dict(p, add=p["add"] if add else None)
+        for mod in (True, False):
+            q.update(scale=p["scale"] if mod else None, shift=p["shift"] if mod else None)
+            for act in ("silu", None):
+                assert_close(_run(x, G, q, act), _ref(x, G, q, act), dtype, scale=4.0,
+                             msg=f"{capability} add={add} mod={mod} {act}")
+
+
+@pytest.mark.parametrize("capability", _capabilities(), indirect=True)
 @pytest.mark.parametrize("cl", [False, True], ids=["NCHW", "NHWC"])
-def test_every_variant_large_mean(capability, cl, seed):
-    x, p = _inputs((2, 64, 30, 30), torch.float32, cl, mean=1e4)
+@pytest.mark.parametrize("shape", [(2, 64, 30, 30), (2, 64, 4, 4)], ids=["rows", "short-rows"])
+def test_every_variant_large_mean(capability, cl, shape, seed):
+    x, p = _inputs(shape, torch.float32, cl, mean=1e4)
     p["add"] = p["add"] + 3e3
     assert_close(_run(x, 32, p), _ref(x, 32, p), torch.float32, scale=4.0, msg=capability)
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("shape,G", [((2, 8, 70, 70), 2), ((4, 64, 40, 40), 1),
-                                     ((1, 4, 33, 37), 4), ((16, 32, 16, 16), 32)])
+                                     ((1, 4, 33, 37), 4), ((16, 32, 16, 16), 32),
+                                     ((2, 64, 4, 4), 32), ((1, 1024, 3, 3), 1)])
 def test_same_bits_any_thread_count(threads, shape, G, cl, seed):
     """1 thread: one task per group (NCHW) / image (channels_last) where there are >= 4; more
     threads: the split passes. Both fold the same units in the same order."""

@@ -3,7 +3,7 @@
 //
 // The statistics of a group are a fixed function of its data, whatever the thread count: the
 // data is cut into fixed units (NCHW-like: blocks of at most kRowBlock elements of one channel's
-// row; channels_last: blocks of kClBlockElems / C pixels of one image), each unit's fp32 sums are
+// row, or a whole group when its rows are short; channels_last: blocks of kClBlockElems / C pixels of one image), each unit's fp32 sums are
 // turned into (count, mean, M2), and the units are folded with Chan's formula in one fixed order
 // (per channel over its units, then over the group's channels). Shifted values d = x - x_ref
 // (x_ref: the group's first element; add enters as add_c - add_ref) keep inputs with |mean| >>
@@ -83,6 +83,37 @@ void group_coefs(const GnProblem& P, int64_t b, int64_t g, GnStats st, const flo
   }
 }
 
+// -- NCHW-like with short rows (S < 4 units of 2W elements: the 8x8 to 1x1 levels of a U-Net)
+// A group's Cg rows are Cg * S contiguous elements: they are taken as one statistics unit and
+// normalized in one vectorized pass, with the per-channel coefficients (and the add shifts)
+// spread over each channel's S elements. Row by row, a row under one unit is all padded tail
+// (3x the time at 256 channels of 2x2) and one of a few units pays a call per row (1.35x at
+// 8x8); from 4 units on, the rows win (the spread coefficients are two more loads per vector).
+// One task per group (a group is at most kRowBlock elements here).
+void run_groups(const GnProblem& P, const GnVecKernels& K) {
+  const int64_t C = P.C, S = P.S, G = P.G, Cg = P.Cg, es = P.esize;
+  const int64_t n = Cg * S, padded = (n + K.unit - 1) / K.unit * K.unit;
+  at::parallel_for(0, P.B * G, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> buf(3 * Cg + (P.add ? 3 : 2) * padded, 0.f);
+    float *da = buf.data(), *a = da + Cg, *k = a + Cg, *ea = k + Cg, *ek = ea + padded;
+    float* eda = P.add ? ek + padded : nullptr;
+    auto spread = [&](const float* v, float* e) {
+      for (int64_t c = 0; c < Cg; ++c) std::fill(e + c * S, e + (c + 1) * S, v[c]);
+    };
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / G, g = p % G;
+      const char* x = P.x + (b * C + g * Cg) * S * es;
+      const float ref = load_float(x, P.dtype);
+      group_da(P, b, g, da);
+      if (eda) spread(da, eda);
+      group_coefs(P, b, g, K.run_stats(x, n, ref, eda), da, a, k);
+      spread(a, ea);
+      spread(k, ek);
+      K.run_apply(x, P.y + (x - P.x), n, ref, ea, ek, P.silu);
+    }
+  });
+}
+
 // -- NCHW-like: a group is Cg rows of S contiguous elements ------------------------------------
 void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
   const int64_t B = P.B, C = P.C, S = P.S, G = P.G, Cg = P.Cg, es = P.esize;
@@ -104,6 +135,10 @@ void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
     }
     return st;
   };
+  if (S < 4 * K.unit && Cg * S <= kRowBlock) {  // short rows: a group is one run, one unit
+    run_groups(P, K);
+    return;
+  }
   if (whole_tasks(B * G)) {  // one task per group
     at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> da(Cg), a(Cg), k(Cg);

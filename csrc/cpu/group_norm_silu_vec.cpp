@@ -85,9 +85,10 @@ inline float lanes_sum(const fVec& v) {  // a fixed order, whatever the compiler
   return s;
 }
 
-template <typename T>
-GnStats row_stats(const void* xv, int64_t n, float ref) {
-  const T* x = static_cast<const T*>(xv);
+// Statistics of d = x - ref (+ da[i] with kAdd: a run of short rows, see run_stats) over n
+// contiguous elements.
+template <typename T, bool kAdd>
+GnStats stats_impl(const T* x, int64_t n, float ref, const float* da) {
   const fVec r(ref);
   fVec s1a(0.f), s1b(0.f), s1c(0.f), s1d(0.f), s2a(0.f), s2b(0.f), s2c(0.f), s2d(0.f);
   int64_t i = 0;
@@ -96,6 +97,10 @@ GnStats row_stats(const void* xv, int64_t n, float ref) {
     Io<T>::load(x + i, a, b);
     Io<T>::load(x + i + 2 * W, c, d);
     a = a - r; b = b - r; c = c - r; d = d - r;
+    if (kAdd) {
+      a = a + fVec::loadu(da + i); b = b + fVec::loadu(da + i + W);
+      c = c + fVec::loadu(da + i + 2 * W); d = d + fVec::loadu(da + i + 3 * W);
+    }
     s1a = s1a + a; s1b = s1b + b; s1c = s1c + c; s1d = s1d + d;
     s2a = at::vec::fmadd(a, a, s2a); s2b = at::vec::fmadd(b, b, s2b);
     s2c = at::vec::fmadd(c, c, s2c); s2d = at::vec::fmadd(d, d, s2d);
@@ -104,17 +109,31 @@ GnStats row_stats(const void* xv, int64_t n, float ref) {
     fVec a, b;
     Io<T>::load(x + i, a, b);
     a = a - r; b = b - r;
+    if (kAdd) {
+      a = a + fVec::loadu(da + i); b = b + fVec::loadu(da + i + W);
+    }
     s1a = s1a + a; s1b = s1b + b;
     s2a = at::vec::fmadd(a, a, s2a); s2b = at::vec::fmadd(b, b, s2b);
   }
   float t1 = lanes_sum((s1a + s1b) + (s1c + s1d));
   float t2 = lanes_sum((s2a + s2b) + (s2c + s2d));
   for (; i < n; ++i) {
-    const float d = static_cast<float>(x[i]) - ref;
+    const float d = (static_cast<float>(x[i]) - ref) + (kAdd ? da[i] : 0.f);
     t1 += d;
     t2 += d * d;
   }
   return gn_from_sums(static_cast<float>(n), t1, t2);
+}
+
+template <typename T>
+GnStats row_stats(const void* x, int64_t n, float ref) {
+  return stats_impl<T, false>(static_cast<const T*>(x), n, ref, nullptr);
+}
+
+template <typename T>
+GnStats run_stats(const void* x, int64_t n, float ref, const float* da) {
+  const T* xt = static_cast<const T*>(x);
+  return da ? stats_impl<T, true>(xt, n, ref, da) : stats_impl<T, false>(xt, n, ref, nullptr);
 }
 
 template <typename T, bool kSilu>
@@ -152,6 +171,46 @@ void row_apply(const void* xv, void* yv, int64_t n, float ref, float a, float k,
   T* y = static_cast<T*>(yv);
   if (silu_on) row_apply_impl<T, true>(x, y, n, ref, a, k);
   else row_apply_impl<T, false>(x, y, n, ref, a, k);
+}
+
+// A run of short rows: y = act((x - ref) * a[i] + k[i]), the coefficients per element (each
+// row's repeated over it, zero-padded to whole units), lane for lane the math of row_apply.
+template <typename T, bool kSilu>
+void run_apply_impl(const T* x, T* y, int64_t n, float ref, const float* a, const float* k) {
+  constexpr bool kLow = sizeof(T) == 2;
+  const fVec r(ref);
+  auto body = [&](int64_t i, fVec& u, fVec& v) {
+    u = at::vec::fmadd(u - r, fVec::loadu(a + i), fVec::loadu(k + i));
+    v = at::vec::fmadd(v - r, fVec::loadu(a + i + W), fVec::loadu(k + i + W));
+    if (kSilu) {
+      u = silu<kLow>(u);
+      v = silu<kLow>(v);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    fVec u, v;
+    Io<T>::load(x + i, u, v);
+    body(i, u, v);
+    Io<T>::store(y + i, u, v);
+  }
+  if (i < n) {
+    alignas(64) T buf[2 * W] = {};
+    std::copy(x + i, x + n, buf);
+    fVec u, v;
+    Io<T>::load(buf, u, v);
+    body(i, u, v);
+    Io<T>::store(y + i, u, v, n - i);
+  }
+}
+
+template <typename T>
+void run_apply(const void* xv, void* yv, int64_t n, float ref, const float* a, const float* k,
+               bool silu_on) {
+  const T* x = static_cast<const T*>(xv);
+  T* y = static_cast<T*>(yv);
+  if (silu_on) run_apply_impl<T, true>(x, y, n, ref, a, k);
+  else run_apply_impl<T, false>(x, y, n, ref, a, k);
 }
 
 // channels_last: the pixels are walked in memory order, a few rows (pixels) of C channels at a
@@ -247,7 +306,8 @@ void cl_apply(const void* xv, void* yv, int64_t ldc, int64_t C, int64_t npix, co
 
 template <typename T>
 GnVecKernels make_kernels() {
-  return {&row_stats<T>, &row_apply<T>, &cl_sums<T>, &cl_apply<T>};
+  return {&row_stats<T>, &row_apply<T>, &run_stats<T>, &run_apply<T>, &cl_sums<T>,
+          &cl_apply<T>, 2 * W};
 }
 
 }  // namespace

@@ -14,6 +14,11 @@ enum class GnDtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 // NCHW-like layouts: one row of n contiguous elements of one channel.
 //   row_stats: statistics of d = x - ref over the row
 //   row_apply: y = act((x - ref) * a + k)
+// Rows shorter than a unit (2W elements): a group's rows, one contiguous run of n elements,
+// with per-element da / a / k (each row's value repeated over it; a and k zero-padded to a
+// multiple of `unit`).
+//   run_stats: statistics of d = x - ref + da[i] (da may be null: no add)
+//   run_apply: y = act((x - ref) * a[i] + k[i])
 // channels_last: npix pixels, ldc elements apart; C contiguous channels of each (C <= ldc: a
 // slab of the channels), x at the first of them.
 //   cl_sums:  s1[c] += sum of d, s2[c] += sum of d^2 over the pixels, d = x[., c] - ref[c]
@@ -22,10 +27,14 @@ enum class GnDtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 struct GnVecKernels {
   GnStats (*row_stats)(const void* x, int64_t n, float ref);
   void (*row_apply)(const void* x, void* y, int64_t n, float ref, float a, float k, bool silu);
+  GnStats (*run_stats)(const void* x, int64_t n, float ref, const float* da);
+  void (*run_apply)(const void* x, void* y, int64_t n, float ref, const float* a, const float* k,
+                    bool silu);
   void (*cl_sums)(const void* x, int64_t ldc, int64_t C, int64_t npix, const float* ref,
                   float* s1, float* s2);
   void (*cl_apply)(const void* x, void* y, int64_t ldc, int64_t C, int64_t npix, const float* ref,
                    const float* a, const float* k, bool silu);
+  int64_t unit;  // 2W: the elements of one unit (two float vectors)
 };
 
 }  // namespace fastdiff
