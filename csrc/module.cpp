@@ -5,6 +5,15 @@
 
 #include "cpu/vec.h"
 
+namespace fastdiff {
+void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& add,
+                         const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+                         bool silu, at::Tensor out);
+}  // namespace fastdiff
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdiff C++/CUDA kernels (ops registered under torch.ops.fastdiff_ext)";
   m.def("with_cuda", []() {
@@ -19,6 +28,8 @@ PYBIND11_MODULE(_C, m) {
   }, "The instruction set of the vectorized CPU kernels in use (DEFAULT, AVX2, AVX512).");
   m.def("cpu_capabilities", &fastdiff::cpu::capabilities,
         "The variants of the vectorized CPU kernels compiled in that this CPU can run.");
+  m.def("group_norm_silu_cpu", &fastdiff::group_norm_silu_cpu,
+        "torch.ops.fastdiff_ext.group_norm_silu's CPU kernel, called without the dispatcher.");
   m.def("set_cpu_capability", &fastdiff::cpu::set_capability, pybind11::arg("name"),
         "Run the vectorized CPU kernels of that variant ('' = the widest this CPU runs; tests).");
 }

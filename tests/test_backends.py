@@ -208,7 +208,8 @@ def test_auto_order_on_cpu_follows_the_cpu_table(monkeypatch):
     x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
     with torch.no_grad():
         group_norm_silu(x, None, None, 2)
-    assert seen == [(torch.float32, "channels_last")]
+    # (asked twice: by the direct CPU path, which then leaves the call to the general one)
+    assert seen and set(seen) == {(torch.float32, "channels_last")}
 
 
 def test_cli_info_shows_the_cpu_choice():

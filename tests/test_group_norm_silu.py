@@ -476,6 +476,46 @@ def test_errors():
         group_norm_silu(x, None, None, 4, shift=torch.ones(2, 8, device=other))
 
 
+@pytest.mark.skipif(not backends.available("cpu"), reason="extension not built")
+def test_cpu_direct_path(monkeypatch, seed):
+    """The common eager CPU call goes straight into the C++ kernel: the same bits as the custom
+    op; anything else (grad, a dispatch mode, parameters to convert, a shape the kernel rejects)
+    goes the general path."""
+    import fastdiff._C as C
+    import sys
+    mod = sys.modules["fastdiff.ops.group_norm_silu"]
+    calls = []
+
+    def spy(*a):
+        calls.append(a[0].shape)
+        return C.group_norm_silu_cpu(*a)
+    monkeypatch.setattr(mod, "_cpu_kernel", spy)
+    B, Cn = 2, 16
+    x, w, b, a = _inputs((B, Cn, 3, 5), 4, torch.float32)
+    sc, sh = _scale_shift(B, Cn, device="cpu")
+    for layout in ("contiguous", "channels_last"):
+        xl = x if layout == "contiguous" else _channels_last(x)
+        with torch.no_grad():
+            y = group_norm_silu(xl, w, b, 4, add=a, scale=sc, shift=sh)
+        assert calls and y.stride() == xl.stride()
+        want = torch.empty_like(xl)
+        torch.ops.fastdiff_ext.group_norm_silu(xl, w, b, a, sc, sh, 4, 1e-5, True, want)
+        assert torch.equal(y, want)
+        calls.clear()
+    w16 = w.half()  # converted to float32 by the general path
+    wg = w.clone().requires_grad_()
+    for args in [(x, w16, b), (x.double(), w.double(), b.double()), (x, wg, b),
+                 (x[:, :, :, 1:], w, b)]:
+        y = group_norm_silu(*args, 4, add=a)
+        assert not calls
+        assert_close(y, _ref64(*args, 4, add=a), args[0].dtype, scale=4.0)
+    with torch.no_grad(), torch._subclasses.fake_tensor.FakeTensorMode() as fake:
+        group_norm_silu(fake.from_tensor(x), None, None, 4)
+    with pytest.raises(ValueError, match="weight must have shape"):  # rejected by the kernel
+        group_norm_silu(x, torch.ones(8), None, 4)
+    assert len(calls) == 1
+
+
 def test_extension_op_checks_scale_shift():
     """The C++ entry point checks scale/shift too (it is reachable without the Python checks)."""
     if not backends.available("cpu"):

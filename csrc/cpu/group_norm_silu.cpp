@@ -329,8 +329,6 @@ int gn_check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
   return lx;
 }
 
-namespace {
-
 void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias,
                          const c10::optional<at::Tensor>& add,
@@ -371,7 +369,6 @@ void group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& w
   }
 }
 
-}  // namespace
 }  // namespace fastdiff
 
 TORCH_LIBRARY_FRAGMENT(fastdiff_ext, m) {
