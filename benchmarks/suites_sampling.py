@@ -35,6 +35,8 @@ SMALL = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
 CASES = {"full": [("DDPM-1000", "ddpm", 256, 1000), ("DDIM-100", "ddim", 256, 100),
                   ("DDIM-100 step", "ddim", 16, 100)],
          "quick": [("DDPM-1000", "ddpm", 256, 1000), ("DDIM-100 step", "ddim", 16, 100)],
+         "cpu": [("DDPM-100", "ddpm", 16, 100), ("DDIM-50", "ddim", 16, 50),
+                 ("DDIM-50 step", "ddim", 1, 50)],
          "tiny": [("DDPM-50", "ddpm", 4, 50), ("DDIM-10", "ddim", 4, 10),
                   ("DDIM-10 step", "ddim", 1, 10)]}
 

@@ -2,7 +2,8 @@
 (eager and torch.compile) with the same weights, in one run.
 
 GPU: google/ddpm-cifar10-32's config at B256 fp16 and the 256-px config (google/ddpm-*-256) at B8
-fp16. CPU: a small CIFAR-like config at fp32 (so the table exists on every machine). FLOPs are
+fp16. CPU (fp32): the embedded digits model's config at B64 and a small CIFAR-like config at
+B1 and B16. FLOPs are
 counted once per case with torch.utils.flop_counter on diffusers' model (convolutions, linears,
 attention matmuls); peak memory is CUDA's max_memory_allocated over one forward above what was
 allocated before it (not measured on CPU).
@@ -34,8 +35,16 @@ CPU_SMALL = dict(sample_size=32, block_out_channels=(32, 64, 64), layers_per_blo
                  attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False,
                  freq_shift=1, norm_eps=1e-6)
 
+# the embedded digits model's config (fastdiff.train.DEFAULT_UNET_CONFIG, without its class
+# embedding: the suite feeds no labels), the model the README's first command samples on CPUs
+DIGITS = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+              layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+              up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+              attention_head_dim=32)
+
 CASES = {"full": [("cifar10-32", CIFAR10, 256), ("256px", PX256, 8)],
          "quick": [("cifar10-32", CIFAR10, 256), ("256px", PX256, 8)],
+         "cpu": [("digits-8", DIGITS, 64), ("small-32", CPU_SMALL, 1), ("small-32", CPU_SMALL, 16)],
          "tiny": [("small-32", CPU_SMALL, 4)]}
 
 
@@ -49,7 +58,7 @@ def _flops(model, x, t) -> int:
 
 @suite("unet",
        "U-Net forward: fastdiff.UNet2DModel vs diffusers UNet2DModel (eager, torch.compile), same "
-       "weights (GPU: CIFAR-10 config B256 fp16, 256-px config B8 fp16; CPU: a small config fp32)",
+       "weights (GPU: CIFAR-10 config B256 fp16, 256-px config B8 fp16; CPU: the embedded digits model's config B64, a small 32-px config B1/B16, fp32)",
        floor="max(read x + weights + write y ÷ copy bandwidth, FLOPs ÷ matmul rate); FLOPs "
              "counted by torch.utils.flop_counter on diffusers' model. eager = diffusers "
              "UNet2DModel, compile = torch.compile of it. peak MiB: CUDA memory above the "
@@ -70,15 +79,17 @@ def unet_suite(ctx: Ctx):
             ours = UNet2DModel.from_diffusers(ref)
             S = cfg["sample_size"]
 
+            Cin = cfg.get("in_channels", 3)
+
             def inputs():
-                return (torch.randn(B, 3, S, S, **kw),
+                return (torch.randn(B, Cin, S, S, **kw),
                         torch.randint(0, 1000, (B,), device=ctx.device))
 
             x0 = inputs()
             flops = _flops(ref, *x0)
             weights = sum(p.numel() for p in ref.parameters()) * _esize(dtype)
-            case = Case("unet", name, (B, 3, S, S), dtype, "NCHW",
-                        bytes=2 * B * 3 * S * S * _esize(dtype) + weights, flops=flops)
+            case = Case("unet", name, (B, Cin, S, S), dtype, "NCHW",
+                        bytes=2 * B * Cin * S * S * _esize(dtype) + weights, flops=flops)
             if ctx.only and ctx.only not in case.label:
                 continue
 

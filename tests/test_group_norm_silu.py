@@ -511,6 +511,9 @@ def test_cpu_direct_path(monkeypatch, seed):
         assert_close(y, _ref64(*args, 4, add=a), args[0].dtype, scale=4.0)
     with torch.no_grad(), torch._subclasses.fake_tensor.FakeTensorMode() as fake:
         group_norm_silu(fake.from_tensor(x), None, None, 4)
+    with torch.no_grad(), torch.profiler.profile() as prof:  # the profiler sees the op
+        group_norm_silu(x, w, b, 4)
+    assert not calls and any("group_norm_silu" in e.name for e in prof.events())
     with pytest.raises(ValueError, match="weight must have shape"):  # rejected by the kernel
         group_norm_silu(x, torch.ones(8), None, 4)
     assert len(calls) == 1

@@ -185,8 +185,8 @@ def _cpu_direct(x, weight, bias, num_groups, eps, add, scale, shift, activation)
     of a few KB, where the general path's Python and the custom op's dispatch (~9 µs together)
     cost more than the kernel: here ~2 µs of Python and a direct pybind call. Taken only when x
     is a plain dense CPU tensor of a kernel dtype, the parameters plain contiguous float32 ones,
-    nothing records autograd, no compile/trace/dispatch mode or functorch transform is active,
-    and backends.pick chooses "cpu". The kernel checks shapes and devices itself; a call it
+    nothing records autograd, no compile/trace/dispatch mode, functorch transform or profiler
+    is active, and backends.pick chooses "cpu". The kernel checks shapes and devices itself; a call it
     rejects goes the general path, whose checks name the argument."""
     global _cpu_kernel
     if (type(x) not in _checks._PLAIN or not x.is_cpu or x.dtype not in _KERNEL_DTYPES
@@ -208,7 +208,8 @@ def _cpu_direct(x, weight, bias, num_groups, eps, add, scale, shift, activation)
         return None
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._get_tracing_state() is not None
-            or torch._C._functorch.get_dynamic_layer_stack_depth() > 0):
+            or torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+            or torch._C._autograd._profiler_enabled()):  # the profiler records dispatched ops
         return None
     if backends.pick("group_norm_silu", IMPLEMENTED, x.device, x.dtype, layout) != "cpu":
         return None
