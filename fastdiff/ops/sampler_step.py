@@ -298,27 +298,68 @@ def _number(name, value, *, low=None, low_open=False, high=None):
     return value
 
 
+_X0_OPTS = {}  # (the x0 options as given, their types) -> the checked floats; valid ones only
+_X0_OPTS_MAX = 256  # entries; past it a call checks its options afresh, as before
+
+
+def _x0_options_checked(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                        sample_max_value):
+    out = (_number("clip_sample_range", clip_sample_range, low=0.0, low_open=True),
+           _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0.0, high=1.0),
+           _number("sample_max_value", sample_max_value, low=0.0, low_open=True))
+    if clip_sample and thresholding:
+        raise ValueError("clip_sample and thresholding are exclusive: choose one")
+    return out
+
+
+def _x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                sample_max_value):
+    """(clip_sample_range, dynamic_thresholding_ratio, sample_max_value) checked and as floats,
+    remembered per value and type of the options (the types in the key: True == 1.0 as a key,
+    but a bool is refused where a number is asked for), so a loop that calls with the same
+    options checks them once."""
+    if torch.compiler.is_compiling():  # (no global dict for Dynamo to guard on)
+        return _x0_options_checked(clip_sample, clip_sample_range, thresholding,
+                                   dynamic_thresholding_ratio, sample_max_value)
+    key = (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
+           type(clip_sample_range), type(dynamic_thresholding_ratio), type(sample_max_value),
+           clip_sample, thresholding)
+    try:
+        out = _X0_OPTS.get(key)
+    except TypeError:  # an unhashable option: checked (and refused) below
+        key, out = None, None
+    if out is not None:
+        return out
+    out = _x0_options_checked(clip_sample, clip_sample_range, thresholding,
+                              dynamic_thresholding_ratio, sample_max_value)
+    if key is not None and len(_X0_OPTS) < _X0_OPTS_MAX and \
+            type(clip_sample) is bool and type(thresholding) is bool:
+        _X0_OPTS[key] = out
+    return out
+
+
 def x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
                          dynamic_thresholding_ratio, sample_max_value, guidance_scale):
     """The checks sampler_step and multistep_step share: the x0 clipping/thresholding options,
-    model_output against x_t, and guidance_scale (a number, or a device scalar read by the
-    kernels). Returns (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
-    guidance, guidance_t) as the kernels take them."""
-    clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
-    dynamic_thresholding_ratio = _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
-                                         low=0.0, high=1.0)
-    sample_max_value = _number("sample_max_value", sample_max_value, low=0.0, low_open=True)
-    if clip_sample and thresholding:
-        raise ValueError("clip_sample and thresholding are exclusive: choose one")
-    _checks.float_tensor("model_output", model_output)
-    _checks.same_device("x_t", x_t, model_output=model_output)
-    _checks.same_dtype("x_t", x_t, model_output=model_output)
-    guidance, guidance_t = 0.0, None
+    model_output against x_t (x_t already checked), and guidance_scale (a number, or a device
+    scalar read by the kernels). Returns (clip_sample_range, dynamic_thresholding_ratio,
+    sample_max_value, guidance, guidance_t) as the kernels take them."""
+    clip_sample_range, dynamic_thresholding_ratio, sample_max_value = _x0_options(
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+        sample_max_value)
+    # the common case in three reads; anything else through the checks that name what is wrong
+    if not (type(model_output) in _checks._PLAIN and model_output.dtype == x_t.dtype
+            and model_output.device == x_t.device):
+        _checks.float_tensor("model_output", model_output)
+        _checks.same_device("x_t", x_t, model_output=model_output)
+        _checks.same_dtype("x_t", x_t, model_output=model_output)
+    if guidance_scale is None:
+        return clip_sample_range, dynamic_thresholding_ratio, sample_max_value, 0.0, None
     if isinstance(guidance_scale, Tensor):
-        guidance_t = _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False)
-    elif guidance_scale is not None:
-        guidance = _number("guidance_scale", guidance_scale)
-    return clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t
+        return (clip_sample_range, dynamic_thresholding_ratio, sample_max_value, 0.0,
+                _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False))
+    return (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
+            _number("guidance_scale", guidance_scale), None)
 
 
 def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedule, *,
