@@ -183,12 +183,12 @@ def _model_output_layout(x_t: Tensor, model_output: Tensor, learned: bool, guide
     inner, row_stride, var_offset, cond_offset)."""
     B = x_t.shape[0]
     ps = x_t.numel() // B if B else 0
+    if not (learned or guided):  # the common case first
+        return _checks.like(model_output, x_t), ps, ps, ps, 0, 0
     fmt = torch.contiguous_format if x_t.is_contiguous() else (
         torch.channels_last if x_t.dim() == 4 else torch.channels_last_3d)
     if not learned:
-        mo = model_output.contiguous(memory_format=fmt) if guided else \
-            _checks.like(model_output, x_t)
-        return mo, ps, ps, ps, 0, B * ps if guided else 0
+        return model_output.contiguous(memory_format=fmt), ps, ps, ps, 0, B * ps
     C = x_t.shape[1]
     cond = 2 * B * ps if guided else 0
     mo = model_output.contiguous(memory_format=fmt)
@@ -362,6 +362,33 @@ def x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thre
             _number("guidance_scale", guidance_scale), None)
 
 
+_STEP_OPTS = {}  # (kind, prediction_type, variance_type, eta, type(eta)) -> (learned, eta)
+
+
+def _step_options(kind, prediction_type, variance_type, eta):
+    """The checks of sampler_step's step options, once per (values, eta's type): (learned,
+    eta as a float). Valid options only are remembered (at most 256 sets)."""
+    compiling = torch.compiler.is_compiling()  # (no global dict for Dynamo to guard on)
+    key = None if compiling else (kind, prediction_type, variance_type, eta, type(eta))
+    try:
+        out = None if key is None else _STEP_OPTS.get(key)
+    except TypeError:  # an unhashable option: refused below
+        key, out = None, None
+    if out is not None:
+        return out
+    _choice("kind", kind, KINDS)
+    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _choice("variance_type", variance_type, VARIANCE_TYPES)
+    learned = variance_type in LEARNED
+    if learned and kind == "ddim":
+        raise ValueError(f"variance_type={variance_type!r} needs kind='ddpm': DDIM's variance is "
+                         "fixed by eta")
+    out = learned, _number("eta", eta, low=0.0)
+    if key is not None and len(_STEP_OPTS) < 256:
+        _STEP_OPTS[key] = out
+    return out
+
+
 def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedule, *,
                  kind: str = "ddpm", prediction_type: str = "epsilon",
                  variance_type: str = "fixed_small", eta: float = 0.0,
@@ -425,14 +452,7 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     _checks.float_tensor("x_t", x_t, ndim_min=1)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
-    _choice("kind", kind, KINDS)
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    _choice("variance_type", variance_type, VARIANCE_TYPES)
-    learned = variance_type in LEARNED
-    if learned and kind == "ddim":
-        raise ValueError(f"variance_type={variance_type!r} needs kind='ddpm': DDIM's variance is "
-                         "fixed by eta")
-    eta = _number("eta", eta, low=0.0)
+    learned, eta = _step_options(kind, prediction_type, variance_type, eta)
     clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t = \
         x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
                              dynamic_thresholding_ratio, sample_max_value, guidance_scale)
@@ -441,9 +461,10 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     if learned and x_t.dim() < 2:
         raise ValueError(f"variance_type={variance_type!r} needs x_t with a channel dim, got "
                          f"shape {tuple(x_t.shape)}")
-    want = ((2 * B if guided else B),) + \
+    want = x_t.shape if not (guided or learned) else ((2 * B if guided else B),) + \
         (((2 * x_t.shape[1],) + tuple(x_t.shape[2:])) if learned else tuple(x_t.shape[1:]))
-    if tuple(model_output.shape) != want:
+    if model_output.shape != want:
+        want = tuple(want)
         what = []
         if guided:
             what.append(f"batch 2*B = {2 * B} ([unconditional; conditional] halves) for "
@@ -469,12 +490,15 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
                                check_values=False)
     # ranges (and ddpm's order): plain Python for ints, one device-side assert for CUDA tensors
     # on the backends whose kernels do not check them (in_kernel: the tensors are left to it)
-    items = (("t", t, 0), ("t_prev", t_prev, None))
-    ordered = "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None
-    if in_kernel:
-        items = tuple(it for it in items if not isinstance(it[1], Tensor))
-        ordered = ordered if len(items) == 2 else None
-    _checks.timestep_values(T, *items, ordered=ordered)
+    t_int, tp_int = not isinstance(t, Tensor), not isinstance(t_prev, Tensor)
+    if not in_kernel or t_int or tp_int:  # (tensors both left to the kernel: nothing here)
+        items = (("t", t, 0), ("t_prev", t_prev, None))
+        ordered = "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" \
+            else None
+        if in_kernel:
+            items = tuple(it for it in items if not isinstance(it[1], Tensor))
+            ordered = ordered if len(items) == 2 else None
+        _checks.timestep_values(T, *items, ordered=ordered)
     given = (t, t_prev, guidance_t)  # the values the kernel checks, where tensors
     t, t_prev = t_dev, tp_dev
     x_t = _checks.dense(x_t)
