@@ -483,3 +483,83 @@ def test_cpu_multistep_step_kernel_checks_what_it_reads():
     with pytest.raises(ValueError, match=r"first_index must be in \[0, 4294967294\], got 4294967295"):
         call(1, first_t=torch.tensor([2 ** 32 - 1]))
     call(1, first_t=torch.tensor([2 ** 32 - 1]), checks=_checks.CHECK_VALUES)
+
+
+# --- the host-time shortcuts (benchmarks/host_time.py): none lets through what the checks refuse ---
+
+def test_remembered_options_still_refuse_what_the_checks_refuse():
+    """sampler_step/multistep_step remember checked options per (value, type): True == 1.0 as a
+    dict key, but a bool is refused where a number is asked for; an unhashable option and an
+    invalid combination are refused whatever was remembered before."""
+    s = fastdiff.Schedule()
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    t = torch.tensor([9, 7])
+
+    def step(**kw):
+        return fastdiff.sampler_step(x, m, t, t - 1, s, seed=1, **kw)
+
+    def multi(**kw):
+        return _multistep_cpu(x, m, seed=1, **kw)
+
+    for _ in range(2):  # the second round hits what the first remembered
+        step(kind="ddim", eta=1.0, clip_sample=True, clip_sample_range=1.0)
+        step(kind="ddim", eta=1, clip_sample=True, clip_sample_range=1)  # ints are numbers
+        multi(clip_sample=True, clip_sample_range=1.0)
+        with pytest.raises(TypeError, match="eta must be a number"):
+            step(kind="ddim", eta=True)
+        with pytest.raises(TypeError, match="clip_sample_range must be a number"):
+            step(clip_sample=True, clip_sample_range=True)
+        with pytest.raises(TypeError, match="clip_sample_range must be a number"):
+            multi(clip_sample=True, clip_sample_range=True)
+        with pytest.raises(ValueError, match="exclusive"):
+            step(clip_sample=True, thresholding=True)
+        with pytest.raises(ValueError, match="exclusive"):
+            multi(clip_sample=True, thresholding=True, clip_sample_range=1.0)
+        with pytest.raises(ValueError, match="kind must be one of"):
+            step(kind=["ddpm"])  # unhashable: not looked up, refused by the check
+        with pytest.raises(TypeError, match="sample_max_value must be a number"):
+            multi(sample_max_value=[1.0])
+
+
+def test_direct_takes_the_op_for_what_it_cannot_see():
+    """_checks.direct: any argument that autograd, a subclass or a transform must see sends the
+    call through the custom op, in any position."""
+    x, t = torch.randn(2, 3), torch.tensor([1, 2])
+    assert _checks.direct(x, x, t, None)
+    assert not _checks.direct(x, None, x.clone().requires_grad_())
+    with torch.no_grad():
+        assert _checks.direct(x, x.clone().requires_grad_())
+    assert not _checks.direct(x, t, torch.nn.Buffer(x).as_subclass(_Sub))
+    assert not _checks.direct(x.to("meta"))
+    with _Recorder():
+        assert not _checks.direct(x)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_spare_outputs_stay_out_of_the_op_path():
+    """The shared empty tensor for outputs not asked for is used only where the body is called
+    straight: after calls through the op (autograd; a fake-tensor trace) and in inference mode it
+    is still a plain tensor, without autograd history, usable in and out of inference mode."""
+    s = fastdiff.Schedule()
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    t = torch.tensor([9, 7])
+    _checks._SPARE.clear()
+    with torch.inference_mode():
+        y_inf = fastdiff.sampler_step(x, m, t, t - 1, s, seed=1)
+        fastdiff.q_sample(x, t, s, seed=1)
+    y = fastdiff.sampler_step(x, m, t, t - 1, s, seed=1)  # the spare made in inference mode
+    fastdiff.q_sample(x, t, s, seed=1)
+    y_grad = fastdiff.sampler_step(x.clone().requires_grad_(), m, t, t - 1, s, seed=1)
+    assert y_grad.grad_fn is not None  # through the op
+    for fn in FAKE_CALLS.values():
+        _run_fake(fn)
+    assert torch.equal(y, y_inf) and torch.equal(y, y_grad.detach())
+    assert _checks._SPARE, "no spare was made"
+    for v in _checks._SPARE.values():
+        assert type(v) is torch.Tensor and v.numel() == 0
+        assert not v.requires_grad and v.grad_fn is None and not v.is_inference()
