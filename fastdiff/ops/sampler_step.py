@@ -362,6 +362,7 @@ def x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thre
             _number("guidance_scale", guidance_scale), None)
 
 
+_ORDERED = "kind='ddpm' needs t_prev < t (a step towards t = 0)"
 _STEP_OPTS = {}  # (kind, prediction_type, variance_type, eta, type(eta)) -> (learned, eta)
 
 
@@ -491,10 +492,12 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     # ranges (and ddpm's order): plain Python for ints, one device-side assert for CUDA tensors
     # on the backends whose kernels do not check them (in_kernel: the tensors are left to it)
     t_int, tp_int = not isinstance(t, Tensor), not isinstance(t_prev, Tensor)
-    if not in_kernel or t_int or tp_int:  # (tensors both left to the kernel: nothing here)
+    if t_int and tp_int:  # ranges checked by timesteps(); ddpm's order left
+        if kind == "ddpm" and t_prev >= t:
+            _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, None), ordered=_ORDERED)
+    elif not in_kernel or t_int or tp_int:  # (tensors both left to the kernel: nothing here)
         items = (("t", t, 0), ("t_prev", t_prev, None))
-        ordered = "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" \
-            else None
+        ordered = _ORDERED if kind == "ddpm" else None
         if in_kernel:
             items = tuple(it for it in items if not isinstance(it[1], Tensor))
             ordered = ordered if len(items) == 2 else None
