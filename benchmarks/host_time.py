@@ -48,6 +48,7 @@ def cases():
     coefs = torch.rand(8, fastdiff.ops.multistep_step.NCOEF, dtype=torch.float64)
     ring = torch.randn((2,) + tuple(x.shape))
     step = torch.tensor(3)
+    last = torch.randn_like(x)  # UniPC's previous sample
     return [
         ("q_sample, t tensor, seed", lambda: fastdiff.q_sample(x, t, s, seed=7)),
         ("q_sample, t int, seed", lambda: fastdiff.q_sample(x, 500, s, seed=7)),
@@ -61,6 +62,8 @@ def cases():
             x, m, ring, coefs, step, seed=7)),
         ("multistep_step, step int, seed", lambda: fastdiff.multistep_step(
             x, m, ring, coefs, 3, seed=7)),
+        ("multistep_step unipc, step tensor, last_sample", lambda: fastdiff.multistep_step(
+            x, m, ring, coefs, step, last_sample=last)),
     ]
 
 

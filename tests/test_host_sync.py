@@ -563,3 +563,32 @@ def test_spare_outputs_stay_out_of_the_op_path():
     for v in _checks._SPARE.values():
         assert type(v) is torch.Tensor and v.numel() == 0
         assert not v.requires_grad and v.grad_fn is None and not v.is_inference()
+
+
+def test_multistep_fast_checks_fall_back_to_the_named_errors():
+    """multistep_step checks coefs, ring and last_sample in a few reads first; anything off the
+    common case still gets the error naming it, and the shared-memory pairs (x_t's too) hold."""
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    coefs = torch.rand(4, NCOEF, dtype=torch.float64)
+    ring = torch.randn((2,) + tuple(x.shape))
+    last = torch.randn_like(x)
+    fastdiff.multistep_step(x, m, ring, coefs, 1, last_sample=last)  # the common case
+    for kw, err, match in (
+            (dict(coefs=coefs.float()), TypeError, "coefs must be float64"),
+            (dict(coefs=coefs[:, :-1]), ValueError, "coefs must have shape"),
+            (dict(coefs=coefs[0]), ValueError, "coefs must have 2 dims"),
+            (dict(coefs=coefs.to("meta")), ValueError, "coefs is on meta"),
+            (dict(ring=ring.double()), TypeError, "ring must be float32"),
+            (dict(ring=ring[:, :1]), ValueError, r"ring must have shape \(2, 2, 3, 4, 4\)"),
+            (dict(ring=torch.randn((4,) + tuple(x.shape))), ValueError, "1 <= K <= 3"),
+            (dict(last_sample=last.double()), TypeError, "last_sample must be float32"),
+            (dict(last_sample=last[:1]), ValueError, r"last_sample must have shape \(2, 3, 4, 4\)"),
+            (dict(model_output=m.double()), TypeError, "model_output must have the dtype of x_t"),
+            (dict(model_output=m[:1]), ValueError, r"model_output must have shape \(2, 3, 4, 4\)"),
+            (dict(x_t=ring[0]), ValueError, "x_t and ring must not share memory"),
+            (dict(x_t=last), ValueError, "x_t and last_sample must not share memory")):
+        a = dict(x_t=x, model_output=m, ring=ring, coefs=coefs, step=1, last_sample=last)
+        a.update(kw)
+        with pytest.raises(err, match=match):
+            fastdiff.multistep_step(**a)

@@ -257,15 +257,30 @@ def _same_layout(a, strides, shape) -> bool:
     return sa == strides or all(x == y or n == 1 for x, y, n in zip(sa, strides, shape))
 
 
-def _shares_memory(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
-    if a is None or b is None or a.numel() == 0 or b.numel() == 0 \
-            or torch.compiler.is_compiling():  # storages are not traceable (checked eagerly)
-        return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+# the pairs that must not share memory (out may be x_t itself: in place)
+_DISJOINT = (("out", "ring"), ("out", "last_sample"), ("last_sample", "ring"), ("x_t", "ring"),
+             ("x_t", "last_sample"))
+
+
+def _check_disjoint(out, last_sample, ring, x_t) -> None:
+    """Raises if a pair of _DISJOINT shares a storage (None and empty tensors skipped). Not
+    while torch.compile traces (storages are not traceable: the check runs eagerly)."""
+    if torch.compiler.is_compiling():
+        return
+    ptr = {}
+    for name, v in (("out", out), ("last_sample", last_sample), ("ring", ring), ("x_t", x_t)):
+        if v is not None and v.numel():
+            ptr[name] = v.untyped_storage().data_ptr()
+    for a, b in _DISJOINT:
+        if a in ptr and b in ptr and ptr[a] == ptr[b]:
+            raise ValueError(f"{a} and {b} must not share memory")
 
 
 def _state(name: str, v, x_t: Tensor, shape, sdt: torch.dtype):
     """A state tensor (ring, last_sample): its shape, dtype, device and the slots' layout."""
+    if type(v) in _checks._PLAIN and v.dtype == sdt and v.device == x_t.device and \
+            v.shape == shape:  # the common case in a few reads
+        return
     _checks.tensor(name, v)
     _checks.same_device("x_t", x_t, **{name: v})
     if tuple(v.shape) != tuple(shape):
@@ -393,11 +408,7 @@ def multistep_step(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs: Tenso
                          f"{out.stride()}" + ("" if out is not x_in else
                                               ": in place needs a contiguous or channels_last x_t"))
     # (an out made here shares memory with nothing: only a given one is compared)
-    for a, an, b, bn in ((out, "out", ring, "ring"), (out, "out", last_sample, "last_sample"),
-                         (last_sample, "last_sample", ring, "ring"),
-                         (x_t, "x_t", ring, "ring"), (x_t, "x_t", last_sample, "last_sample")):
-        if a is not None and b is not None and _shares_memory(a, b):
-            raise ValueError(f"{an} and {bn} must not share memory")
+    _check_disjoint(out, last_sample, ring, x_t)
     if out is None:
         out = _checks.empty_like(x_t)
     if backend is not None and (not isinstance(backend, str) or backend not in IMPLEMENTED):
