@@ -592,3 +592,21 @@ def test_multistep_fast_checks_fall_back_to_the_named_errors():
         a.update(kw)
         with pytest.raises(err, match=match):
             fastdiff.multistep_step(**a)
+
+
+def test_host_time_benchmark_runs(capsys, monkeypatch):
+    """benchmarks/host_time.py (not timed here): every case runs on the stubbed path and the
+    table lists it."""
+    import importlib.util
+    import os
+    if not backends.available("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "host_time.py")
+    spec = importlib.util.spec_from_file_location("host_time", path)
+    ht = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ht)
+    monkeypatch.setattr(ht, "measure", lambda fn, calls: (fn(), (1.0, 1.0))[1])
+    ht.main(["--calls", "1"])
+    out = capsys.readouterr().out
+    for name, _ in ht.cases():
+        assert f"| {name} | 1.0 | 1.0 |" in out
