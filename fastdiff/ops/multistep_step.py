@@ -267,10 +267,10 @@ def _check_disjoint(out, last_sample, ring, x_t) -> None:
     while torch.compile traces (storages are not traceable: the check runs eagerly)."""
     if torch.compiler.is_compiling():
         return
-    ptr = {}
+    ptr = {}  # the storage's address: the data's less the offset (no storage object made)
     for name, v in (("out", out), ("last_sample", last_sample), ("ring", ring), ("x_t", x_t)):
         if v is not None and v.numel():
-            ptr[name] = v.untyped_storage().data_ptr()
+            ptr[name] = v.data_ptr() - v.storage_offset() * v.element_size()
     for a, b in _DISJOINT:
         if a in ptr and b in ptr and ptr[a] == ptr[b]:
             raise ValueError(f"{a} and {b} must not share memory")
