@@ -11,20 +11,31 @@ own host work and, for tensor t/step/guidance values, its one-block check kernel
 for the torch/Triton backends' torch._assert_async path).
 
     python benchmarks/host_time.py [--calls N] [--out benchmarks/results/host_time_<date>.md]
+        [--against DIR [--pairs N]]
+
+--against DIR: another checkout (its fastdiff/_C built, e.g. `git worktree add` of main plus a
+copy of the .so when csrc/ is unchanged) timed on the same cases, in subprocesses alternating
+with this checkout's (A B A B ...: the machine is shared, its load drifts), the medians of the
+pairs beside the table: thread CPU time, the measure of a change.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from unittest import mock
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout whose fastdiff is timed (a --against worker: the other one)
+sys.path.insert(0, os.environ.get("FASTDIFF_HOST_TIME_ROOT") or _HERE)
 import fastdiff  # noqa: E402
 from fastdiff.ops import _checks  # noqa: E402
 
@@ -48,6 +59,7 @@ def cases():
     coefs = torch.rand(8, fastdiff.ops.multistep_step.NCOEF, dtype=torch.float64)
     ring = torch.randn((2,) + tuple(x.shape))
     step = torch.tensor(3)
+    last = torch.randn_like(x)  # UniPC's previous sample
     return [
         ("q_sample, t tensor, seed", lambda: fastdiff.q_sample(x, t, s, seed=7)),
         ("q_sample, t int, seed", lambda: fastdiff.q_sample(x, 500, s, seed=7)),
@@ -61,6 +73,8 @@ def cases():
             x, m, ring, coefs, step, seed=7)),
         ("multistep_step, step int, seed", lambda: fastdiff.multistep_step(
             x, m, ring, coefs, 3, seed=7)),
+        ("multistep_step unipc, step tensor, last_sample", lambda: fastdiff.multistep_step(
+            x, m, ring, coefs, step, last_sample=last)),
     ]
 
 
@@ -79,28 +93,81 @@ def measure(fn, calls: int):
     return statistics.median(wall), statistics.median(cpu)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+def stubbed():
+    """The context of every measurement: the launch a no-op, the device path, the cpu backend."""
     noop = lambda *args, **kw: None  # noqa: E731 - the kernel launch, stubbed
-    rows = []
     assert fastdiff.backends.available("cpu"), "the C++ extension is not built"
     ext = torch.ops.fastdiff_ext
     ext.q_sample, ext.sampler_step, ext.multistep_step  # resolve (lazy) first
-    with mock.patch.object(_checks, "_host_readable", lambda t: False), \
-            mock.patch.object(torch.ops.fastdiff_ext, "q_sample", noop), \
-            mock.patch.object(torch.ops.fastdiff_ext, "sampler_step", noop), \
-            mock.patch.object(torch.ops.fastdiff_ext, "multistep_step", noop), \
-            fastdiff.use_backend("cpu"):
-        load0 = os.getloadavg()[0]
+    stack = mock.patch.multiple(torch.ops.fastdiff_ext, q_sample=noop, sampler_step=noop,
+                                multistep_step=noop)
+    return [mock.patch.object(_checks, "_host_readable", lambda t: False), stack,
+            fastdiff.use_backend("cpu")]
+
+
+def worker(calls: int):
+    """--worker: this process's fastdiff (FASTDIFF_HOST_TIME_ROOT) on the cases, as JSON
+    {case: thread CPU us}; NaN where that checkout cannot run a case."""
+    torch.set_num_threads(1)
+    out = {}
+    ctx = stubbed()
+    for c in ctx:
+        c.__enter__()
+    for name, fn in cases():
+        try:
+            fn()
+            out[name] = measure(fn, calls)[1]
+        except Exception:  # an older checkout without what the case uses
+            out[name] = float("nan")
+    print(json.dumps({"fastdiff": os.path.dirname(fastdiff.__file__), "cpu_us": out}))
+
+
+def against(other: str, pairs: int, calls: int) -> dict:
+    """{case: (median at other, median here)} over `pairs` alternating worker runs."""
+    got = {other: [], _HERE: []}
+    for _ in range(pairs):
+        for root in (other, _HERE):
+            env = dict(os.environ, FASTDIFF_HOST_TIME_ROOT=root)
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                                "--calls", str(calls)], env=env, check=True,
+                               capture_output=True, text=True)
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            want = os.path.realpath(os.path.join(root, "fastdiff"))
+            assert os.path.realpath(res["fastdiff"]) == want, (res["fastdiff"], want)
+            got[root].append(res["cpu_us"])
+    names = [n for n, _ in cases()]
+    med = {root: {n: statistics.median(r[n] for r in rs) for n in names} for root, rs in got.items()}
+    return {n: (med[other][n], med[_HERE][n]) for n in names}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=2000, help="calls per round (7 rounds)")
+    ap.add_argument("--out", default=None, help="write the table here (atomically)")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="another checkout to time alternately with this one")
+    ap.add_argument("--pairs", type=int, default=5, help="A/B alternations with --against")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a.calls)
+    torch.set_num_threads(1)
+    rows = []
+    ctx = stubbed()
+    load0 = os.getloadavg()[0]
+    for c in ctx:
+        c.__enter__()
+    try:
         for name, fn in cases():
             fn()
             ops = count_ops(fn)
             wall, cpu = measure(fn, a.calls)
             rows.append((name, wall, cpu, len(ops), ", ".join(sorted(set(ops)))))
+    finally:
+        for c in reversed(ctx):
+            c.__exit__(None, None, None)
+    ab = against(os.path.abspath(a.against), a.pairs, max(a.calls // 4, 100)) if a.against \
+        else None
     date = datetime.date.today().isoformat()
     lines = [f"# Host time per call, checks on, CUDA-like path with the launch stubbed ({date})", "",
              f"`python benchmarks/host_time.py` on this machine: {os.cpu_count()} CPU cores, "
@@ -112,6 +179,14 @@ def main(argv=None):
              "(allocations; each would be a launch or an allocator call on a GPU).", "",
              "| call | wall µs | thread CPU µs | ops | which |", "|---|---:|---:|---:|---|"]
     lines += [f"| {n} | {w:.1f} | {c:.1f} | {k} | {o} |" for n, w, c, k, o in rows]
+    if ab:
+        lines += ["", f"Against `{a.against}` (`--against`): thread CPU µs per call, each the "
+                  f"median of {a.pairs} runs alternating with this checkout's (subprocesses; "
+                  f"a run: the median of 7 rounds of {max(a.calls // 4, 100)} calls); load "
+                  f"average {os.getloadavg()[0]:.1f} after.", "",
+                  "| call | against µs | this µs | this / against |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {o:.1f} | {w:.1f} | "
+                  f"{'-' if math.isnan(o) else f'{w / o:.2f}'} |" for n, (o, w) in ab.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

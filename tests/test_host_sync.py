@@ -358,8 +358,9 @@ def _aten_ops(fn):
 
 def test_cpu_backend_wrapper_issues_no_check_ops(monkeypatch):
     """The cpu backend runs the wrapper code the cuda backend does (the kernels check): tensor
-    timesteps, step, first_index and guidance cost no tensor op but the outputs' allocations,
-    and the kernel is asked to check them."""
+    timesteps, step, first_index and guidance cost no tensor op but the allocations of the
+    outputs asked for (those not asked for are one shared empty tensor), and the kernel is
+    asked to check them."""
     monkeypatch.setenv("FASTDIFF_CHECKS", "1")
     monkeypatch.delenv("FASTDIFF_POISON", raising=False)  # (the suite's NaN fill: a fill_ each)
     monkeypatch.setattr(backends, "requested", lambda: "cpu")
@@ -375,10 +376,10 @@ def test_cpu_backend_wrapper_issues_no_check_ops(monkeypatch):
     ring = torch.randn((2,) + tuple(x.shape))
     calls = {
         "q_sample": (lambda: fastdiff.q_sample(x, t, s, seed=1, first_index=one),
-                     ["aten::empty_like", "aten::empty_like", "aten::new_empty"]),
+                     ["aten::empty_like", "aten::empty_like"]),
         "sampler_step": (lambda: fastdiff.sampler_step(x, m2, t, tp, s, seed=1, first_index=one,
                                                        guidance_scale=w),
-                         ["aten::empty_like", "aten::new_empty"]),
+                         ["aten::empty_like"]),
         "multistep_step": (lambda: fastdiff.multistep_step(x, m2, ring, coefs, one, seed=1,
                                                            first_index=one, guidance_scale=w),
                            ["aten::empty_like"]),
@@ -482,3 +483,130 @@ def test_cpu_multistep_step_kernel_checks_what_it_reads():
     with pytest.raises(ValueError, match=r"first_index must be in \[0, 4294967294\], got 4294967295"):
         call(1, first_t=torch.tensor([2 ** 32 - 1]))
     call(1, first_t=torch.tensor([2 ** 32 - 1]), checks=_checks.CHECK_VALUES)
+
+
+# --- the host-time shortcuts (benchmarks/host_time.py): none lets through what the checks refuse ---
+
+def test_remembered_options_still_refuse_what_the_checks_refuse():
+    """sampler_step/multistep_step remember checked options per (value, type): True == 1.0 as a
+    dict key, but a bool is refused where a number is asked for; an unhashable option and an
+    invalid combination are refused whatever was remembered before."""
+    s = fastdiff.Schedule()
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    t = torch.tensor([9, 7])
+
+    def step(**kw):
+        return fastdiff.sampler_step(x, m, t, t - 1, s, seed=1, **kw)
+
+    def multi(**kw):
+        return _multistep_cpu(x, m, seed=1, **kw)
+
+    for _ in range(2):  # the second round hits what the first remembered
+        step(kind="ddim", eta=1.0, clip_sample=True, clip_sample_range=1.0)
+        step(kind="ddim", eta=1, clip_sample=True, clip_sample_range=1)  # ints are numbers
+        multi(clip_sample=True, clip_sample_range=1.0)
+        with pytest.raises(TypeError, match="eta must be a number"):
+            step(kind="ddim", eta=True)
+        with pytest.raises(TypeError, match="clip_sample_range must be a number"):
+            step(clip_sample=True, clip_sample_range=True)
+        with pytest.raises(TypeError, match="clip_sample_range must be a number"):
+            multi(clip_sample=True, clip_sample_range=True)
+        with pytest.raises(ValueError, match="exclusive"):
+            step(clip_sample=True, thresholding=True)
+        with pytest.raises(ValueError, match="exclusive"):
+            multi(clip_sample=True, thresholding=True, clip_sample_range=1.0)
+        with pytest.raises(ValueError, match="kind must be one of"):
+            step(kind=["ddpm"])  # unhashable: not looked up, refused by the check
+        with pytest.raises(TypeError, match="sample_max_value must be a number"):
+            multi(sample_max_value=[1.0])
+
+
+def test_direct_takes_the_op_for_what_it_cannot_see():
+    """_checks.direct: any argument that autograd, a subclass or a transform must see sends the
+    call through the custom op, in any position."""
+    x, t = torch.randn(2, 3), torch.tensor([1, 2])
+    assert _checks.direct(x, x, t, None)
+    assert not _checks.direct(x, None, x.clone().requires_grad_())
+    with torch.no_grad():
+        assert _checks.direct(x, x.clone().requires_grad_())
+    assert not _checks.direct(x, t, torch.nn.Buffer(x).as_subclass(_Sub))
+    assert not _checks.direct(x.to("meta"))
+    with _Recorder():
+        assert not _checks.direct(x)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_spare_outputs_stay_out_of_the_op_path():
+    """The shared empty tensor for outputs not asked for is used only where the body is called
+    straight: after calls through the op (autograd; a fake-tensor trace) and in inference mode it
+    is still a plain tensor, without autograd history, usable in and out of inference mode."""
+    s = fastdiff.Schedule()
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    t = torch.tensor([9, 7])
+    _checks._SPARE.clear()
+    with torch.inference_mode():
+        y_inf = fastdiff.sampler_step(x, m, t, t - 1, s, seed=1)
+        fastdiff.q_sample(x, t, s, seed=1)
+    y = fastdiff.sampler_step(x, m, t, t - 1, s, seed=1)  # the spare made in inference mode
+    fastdiff.q_sample(x, t, s, seed=1)
+    y_grad = fastdiff.sampler_step(x.clone().requires_grad_(), m, t, t - 1, s, seed=1)
+    assert y_grad.grad_fn is not None  # through the op
+    for fn in FAKE_CALLS.values():
+        _run_fake(fn)
+    assert torch.equal(y, y_inf) and torch.equal(y, y_grad.detach())
+    assert _checks._SPARE, "no spare was made"
+    for v in _checks._SPARE.values():
+        assert type(v) is torch.Tensor and v.numel() == 0
+        assert not v.requires_grad and v.grad_fn is None and not v.is_inference()
+
+
+def test_multistep_fast_checks_fall_back_to_the_named_errors():
+    """multistep_step checks coefs, ring and last_sample in a few reads first; anything off the
+    common case still gets the error naming it, and the shared-memory pairs (x_t's too) hold."""
+    x = torch.randn(2, 3, 4, 4)
+    m = torch.randn_like(x)
+    coefs = torch.rand(4, NCOEF, dtype=torch.float64)
+    ring = torch.randn((2,) + tuple(x.shape))
+    last = torch.randn_like(x)
+    fastdiff.multistep_step(x, m, ring, coefs, 1, last_sample=last)  # the common case
+    for kw, err, match in (
+            (dict(coefs=coefs.float()), TypeError, "coefs must be float64"),
+            (dict(coefs=coefs[:, :-1]), ValueError, "coefs must have shape"),
+            (dict(coefs=coefs[0]), ValueError, "coefs must have 2 dims"),
+            (dict(coefs=coefs.to("meta")), ValueError, "coefs is on meta"),
+            (dict(ring=ring.double()), TypeError, "ring must be float32"),
+            (dict(ring=ring[:, :1]), ValueError, r"ring must have shape \(2, 2, 3, 4, 4\)"),
+            (dict(ring=torch.randn((4,) + tuple(x.shape))), ValueError, "1 <= K <= 3"),
+            (dict(last_sample=last.double()), TypeError, "last_sample must be float32"),
+            (dict(last_sample=last[:1]), ValueError, r"last_sample must have shape \(2, 3, 4, 4\)"),
+            (dict(model_output=m.double()), TypeError, "model_output must have the dtype of x_t"),
+            (dict(model_output=m[:1]), ValueError, r"model_output must have shape \(2, 3, 4, 4\)"),
+            (dict(x_t=ring[0]), ValueError, "x_t and ring must not share memory"),
+            (dict(x_t=last), ValueError, "x_t and last_sample must not share memory")):
+        a = dict(x_t=x, model_output=m, ring=ring, coefs=coefs, step=1, last_sample=last)
+        a.update(kw)
+        with pytest.raises(err, match=match):
+            fastdiff.multistep_step(**a)
+
+
+def test_host_time_benchmark_runs(capsys, monkeypatch):
+    """benchmarks/host_time.py (not timed here): every case runs on the stubbed path and the
+    table lists it."""
+    import importlib.util
+    import os
+    if not backends.available("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "host_time.py")
+    spec = importlib.util.spec_from_file_location("host_time", path)
+    ht = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ht)
+    monkeypatch.setattr(ht, "measure", lambda fn, calls: (fn(), (1.0, 1.0))[1])
+    ht.main(["--calls", "1"])
+    out = capsys.readouterr().out
+    for name, _ in ht.cases():
+        assert f"| {name} | 1.0 | 1.0 |" in out

@@ -183,12 +183,12 @@ def _model_output_layout(x_t: Tensor, model_output: Tensor, learned: bool, guide
     inner, row_stride, var_offset, cond_offset)."""
     B = x_t.shape[0]
     ps = x_t.numel() // B if B else 0
+    if not (learned or guided):  # the common case first
+        return _checks.like(model_output, x_t), ps, ps, ps, 0, 0
     fmt = torch.contiguous_format if x_t.is_contiguous() else (
         torch.channels_last if x_t.dim() == 4 else torch.channels_last_3d)
     if not learned:
-        mo = model_output.contiguous(memory_format=fmt) if guided else \
-            _checks.like(model_output, x_t)
-        return mo, ps, ps, ps, 0, B * ps if guided else 0
+        return model_output.contiguous(memory_format=fmt), ps, ps, ps, 0, B * ps
     C = x_t.shape[1]
     cond = 2 * B * ps if guided else 0
     mo = model_output.contiguous(memory_format=fmt)
@@ -205,13 +205,16 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
                        dynamic_thresholding_ratio: float, sample_max_value: float,
                        set_alpha_to_one: bool, use_clipped_model_output: bool, guided: bool,
                        guidance: float, guidance_t: Optional[Tensor],
-                       want_x0: bool, backend: str, checks: int) -> tuple[Tensor, Tensor]:
+                       want_x0: bool, spare: Optional[Tensor], backend: str,
+                       checks: int) -> tuple[Tensor, Tensor]:
     """Returns (x_prev, x0 or empty). Inputs are checked; x_t and noise dense alike. Noise key:
     (seed_t or seed, first_t or first_index); guidance scale (when guided): guidance_t or
-    guidance; backend: the one the wrapper picked ("auto": pick it here, as under
-    torch.compile); checks: the values the extension's kernel checks (_checks.value_checks)."""
+    guidance; spare: the shared empty tensor for x0 when not asked for (_checks.spare; None
+    through the op: made here); backend: the one the wrapper picked ("auto": pick it here, as
+    under torch.compile); checks: the values the extension's kernel checks
+    (_checks.value_checks)."""
     x_prev = _checks.empty_like(x_t)
-    x0 = _checks.empty_like(x_t) if want_x0 else x_t.new_empty(0)
+    x0 = _checks.empty_like(x_t) if want_x0 else x_t.new_empty(0) if spare is None else spare
     needs_noise = kind == "ddpm" or eta > 0
     learned = kind == "ddpm" and variance_type in LEARNED
     w = (guidance if guidance_t is None else guidance_t) if guided else None
@@ -273,7 +276,7 @@ _sampler_step_op = torch.library.custom_op("fastdiff::sampler_step",
 def _(x_t, model_output, t, t_prev, alphas_cumprod, noise, seed, seed_t, first_index, first_t,
       kind, prediction_type, variance_type, eta, clip_sample, clip_sample_range, thresholding,
       dynamic_thresholding_ratio, sample_max_value, set_alpha_to_one, use_clipped_model_output,
-      guided, guidance, guidance_t, want_x0, backend, checks):
+      guided, guidance, guidance_t, want_x0, spare, backend, checks):
     return torch.empty_like(x_t), torch.empty_like(x_t) if want_x0 else x_t.new_empty(0)
 
 
@@ -295,27 +298,96 @@ def _number(name, value, *, low=None, low_open=False, high=None):
     return value
 
 
+_X0_OPTS = {}  # (the x0 options as given, their types) -> the checked floats; valid ones only
+_X0_OPTS_MAX = 256  # entries; past it a call checks its options afresh, as before
+
+
+def _x0_options_checked(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                        sample_max_value):
+    out = (_number("clip_sample_range", clip_sample_range, low=0.0, low_open=True),
+           _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0.0, high=1.0),
+           _number("sample_max_value", sample_max_value, low=0.0, low_open=True))
+    if clip_sample and thresholding:
+        raise ValueError("clip_sample and thresholding are exclusive: choose one")
+    return out
+
+
+def _x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                sample_max_value):
+    """(clip_sample_range, dynamic_thresholding_ratio, sample_max_value) checked and as floats,
+    remembered per value and type of the options (the types in the key: True == 1.0 as a key,
+    but a bool is refused where a number is asked for), so a loop that calls with the same
+    options checks them once."""
+    if torch.compiler.is_compiling():  # (no global dict for Dynamo to guard on)
+        return _x0_options_checked(clip_sample, clip_sample_range, thresholding,
+                                   dynamic_thresholding_ratio, sample_max_value)
+    key = (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
+           type(clip_sample_range), type(dynamic_thresholding_ratio), type(sample_max_value),
+           clip_sample, thresholding)
+    try:
+        out = _X0_OPTS.get(key)
+    except TypeError:  # an unhashable option: checked (and refused) below
+        key, out = None, None
+    if out is not None:
+        return out
+    out = _x0_options_checked(clip_sample, clip_sample_range, thresholding,
+                              dynamic_thresholding_ratio, sample_max_value)
+    if key is not None and len(_X0_OPTS) < _X0_OPTS_MAX and \
+            type(clip_sample) is bool and type(thresholding) is bool:
+        _X0_OPTS[key] = out
+    return out
+
+
 def x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
                          dynamic_thresholding_ratio, sample_max_value, guidance_scale):
     """The checks sampler_step and multistep_step share: the x0 clipping/thresholding options,
-    model_output against x_t, and guidance_scale (a number, or a device scalar read by the
-    kernels). Returns (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
-    guidance, guidance_t) as the kernels take them."""
-    clip_sample_range = _number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
-    dynamic_thresholding_ratio = _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio,
-                                         low=0.0, high=1.0)
-    sample_max_value = _number("sample_max_value", sample_max_value, low=0.0, low_open=True)
-    if clip_sample and thresholding:
-        raise ValueError("clip_sample and thresholding are exclusive: choose one")
-    _checks.float_tensor("model_output", model_output)
-    _checks.same_device("x_t", x_t, model_output=model_output)
-    _checks.same_dtype("x_t", x_t, model_output=model_output)
-    guidance, guidance_t = 0.0, None
+    model_output against x_t (x_t already checked), and guidance_scale (a number, or a device
+    scalar read by the kernels). Returns (clip_sample_range, dynamic_thresholding_ratio,
+    sample_max_value, guidance, guidance_t) as the kernels take them."""
+    clip_sample_range, dynamic_thresholding_ratio, sample_max_value = _x0_options(
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+        sample_max_value)
+    # the common case in three reads; anything else through the checks that name what is wrong
+    if not (type(model_output) in _checks._PLAIN and model_output.dtype == x_t.dtype
+            and model_output.device == x_t.device):
+        _checks.float_tensor("model_output", model_output)
+        _checks.same_device("x_t", x_t, model_output=model_output)
+        _checks.same_dtype("x_t", x_t, model_output=model_output)
+    if guidance_scale is None:
+        return clip_sample_range, dynamic_thresholding_ratio, sample_max_value, 0.0, None
     if isinstance(guidance_scale, Tensor):
-        guidance_t = _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False)
-    elif guidance_scale is not None:
-        guidance = _number("guidance_scale", guidance_scale)
-    return clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t
+        return (clip_sample_range, dynamic_thresholding_ratio, sample_max_value, 0.0,
+                _checks._scalar_tensor("guidance_scale", guidance_scale, x_t.device, False))
+    return (clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
+            _number("guidance_scale", guidance_scale), None)
+
+
+_ORDERED = "kind='ddpm' needs t_prev < t (a step towards t = 0)"
+_STEP_OPTS = {}  # (kind, prediction_type, variance_type, eta, type(eta)) -> (learned, eta)
+
+
+def _step_options(kind, prediction_type, variance_type, eta):
+    """The checks of sampler_step's step options, once per (values, eta's type): (learned,
+    eta as a float). Valid options only are remembered (at most 256 sets)."""
+    compiling = torch.compiler.is_compiling()  # (no global dict for Dynamo to guard on)
+    key = None if compiling else (kind, prediction_type, variance_type, eta, type(eta))
+    try:
+        out = None if key is None else _STEP_OPTS.get(key)
+    except TypeError:  # an unhashable option: refused below
+        key, out = None, None
+    if out is not None:
+        return out
+    _choice("kind", kind, KINDS)
+    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _choice("variance_type", variance_type, VARIANCE_TYPES)
+    learned = variance_type in LEARNED
+    if learned and kind == "ddim":
+        raise ValueError(f"variance_type={variance_type!r} needs kind='ddpm': DDIM's variance is "
+                         "fixed by eta")
+    out = learned, _number("eta", eta, low=0.0)
+    if key is not None and len(_STEP_OPTS) < 256:
+        _STEP_OPTS[key] = out
+    return out
 
 
 def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedule, *,
@@ -381,14 +453,7 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     _checks.float_tensor("x_t", x_t, ndim_min=1)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
-    _choice("kind", kind, KINDS)
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    _choice("variance_type", variance_type, VARIANCE_TYPES)
-    learned = variance_type in LEARNED
-    if learned and kind == "ddim":
-        raise ValueError(f"variance_type={variance_type!r} needs kind='ddpm': DDIM's variance is "
-                         "fixed by eta")
-    eta = _number("eta", eta, low=0.0)
+    learned, eta = _step_options(kind, prediction_type, variance_type, eta)
     clip_sample_range, dynamic_thresholding_ratio, sample_max_value, guidance, guidance_t = \
         x0_and_guidance_args(x_t, model_output, clip_sample, clip_sample_range, thresholding,
                              dynamic_thresholding_ratio, sample_max_value, guidance_scale)
@@ -397,9 +462,10 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     if learned and x_t.dim() < 2:
         raise ValueError(f"variance_type={variance_type!r} needs x_t with a channel dim, got "
                          f"shape {tuple(x_t.shape)}")
-    want = ((2 * B if guided else B),) + \
+    want = x_t.shape if not (guided or learned) else ((2 * B if guided else B),) + \
         (((2 * x_t.shape[1],) + tuple(x_t.shape[2:])) if learned else tuple(x_t.shape[1:]))
-    if tuple(model_output.shape) != want:
+    if model_output.shape != want:
+        want = tuple(want)
         what = []
         if guided:
             what.append(f"batch 2*B = {2 * B} ([unconditional; conditional] halves) for "
@@ -425,12 +491,17 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
                                check_values=False)
     # ranges (and ddpm's order): plain Python for ints, one device-side assert for CUDA tensors
     # on the backends whose kernels do not check them (in_kernel: the tensors are left to it)
-    items = (("t", t, 0), ("t_prev", t_prev, None))
-    ordered = "kind='ddpm' needs t_prev < t (a step towards t = 0)" if kind == "ddpm" else None
-    if in_kernel:
-        items = tuple(it for it in items if not isinstance(it[1], Tensor))
-        ordered = ordered if len(items) == 2 else None
-    _checks.timestep_values(T, *items, ordered=ordered)
+    t_int, tp_int = not isinstance(t, Tensor), not isinstance(t_prev, Tensor)
+    if t_int and tp_int:  # ranges checked by timesteps(); ddpm's order left
+        if kind == "ddpm" and t_prev >= t:
+            _checks.timestep_values(T, ("t", t, 0), ("t_prev", t_prev, None), ordered=_ORDERED)
+    elif not in_kernel or t_int or tp_int:  # (tensors both left to the kernel: nothing here)
+        items = (("t", t, 0), ("t_prev", t_prev, None))
+        ordered = _ORDERED if kind == "ddpm" else None
+        if in_kernel:
+            items = tuple(it for it in items if not isinstance(it[1], Tensor))
+            ordered = ordered if len(items) == 2 else None
+        _checks.timestep_values(T, *items, ordered=ordered)
     given = (t, t_prev, guidance_t)  # the values the kernel checks, where tensors
     t, t_prev = t_dev, tp_dev
     x_t = _checks.dense(x_t)
@@ -443,11 +514,12 @@ def sampler_step(x_t: Tensor, model_output: Tensor, t, t_prev, schedule: Schedul
     checks = _checks.value_checks(in_kernel, given, first_index, first_t, B,
                                   ("guidance_scale", guidance_t, None, None))
     ab = schedule.table("alphas_cumprod", device, torch.float64)
-    x_prev, x0 = _checks.run_op(_sampler_step_op, _sampler_step_body, x_t, model_output, t,
-                                t_prev, ab, noise, seed, seed_t, first, first_t, kind,
-                                prediction_type, variance_type, eta, bool(clip_sample),
-                                clip_sample_range, bool(thresholding),
-                                dynamic_thresholding_ratio, sample_max_value,
-                                bool(set_alpha_to_one), bool(use_clipped_model_output), guided,
-                                guidance, guidance_t, bool(return_x0), backend, checks)
+    # the body called straight where the op would add nothing (_checks.direct: ~15 us less)
+    direct = _checks.direct(x_t, model_output, t, t_prev, noise, seed_t, first_t, guidance_t)
+    x_prev, x0 = (_sampler_step_body if direct else _sampler_step_op)(
+        x_t, model_output, t, t_prev, ab, noise, seed, seed_t, first, first_t, kind,
+        prediction_type, variance_type, eta, bool(clip_sample), clip_sample_range,
+        bool(thresholding), dynamic_thresholding_ratio, sample_max_value, bool(set_alpha_to_one),
+        bool(use_clipped_model_output), guided, guidance, guidance_t, bool(return_x0),
+        _checks.spare(x_t) if direct else None, backend, checks)
     return (x_prev, x0) if return_x0 else x_prev
