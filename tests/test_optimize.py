@@ -203,6 +203,28 @@ def test_attention_mask_goes_to_original_processor():
     assert rel(out[0], out[1]) > 1e-3  # the mask mattered
 
 
+def test_attention_kwargs_go_through_diffusers_forward(monkeypatch):
+    """FastdiffAttention skips diffusers' processor-signature filter only when there is nothing
+    to filter: cross_attention_kwargs still get diffusers' forward (which drops an unknown one)."""
+    torch.manual_seed(0)
+    a = perturbed(Attention(64, cross_attention_dim=32, heads=2, dim_head=32))
+    h, e = torch.randn(2, 9, 64), torch.randn(2, 5, 32)
+    seen = []
+    real = Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: seen.append(k) or
+                        real(self, *a, **k))
+    with torch.no_grad():
+        want = a(h, e)
+        fastdiff.optimize(a)
+        assert type(a).__name__ == "FastdiffAttention"
+        seen.clear()
+        same = a(h, e)
+        assert not seen
+        got = a(h, e, not_a_processor_argument=1.0)
+    assert seen == [{"not_a_processor_argument": 1.0}]
+    assert rel(got, want) <= REL and torch.equal(same, got)
+
+
 @pytest.mark.parametrize("own", [False, True], ids=["cpu-delegates", "own-path"])
 @pytest.mark.parametrize("groups, residual, rescale", [(None, False, 1.0), (8, True, 2.0)])
 def test_attention_options(groups, residual, rescale, own, monkeypatch):
@@ -401,9 +423,12 @@ def test_copy_and_pickle():
         want = m(x, t, e).sample
         for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
             assert type(c.mid_block.resnets[0]).__name__ == "FusedResnetBlock2D"
+            attn = c.mid_block.attentions[0].transformer_blocks[0].attn1
+            assert type(attn).__name__ == "FastdiffAttention"
             assert torch.equal(c(x, t, e).sample, want)
             fastdiff.restore(c)
             assert type(c.mid_block.resnets[0]) is ResnetBlock2D
+            assert type(attn) is Attention
 
 
 def test_no_diffusers_import_at_fastdiff_import():

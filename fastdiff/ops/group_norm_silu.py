@@ -186,30 +186,23 @@ def _cpu_direct(x, weight, bias, num_groups, eps, add, scale, shift, activation)
     cost more than the kernel: here ~2 µs of Python and a direct pybind call. Taken only when x
     is a plain dense CPU tensor of a kernel dtype, the parameters plain contiguous float32 ones,
     nothing records autograd, no compile/trace/dispatch mode, functorch transform or profiler
-    is active, and backends.pick chooses "cpu". The kernel checks shapes and devices itself; a call it
-    rejects goes the general path, whose checks name the argument."""
+    is active, and backends.pick chooses "cpu". The kernel checks shapes and devices itself; a
+    call it rejects goes the general path, whose checks name the argument."""
     global _cpu_kernel
-    if (type(x) not in _checks._PLAIN or not x.is_cpu or x.dtype not in _KERNEL_DTYPES
-            or type(num_groups) is not int or type(eps) is not float or not eps >= 0
-            or not 3 <= x.dim() <= 5 or (activation != "silu" and activation is not None)):
-        return None
-    grad = torch.is_grad_enabled()
-    if grad and x.requires_grad:
+    if (not _checks.direct(x, weight, bias, add, scale, shift) or not x.is_cpu
+            or x.dtype not in _KERNEL_DTYPES or type(num_groups) is not int
+            or type(eps) is not float or not eps >= 0 or not 3 <= x.dim() <= 5
+            or (activation != "silu" and activation is not None)
+            or torch._C._autograd._profiler_enabled()):  # the profiler records dispatched ops
         return None
     for t in (weight, bias, add, scale, shift):
-        if t is not None and (type(t) not in _checks._PLAIN or t.dtype != torch.float32
-                              or not t.is_contiguous() or (grad and t.requires_grad)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             return None
     if x.is_contiguous():
         layout = "contiguous"
     elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         layout = "channels_last"
     else:
-        return None
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._get_tracing_state() is not None
-            or torch._C._functorch.get_dynamic_layer_stack_depth() > 0
-            or torch._C._autograd._profiler_enabled()):  # the profiler records dispatched ops
         return None
     if backends.pick("group_norm_silu", IMPLEMENTED, x.device, x.dtype, layout) != "cpu":
         return None
