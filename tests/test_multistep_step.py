@@ -666,12 +666,11 @@ def test_inside_cuda_graph_reads_the_device_step_seed_and_guidance(gpu_backend):
 def test_kernel_threshold_prepass_is_the_reference_quantile(ratio, n):
     """The kernels' per-sample threshold (torch.topk) equals the reference's (a full sort),
     NaN samples included."""
-    from fastdiff.ops.multistep_step import _threshold_scale_topk
-    from fastdiff.ops.sampler_step import threshold_scale
+    from fastdiff.ops.sampler_step import threshold_scale, threshold_scale_topk
     g = torch.Generator().manual_seed(n)
     x0 = 3 * torch.randn(3, n, generator=g)
     x0[2, n // 2] = float("nan")
-    got = _threshold_scale_topk(x0, ratio, 2.5)
+    got = threshold_scale_topk(x0, ratio, 2.5)
     want = threshold_scale(x0, ratio, 2.5)
     assert torch.equal(got[:2], want[:2])
     assert torch.equal(torch.isnan(got), torch.isnan(want))

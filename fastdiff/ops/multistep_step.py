@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import STREAM_MULTISTEP, memory_order_normal
 from . import _checks
-from .sampler_step import (PREDICTION_TYPES, threshold_scale,
+from .sampler_step import (PREDICTION_TYPES, threshold_scale, threshold_scale_topk,
                            x0_and_guidance_args)
 
 IMPLEMENTED = ("torch", "triton", "cuda", "cpu")
@@ -151,19 +151,6 @@ def _x0_coefs(coefs: Tensor, step, prediction_type: str) -> tuple[Tensor, Tensor
     return cx.float(), cm.float()
 
 
-def _threshold_scale_topk(x0: Tensor, ratio: float, sample_max_value: float) -> Tensor:
-    """sampler_step.threshold_scale (the same order statistics, the same interpolation) from
-    the largest n - floor(ratio (n - 1)) values of each sample (torch.topk: a selection, not a
-    full sort; at ratio 0.995 under 1% of the sample)."""
-    a = x0.reshape(x0.shape[0], -1).abs()
-    n = a.shape[1]
-    rank = ratio * (n - 1)
-    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
-    top = a.topk(n - lo, dim=1, sorted=True).values  # top[:, -1]: ascending rank lo
-    q = top[:, -1] if hi == lo else torch.lerp(top[:, -1], top[:, -2], rank - lo)
-    return q.clamp(min=1.0, max=sample_max_value)
-
-
 def _slot_index(step: int, step_t: Optional[Tensor], S: int, K: int, device) -> Tensor:
     """(1,) int64: the ring slot the new x0 goes to, step % K of the clamped step, on device."""
     if step_t is not None:
@@ -224,7 +211,7 @@ def _multistep_step_body(x_t: Tensor, model_output: Tensor, ring: Tensor, coefs:
             m_u, m_c = m.chunk(2)
             m = m_u + (w if guidance_t is None else guidance_t.reshape(())) * (m_c - m_u)
         x0 = cx * x_t.float() + cm * m  # the kernels' expression
-        thresh = _threshold_scale_topk(x0, dynamic_thresholding_ratio,
+        thresh = threshold_scale_topk(x0, dynamic_thresholding_ratio,
                                        sample_max_value).contiguous()
     pred = PREDICTION_TYPES.index(prediction_type)
     cond_off = x_t.numel() if guided else 0

@@ -83,6 +83,19 @@ def threshold_scale(x0: Tensor, ratio: float, sample_max_value: float) -> Tensor
     return _quantile_rows(a, ratio).clamp(min=1.0, max=sample_max_value)
 
 
+def threshold_scale_topk(x0: Tensor, ratio: float, sample_max_value: float) -> Tensor:
+    """threshold_scale (the same order statistics, the same interpolation) from
+    the largest n - floor(ratio (n - 1)) values of each sample (torch.topk: a selection, not a
+    full sort; at ratio 0.995 under 1% of the sample): the kernels' pre-pass."""
+    a = x0.reshape(x0.shape[0], -1).abs()
+    n = a.shape[1]
+    rank = ratio * (n - 1)
+    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    top = a.topk(n - lo, dim=1, sorted=True).values  # top[:, -1]: ascending rank lo
+    q = top[:, -1] if hi == lo else torch.lerp(top[:, -1], top[:, -2], rank - lo)
+    return q.clamp(min=1.0, max=sample_max_value)
+
+
 def sampler_step_ref(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Tensor,
                      alphas_cumprod: Tensor, *, kind: str = "ddpm",
                      prediction_type: str = "epsilon", variance_type: str = "fixed_small",
@@ -249,7 +262,8 @@ def _sampler_step_body(x_t: Tensor, model_output: Tensor, t: Tensor, t_prev: Ten
             m = m_u + (w if guidance_t is None else guidance_t.reshape(())) * (m_c - m_u)
         at = alphas_cumprod.to(torch.float64)[t.clamp(0, alphas_cumprod.numel() - 1)]
         x0f = _predict_x0(x_t.float(), m, at, prediction_type)
-        thresh = threshold_scale(x0f, dynamic_thresholding_ratio, sample_max_value).contiguous()
+        thresh = threshold_scale_topk(x0f, dynamic_thresholding_ratio,
+                                      sample_max_value).contiguous()
     mo, bs, inner, rs, var_off, cond_off = _model_output_layout(x_t, model_output, learned, guided)
     if not needs_noise:
         noise = None
