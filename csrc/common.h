@@ -40,20 +40,73 @@ FD_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-FD_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
-  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+// The ten round keys (k0 + r W0, k1 + r W1) of a seed: a kernel forms them once per thread,
+// outside its loop over groups (in the loop they cost 18 adds a group, which nvcc re-issued in
+// every iteration).
+struct PhiloxKey { uint32_t k0[10], k1[10]; };
+
+FD_HD PhiloxKey philox_key(uint64_t seed) {
+  constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  PhiloxKey k;
+  uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) { k.k0[r] = a; k.k1[r] = b; a += W0; b += W1; }
+  return k;
+}
+
+#if defined(__CUDA_ARCH__)
+// The round keys of a launch's seed, held in registers for the kernel's life: formed once a
+// block into shared memory and loaded by every thread (values ptxas cannot recompute, so it
+// keeps them rather than re-adding 18 keys in every iteration of the loop over groups). Every
+// thread of the block must call it (it has a __syncthreads), before any of them returns.
+__device__ __forceinline__ PhiloxKey block_philox_key(uint64_t seed) {
+  __shared__ uint32_t sk[20];
+  const PhiloxKey k = philox_key(seed);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int r = 0; r < 10; ++r) { sk[r] = k.k0[r]; sk[10 + r] = k.k1[r]; }
+  }
+  __syncthreads();
+  PhiloxKey out;
+#pragma unroll
+  for (int r = 0; r < 10; ++r) { out.k0[r] = sk[r]; out.k1[r] = sk[10 + r]; }
+  return out;
+}
+#endif
+
+// The 32 x 32 -> 64-bit product a * M as (hi, lo). On the GPU one mul.wide.u32 (one
+// IMAD.WIDE.U32): written as a uint64_t product, NVVM widened the whole round to 64-bit
+// multiplies and xors, which cost ptxas an extra add on every high word.
+template <uint32_t M>
+FD_HD void mul_wide(uint32_t a, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  asm("{\n\t.reg .u64 t;\n\tmul.wide.u32 t, %2, %3;\n\tmov.b64 {%0, %1}, t;\n\t}"
+      : "=r"(lo), "=r"(hi) : "r"(a), "n"(M));
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * M;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+#endif
+}
+
+FD_HD void philox4x32_10(uint32_t c[4], const PhiloxKey& k) {
+  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int r = 0; r < 10; ++r) {
-    // one 32 x 32 -> 64-bit product gives both words (one IMAD.WIDE.U32 on the GPU, where
-    // __umulhi and a low multiply are two instructions)
-    const uint64_t p0 = static_cast<uint64_t>(M0) * c[0], p1 = static_cast<uint64_t>(M1) * c[2];
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1;
-    c[0] = n0; c[1] = static_cast<uint32_t>(p1); c[2] = n2; c[3] = static_cast<uint32_t>(p0);
-    k0 += W0; k1 += W1;
+    uint32_t hi0, lo0, hi1, lo1;
+    mul_wide<M0>(c[0], hi0, lo0);
+    mul_wide<M1>(c[2], hi1, lo1);
+    const uint32_t n0 = hi1 ^ c[1] ^ k.k0[r], n2 = hi0 ^ c[3] ^ k.k1[r];
+    c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
   }
+}
+
+FD_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  philox4x32_10(c, philox_key((static_cast<uint64_t>(k1) << 32) | k0));
 }
 
 // Box-Muller's math, branch-free (the same operations in the same order as kernels/philox.py,
@@ -131,18 +184,43 @@ FD_HD SinCos sincos_f32(float th) {
 // slow path; Triton's tl.rsqrt is the same instruction), correctly rounded on the host.
 FD_HD float sqrt_pos(float x) {
 #if defined(__CUDA_ARCH__)
-  const float y = rsqrtf(x), s = x * y;
+  // .ftz: x is never subnormal here, and rsqrtf's (non-ftz) scaling of subnormal inputs cost
+  // four instructions; the same MUFU.RSQ result for every normal x
+  float y;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  const float s = x * y;
   return fmaf(fmaf(-s, s, x), 0.5f * y, s);
 #else
   return sqrtf(x);
 #endif
 }
 
+// x / s for a per-sample s > 0 (a dynamic-threshold scale), with inv = 1.0 / double(s) formed
+// once per sample: on the GPU float(double(x) * inv), three instructions where a correctly
+// rounded float division is ~18 (rcp, corrections, a slow-path check) per element. The same
+// float as x / s wherever the quotient is a normal float (and for 0, inf, NaN): with x = X 2^a,
+// s = S 2^b (integers X, S < 2^24) and a rounding midpoint m = M 2^c (M odd, 2^24 < M < 2^25),
+// x - s m is a nonzero multiple of 2^min(a, b + c) (S M has an odd part > 2^24, X not), so
+// x / s lies at least 2^-49 |m| from every midpoint, and the two float64 roundings move it by
+// less than 2^-52 of itself: it rounds to the same float. A quotient below 2^-126 (a subnormal
+// midpoint can be hit exactly) may differ by one subnormal ulp. The host divides.
+FD_HD float div_by_sample(float x, float s, double inv) {
+#if defined(__CUDA_ARCH__)
+  (void)s;
+  return static_cast<float>(static_cast<double>(x) * inv);
+#else
+  (void)inv;
+  return x / s;
+#endif
+}
+
 // Normals of elements 4g .. 4g+3 of image `image` (its global index) for (seed, step, stream):
 // counter (g, image, step, stream), key = the seed's two words (fastdiff/reference.py).
-FD_HD Normal4 normal4(uint64_t seed, uint32_t image, uint32_t g, uint32_t step, uint32_t stream) {
+// The key as round keys (philox_key, formed once per thread by the CUDA kernels) or a seed.
+FD_HD Normal4 normal4(const PhiloxKey& key, uint32_t image, uint32_t g, uint32_t step,
+                      uint32_t stream) {
   uint32_t c[4] = {g, image, step, stream};
-  philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  philox4x32_10(c, key);
   constexpr float kTwoPi = 6.2831854820251465f;
   const float rad_a = sqrt_pos(-2.0f * log_unit(uniform_from_bits(c[0])));
   const float rad_b = sqrt_pos(-2.0f * log_unit(uniform_from_bits(c[2])));
@@ -152,6 +230,10 @@ FD_HD Normal4 normal4(uint64_t seed, uint32_t image, uint32_t g, uint32_t step, 
   n.v[0] = rad_a * a.c; n.v[1] = rad_a * a.s;
   n.v[2] = rad_b * b.c; n.v[3] = rad_b * b.s;
   return n;
+}
+
+FD_HD Normal4 normal4(uint64_t seed, uint32_t image, uint32_t g, uint32_t step, uint32_t stream) {
+  return normal4(philox_key(seed), image, g, step, stream);
 }
 
 // The noise key of a launch: seed and the global index of sample 0, each a host value or, when
@@ -178,6 +260,12 @@ FD_HD int64_t groups_per_sample(int64_t per_sample) { return (per_sample + 3) / 
 FD_HD uint32_t image_index(uint32_t first, int64_t b) {
   return first + static_cast<uint32_t>(b);
 }
+
+// p + off, or null for an absent (null) tensor: the CUDA kernels move their pointers to the
+// sample once per sample, so a group's offsets are 4k, not b * per_sample + 4k (a 64-bit
+// multiply-add in every iteration).
+template <typename T>
+FD_HD T* at_sample(T* p, int64_t off) { return p != nullptr ? p + off : p; }
 
 // Four consecutive elements moved as one 16-byte (fp32) or 8-byte (fp16/bf16) access; only for
 // pointers aligned to its size (is_aligned4).

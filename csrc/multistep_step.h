@@ -70,13 +70,14 @@ FD_HD MultistepCoef multistep_coef(const double* row, int pred) {
 // clamp that keeps a NaN, as torch.clamp (fminf/fmaxf would clip a diverged model into an image)
 FD_HD float multistep_clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-FD_HD float multistep_x0(const MultistepCoef& c, int clip, float clip_range, float thr, float x,
-                         float m) {
+// thr_inv = 1.0 / double(thr): the GPU's division by the threshold (div_by_sample)
+FD_HD float multistep_x0(const MultistepCoef& c, int clip, float clip_range, float thr,
+                         double thr_inv, float x, float m) {
   float x0 = c.cx * x + c.cm * m;
   if (clip == kMsClipRange) {
     x0 = multistep_clamp(x0, -clip_range, clip_range);
   } else if (clip == kMsClipThreshold) {
-    x0 = multistep_clamp(x0, -thr, thr) / thr;
+    x0 = div_by_sample(multistep_clamp(x0, -thr, thr), thr, thr_inv);
   }
   return x0;
 }
@@ -103,9 +104,9 @@ FD_HD float multistep_guidance(const MultistepLayout& L) {
 // vector loop of the CPU kernel computes the same expressions in the same order.
 template <int kK, bool kLast, bool kNoise>
 FD_HD float multistep_element(const MultistepCoef& c, int clip, float clip_range, float thr,
-                              float x, float m, float xl, const float* h, float z, float& x0,
-                              float& y) {
-  x0 = multistep_x0(c, clip, clip_range, thr, x, m);
+                              double thr_inv, float x, float m, float xl, const float* h,
+                              float z, float& x0, float& y) {
+  x0 = multistep_x0(c, clip, clip_range, thr, thr_inv, x, m);
   if (kLast) {
     y = c.corr_x * x + c.corr_last * xl + c.corr_new * x0;
 #if defined(__CUDA_ARCH__)
@@ -126,18 +127,21 @@ FD_HD float multistep_element(const MultistepCoef& c, int clip, float clip_range
 
 // Philox group k of sample b (elements j = 4k .. min(4k + 4, per_sample) - 1, memory positions
 // b * per_sample + j in every tensor; model_output's at b * per_sample + j, its conditional half
-// cond_off further): the body shared by the CPU loop's scalar part and the CUDA kernel. slot:
-// the ring slot that receives x0 (step % K); step: the clamped row, with which noise is drawn.
+// cond_off further): the body shared by the CPU loop's scalar part and the CUDA kernel. key:
+// the seed's round keys (philox_key). slot:
+// the ring slot that receives x0 (step % K); step: the clamped row, with which noise is drawn;
+// thr_inv: 1.0 / double(thr), read by the GPU only (div_by_sample).
 template <typename scalar_t, int kNoise, int kK, bool kLast>
 FD_HD void multistep_step_part(int64_t b, int64_t k, const MultistepCoef& c, float thr, float w,
-                               uint64_t seed, uint32_t image, uint32_t step, int slot,
+                               const PhiloxKey& key, uint32_t image, uint32_t step, int slot,
                                const MultistepLayout& L, const scalar_t* x_t, const scalar_t* mo,
-                               const scalar_t* noise, float* ring, float* last, scalar_t* out) {
+                               const scalar_t* noise, float* ring, float* last, scalar_t* out,
+                               double thr_inv = 1.0) {
   constexpr bool kZ = kNoise != kMsNoiseNone;
   const bool guided = L.cond_off != 0;
   Normal4 n{};
   if (kNoise == kMsNoiseDrawn)
-    n = normal4(seed, image, static_cast<uint32_t>(k), step, kStreamMultistep);
+    n = normal4(key, image, static_cast<uint32_t>(k), step, kStreamMultistep);
   const int64_t j0 = 4 * k, i0 = b * L.per_sample + j0;
   const int64_t cnt = L.per_sample - j0 < 4 ? L.per_sample - j0 : 4;
   float* const dst = ring + slot * L.slot_stride;
@@ -166,7 +170,8 @@ FD_HD void multistep_step_part(int64_t b, int64_t k, const MultistepCoef& c, flo
       for (int s = 0; s < kK; ++s) h[s] = hv[s].v[e];
       const float z = kNoise == kMsNoiseGiven ? static_cast<float>(zv.v[e]) : n.v[e];
       ov.v[e] = static_cast<scalar_t>(multistep_element<kK, kLast, kZ>(
-          c, L.clip, L.clip_range, thr, static_cast<float>(xv.v[e]), m, lv.v[e], h, z, x0v.v[e],
+          c, L.clip, L.clip_range, thr, thr_inv, static_cast<float>(xv.v[e]), m, lv.v[e], h, z,
+          x0v.v[e],
           yv.v[e]));
     }
     *reinterpret_cast<Vec4<scalar_t>*>(out + i0) = ov;
@@ -183,7 +188,7 @@ FD_HD void multistep_step_part(int64_t b, int64_t k, const MultistepCoef& c, flo
     const float z = kNoise == kMsNoiseGiven ? static_cast<float>(noise[i])
                                             : (kNoise == kMsNoiseDrawn ? lane(n, static_cast<uint64_t>(e)) : 0.0f);
     float x0, y;
-    const float o = multistep_element<kK, kLast, kZ>(c, L.clip, L.clip_range, thr,
+    const float o = multistep_element<kK, kLast, kZ>(c, L.clip, L.clip_range, thr, thr_inv,
                                                      static_cast<float>(x_t[i]), m,
                                                      kLast ? last[i] : 0.0f, h, z, x0, y);
     out[i] = static_cast<scalar_t>(o);

@@ -32,17 +32,20 @@ struct QSampleArgs {
 // Philox group k of sample b: elements j = 4k .. min(4k + 4, per_sample) - 1 of the sample, at
 // memory positions b * per_sample + j. The noise is that of image first + b at the sample's t
 // as given (only the schedule index is clamped), as fastdiff.reference defines.
-// q_sample_group_at: the same with the sample's t (as given) and coefficients already at hand
-// (the CUDA kernel gathers them once per sample, not once per group).
+// q_sample_group_at: the same with the sample's t (as given), coefficients, round keys and
+// image index already at hand (the CUDA kernel gathers them once per sample, not once per
+// group, and passes b = 0 with pointers already at the sample).
 template <typename scalar_t, bool kHasNoise, bool kWantV>
 FD_HD void q_sample_group_at(int64_t b, int64_t k, int64_t tb, QSampleCoef c,
-                             const QSampleArgs& a, const scalar_t* x0, const scalar_t* noise,
+                             const PhiloxKey& pk, uint32_t image, const QSampleArgs& a,
+                             const scalar_t* x0,
+                             const scalar_t* noise,
                              scalar_t* x_t, scalar_t* eps, scalar_t* v) {
   const int64_t j0 = 4 * k, i0 = b * a.per_sample + j0;
   const int64_t n = a.per_sample - j0 < 4 ? a.per_sample - j0 : 4;
   Normal4 nz{};
   if (!kHasNoise)
-    nz = normal4(key_seed(a.key), image_index(key_first(a.key), b), static_cast<uint32_t>(k),
+    nz = normal4(pk, image, static_cast<uint32_t>(k),
                  static_cast<uint32_t>(tb), kStreamQSample);
   if (a.vec) {  // a whole group (per_sample % 4 == 0), moved with one access per tensor
     const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x0 + i0);
@@ -78,7 +81,8 @@ FD_HD void q_sample_group(int64_t b, int64_t k, const QSampleArgs& a, const scal
                           const scalar_t* noise, scalar_t* x_t, scalar_t* eps, scalar_t* v) {
   const int64_t tb = a.t[b];
   q_sample_group_at<scalar_t, kHasNoise, kWantV>(
-      b, k, tb, q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t), a, x0, noise, x_t, eps, v);
+      b, k, tb, q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t), philox_key(key_seed(a.key)),
+      image_index(key_first(a.key), b), a, x0, noise, x_t, eps, v);
 }
 
 }  // namespace fastdiff

@@ -102,14 +102,15 @@ FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t
 // model would be silently clipped into an image)
 FD_HD float clamp_keep_nan(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-// x0 after clipping: clip_range for kClipRange, thresh (the sample's s) for kClipThreshold.
+// x0 after clipping: clip_range for kClipRange, thresh (the sample's s) for kClipThreshold;
+// thresh_inv = 1.0 / double(thresh), the GPU's division (div_by_sample).
 FD_HD float sampler_step_x0(const SamplerStepCoef& c, int clip, float clip_range, float thresh,
-                            float x, float m) {
+                            double thresh_inv, float x, float m) {
   float x0 = c.cx * x + c.cm * m;
   if (clip == kClipRange) {
     x0 = clamp_keep_nan(x0, -clip_range, clip_range);
   } else if (clip == kClipThreshold) {
-    x0 = clamp_keep_nan(x0, -thresh, thresh) / thresh;
+    x0 = div_by_sample(clamp_keep_nan(x0, -thresh, thresh), thresh, thresh_inv);
   }
   return x0;
 }
@@ -150,19 +151,21 @@ FD_HD float guidance_scale(const SamplerStepLayout& L) {
 
 // Philox group k of sample b (elements j = 4k .. min(4k + 4, per_sample) - 1): the body shared
 // by the CPU loop and the CUDA kernel (the CPU tests run the GPU's element code). tb is the
-// sample's clamped t, with which the noise is drawn; image its global index; w the guidance
-// scale (unused unless L.cond_off > 0); thr its dynamic-threshold scale (1 when unused).
+// sample's clamped t, with which the noise is drawn; key the seed's round keys (philox_key);
+// image its global index; w the guidance scale (unused unless L.cond_off > 0); thr its
+// dynamic-threshold scale (1 when unused), thr_inv = 1.0 / double(thr) (read by the GPU only:
+// div_by_sample).
 template <typename scalar_t, int kNoise, int kStd, bool kSplit>
-FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, uint64_t seed, uint32_t image,
+FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, const PhiloxKey& key, uint32_t image,
                              float w, const SamplerStepCoef& c, float thr, int clip,
                              float clip_range, const SamplerStepLayout& L, const scalar_t* x_t,
                              const scalar_t* mo, const scalar_t* noise, scalar_t* x_prev,
-                             scalar_t* x0) {
+                             scalar_t* x0, double thr_inv = 1.0) {
   const bool add_noise = kNoise != kNoiseNone && c.noise_on;
   const bool guided = L.cond_off != 0;
   Normal4 n{};
   if (kNoise == kNoiseDrawn && add_noise)
-    n = normal4(seed, image, static_cast<uint32_t>(k), static_cast<uint32_t>(tb), kStreamSamplerStep);
+    n = normal4(key, image, static_cast<uint32_t>(k), static_cast<uint32_t>(tb), kStreamSamplerStep);
   const int64_t j0 = 4 * k, i0 = b * L.per_sample + j0;
   const int64_t cnt = L.per_sample - j0 < 4 ? L.per_sample - j0 : 4;
   // the variance channels: of the conditional half with guidance
@@ -182,7 +185,7 @@ FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, uint64_t seed, ui
       const float x = static_cast<float>(xv.v[e]);
       float m = static_cast<float>(mv.v[e]);
       if (guided) m = sampler_step_guide(w, m, static_cast<float>(cv.v[e]));
-      const float x0c = sampler_step_x0(c, clip, clip_range, thr, x, m);
+      const float x0c = sampler_step_x0(c, clip, clip_range, thr, thr_inv, x, m);
       float out = sampler_step_mean(c, x0c, x, m);
       if (add_noise) {
         const float z = kNoise == kNoiseGiven ? static_cast<float>(zv.v[e]) : n.v[e];
@@ -202,7 +205,7 @@ FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, uint64_t seed, ui
     const float x = static_cast<float>(x_t[i]);
     float m = static_cast<float>(mo[mo_off]);
     if (guided) m = sampler_step_guide(w, m, static_cast<float>(mo[mo_off + L.cond_off]));
-    const float x0c = sampler_step_x0(c, clip, clip_range, thr, x, m);
+    const float x0c = sampler_step_x0(c, clip, clip_range, thr, thr_inv, x, m);
     float out = sampler_step_mean(c, x0c, x, m);
     if (add_noise) {
       const float z = kNoise == kNoiseGiven ? static_cast<float>(noise[i]) : lane(n, static_cast<uint64_t>(e));

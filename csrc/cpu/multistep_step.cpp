@@ -31,6 +31,7 @@ void multistep_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo, at::Tensor&
   float* lp = kLast ? last_sample->data_ptr<float>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   const uint64_t seed = key_seed(L.key);
+  const PhiloxKey pk = philox_key(seed);
   const uint32_t first = key_first(L.key);
   const float w = multistep_guidance(L);
   const bool guided = L.cond_off != 0;
@@ -58,7 +59,7 @@ void multistep_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo, at::Tensor&
         k += nb * W;
       }
       for (; k < k1; ++k) {
-        multistep_step_part<scalar_t, kNoise, kK, kLast>(b, k, c, th, w, seed, image, step, slot,
+        multistep_step_part<scalar_t, kNoise, kK, kLast>(b, k, c, th, w, pk, image, step, slot,
                                                          L, xp, mp, np, rp, lp, op);
       }
     }

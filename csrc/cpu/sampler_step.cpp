@@ -32,6 +32,7 @@ void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
   scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
   const float clip_range = static_cast<float>(cfg.clip_range);
   const uint64_t seed = key_seed(L.key);
+  const PhiloxKey pk = philox_key(seed);
   const uint32_t first = key_first(L.key);
   const float w = guidance_scale(L);
   const bool guided = L.cond_off != 0;
@@ -66,7 +67,7 @@ void sampler_step_cpu_impl(const at::Tensor& x_t, const at::Tensor& mo,
       }
       for (; k < k1; ++k) {
         sampler_step_part<scalar_t, kNoise, kStd, kSplit>(
-            b, k, tb, seed, image_index(first, b), w, c, th, cfg.clip, clip_range, L, xp, mp,
+            b, k, tb, pk, image_index(first, b), w, c, th, cfg.clip, clip_range, L, xp, mp,
             np, op, x0p);
       }
     }

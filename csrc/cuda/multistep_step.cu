@@ -2,7 +2,8 @@
 // reads the step's row (from the device when the step is a tensor: a replayed CUDA graph sees
 // its fill_()), forms the float32 coefficients once (a dozen flops), then grid-strides over the
 // Philox groups of 4 of sample b, body in multistep_step_part (the CPU kernel's scalar body).
-// 64-bit indices throughout.
+// 64-bit indices throughout; round keys, 1 / thresh and the per-clip-mode loops as in
+// sampler_step.cu.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,32 +19,58 @@
 namespace fastdiff {
 namespace {
 
+constexpr int kThreads = 256;  // threads per block (the kernels' launch bounds)
+
+// Launch bounds: at most 80 registers (3 blocks of kThreads resident per SM; 96 for float64),
+// which the drawn-noise variants, round keys held in registers, exceeded unbounded (up to 96).
 template <typename scalar_t, int kNoise, int kK, bool kLast>
-__global__ void multistep_step_kernel(const scalar_t* __restrict__ x_t,
-                                      const scalar_t* __restrict__ mo,
-                                      const scalar_t* __restrict__ noise,
-                                      const double* __restrict__ coefs,
-                                      const int64_t* __restrict__ step_ptr, int64_t step_arg,
-                                      int64_t num_steps, const float* __restrict__ thresh,
-                                      float* ring, float* last, scalar_t* out, MultistepLayout L,
-                                      int64_t B) {
+__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 2 : 3)
+multistep_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
+                      const scalar_t* __restrict__ noise, const double* __restrict__ coefs,
+                      const int64_t* __restrict__ step_ptr, int64_t step_arg, int64_t num_steps,
+                      const float* __restrict__ thresh, float* ring, float* last, scalar_t* out,
+                      MultistepLayout L, int64_t B) {
   // ring, last and out carry no __restrict__: out may be x_t (in place), each element is read
   // before it is written by the same thread
   const int64_t s = multistep_clamp_step(step_ptr != nullptr ? __ldg(step_ptr) : step_arg, num_steps);
   const MultistepCoef c = multistep_coef(coefs + s * kMultistepNcoef, L.pred);
   const int slot = static_cast<int>(s % L.K);
-  const uint64_t seed = key_seed(L.key);
+  PhiloxKey pk{};
+  if (kNoise == kMsNoiseDrawn) pk = block_philox_key(key_seed(L.key));
   const uint32_t first = key_first(L.key);
   const float w = multistep_guidance(L);
   const int64_t gps = groups_per_sample(L.per_sample);
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const float th = L.clip == kMsClipThreshold ? __ldg(thresh + b) : 1.0f;
-    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
-         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      multistep_step_part<scalar_t, kNoise, kK, kLast>(b, k, c, th, w, seed, image_index(first, b),
-                                                       static_cast<uint32_t>(s), slot, L, x_t, mo,
-                                                       noise, ring, last, out);
+  // The loops over samples and groups, with the clip mode and the whole-group (Vec4) path
+  // compile-time values inside (vec: L.vec; clip: L.clip there, so each copy holds only its
+  // own clip code; the scalar path keeps clip a runtime value).
+  auto loops = [&](auto vec, auto clip_c) {
+    constexpr int kClip = decltype(clip_c)::value;
+    MultistepLayout Lv = L;
+    Lv.vec = decltype(vec)::value;
+    if (kClip >= 0) Lv.clip = kClip;
+    for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+      const float th = Lv.clip == kMsClipThreshold ? __ldg(thresh + b) : 1.0f;
+      // the elements' division by th (a float64 division once per sample, only where used)
+      const double th_inv = Lv.clip == kMsClipThreshold ? 1.0 / static_cast<double>(th) : 1.0;
+      const uint32_t image = image_index(first, b);
+      const int64_t off = b * L.per_sample;  // the sample's first element (b = 0 below)
+      for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
+           k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        multistep_step_part<scalar_t, kNoise, kK, kLast>(
+            0, k, c, th, w, pk, image, static_cast<uint32_t>(s), slot, Lv, x_t + off, mo + off,
+            at_sample(noise, off), ring + off, at_sample(last, off), out + off, th_inv);
+      }
     }
+  };
+  using Runtime = std::integral_constant<int, -1>;
+  if (!L.vec) {
+    loops(std::false_type{}, Runtime{});
+  } else if (L.clip == kMsClipRange) {
+    loops(std::true_type{}, std::integral_constant<int, kMsClipRange>{});
+  } else if (L.clip == kMsClipThreshold) {
+    loops(std::true_type{}, std::integral_constant<int, kMsClipThreshold>{});
+  } else {
+    loops(std::true_type{}, std::integral_constant<int, kMsClipNone>{});
   }
 }
 
@@ -71,7 +98,7 @@ void multistep_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, 
   if (p.numel == 0) return;
   const int64_t B = p.B;
   const c10::cuda::CUDAGuard guard(x_t.device());
-  const int threads = 256;
+  const int threads = kThreads;
   const int64_t groups = groups_per_sample(p.layout.per_sample);
   const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x_t.get_device())) * 16 / B);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),

@@ -2,13 +2,17 @@
 // so each normal is drawn exactly once. Grid (x: chunks of a sample, y: sample b), as
 // sampler_step: no per-group division to find a group's sample (two 64-bit divisions per group
 // when the groups of all samples were one range), the sample's t and coefficients read once per
-// sample; 64-bit element indices (> 2^31 elements).
+// sample; 64-bit element indices (> 2^31 elements). With drawn noise the block forms the seed's
+// Philox round keys once (block_philox_key), and the loop over groups is compiled twice, with
+// and without the whole-group (Vec4) path, so neither carries the other's index code.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <type_traits>
 
 #include "noise_key.h"
 #include "q_sample.h"
@@ -27,16 +31,28 @@ __global__ void q_sample_kernel(QSampleArgs a, int64_t B, const scalar_t* __rest
   // a device key read once per thread: q_sample_group_at reads a.key per group, and through a
   // pointer the stores may alias, nvcc reloaded it in every iteration (a dependent load)
   QSampleArgs ak = a;
-  if (!kHasNoise) ak.key = NoiseKey{key_seed(a.key), key_first(a.key), nullptr, nullptr};
-  const int64_t gps = groups_per_sample(a.per_sample);
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const int64_t tb = __ldg(a.t + b);
-    const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
-    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
-         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      q_sample_group_at<scalar_t, kHasNoise, kWantV>(b, k, tb, c, ak, x0, noise, x_t, eps, v);
-    }
+  PhiloxKey pk{};
+  if (!kHasNoise) {
+    ak.key = NoiseKey{key_seed(a.key), key_first(a.key), nullptr, nullptr};
+    pk = block_philox_key(ak.key.seed);
   }
+  const int64_t gps = groups_per_sample(a.per_sample);
+  auto groups = [&](auto vec) {  // the loops, with ak.vec a compile-time value inside
+    ak.vec = decltype(vec)::value;
+    for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+      const int64_t tb = __ldg(a.t + b);
+      const QSampleCoef c = q_sample_coef(a.sqrt_ab, a.sqrt_1mab, tb, a.num_t);
+      const uint32_t image = image_index(key_first(ak.key), b);
+      const int64_t off = b * a.per_sample;  // the sample's first element (b = 0 below)
+      for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
+           k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        q_sample_group_at<scalar_t, kHasNoise, kWantV>(
+            0, k, tb, c, pk, image, ak, x0 + off, at_sample(noise, off), x_t + off,
+            at_sample(eps, off), at_sample(v, off));
+      }
+    }
+  };
+  if (a.vec) groups(std::true_type{}); else groups(std::false_type{});
 }
 
 void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,

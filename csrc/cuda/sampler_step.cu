@@ -2,7 +2,9 @@
 // of each block computes its sample's coefficients (float64: a few hundred instructions, which
 // every thread repeated for its ~1-2 groups before) into shared memory, then the block
 // grid-strides over the sample's Philox groups of 4, so each normal is drawn once per sample.
-// 64-bit indices throughout.
+// 64-bit indices throughout. Per launch: the Philox round keys (block_philox_key); per sample:
+// 1 / thresh in float64 (div_by_sample); the whole-group loop is compiled once per clip mode,
+// so none carries another's code (the threshold's division was ~18 instructions an element).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,36 +18,65 @@
 namespace fastdiff {
 namespace {
 
+constexpr int kThreads = 256;  // threads per block (the kernels' launch bounds)
+
 // grid (chunks, min(B, 65535)): a block works on one sample at a time, so its coefficients are
 // computed once per sample; a grid-stride loop over the sample's Philox groups, body in
 // sampler_step_part. Batches beyond grid axis y's 65535 stride over samples too. The noise key
 // and guidance scale may be device values (read here: a replayed graph sees their updates).
+// Launch bounds: at most 80 registers (3 blocks of kThreads resident per SM; 96 for float64),
+// which the drawn-noise variants, round keys held in registers, exceeded unbounded (up to 96).
 template <typename scalar_t, int kNoise, int kStd, bool kSplit>
-__global__ void sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
-                                    const scalar_t* __restrict__ noise, const int64_t* __restrict__ t,
-                                    const int64_t* __restrict__ t_prev, const double* __restrict__ ab,
-                                    const float* __restrict__ thresh, scalar_t* __restrict__ x_prev,
-                                    scalar_t* __restrict__ x0, SamplerStepLayout L, int64_t num_t,
-                                    SamplerStepConfig cfg, int64_t B) {
-  const uint64_t seed = key_seed(L.key);
+__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 2 : 3)
+sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
+                    const scalar_t* __restrict__ noise, const int64_t* __restrict__ t,
+                    const int64_t* __restrict__ t_prev, const double* __restrict__ ab,
+                    const float* __restrict__ thresh, scalar_t* __restrict__ x_prev,
+                    scalar_t* __restrict__ x0, SamplerStepLayout L, int64_t num_t,
+                    SamplerStepConfig cfg, int64_t B) {
+  PhiloxKey pk{};
+  if (kNoise == kNoiseDrawn) pk = block_philox_key(key_seed(L.key));
   const uint32_t first = key_first(L.key);
   const float w = guidance_scale(L);
   const float clip_range = static_cast<float>(cfg.clip_range);
   const int64_t gps = groups_per_sample(L.per_sample);
   __shared__ SamplerStepCoef coef;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const int64_t tb = clamp_index(__ldg(t + b), num_t);
-    if (threadIdx.x == 0) coef = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
-    __syncthreads();
-    const SamplerStepCoef c = coef;
-    const float s = cfg.clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
-    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
-         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      sampler_step_part<scalar_t, kNoise, kStd, kSplit>(b, k, tb, seed, image_index(first, b), w,
-                                                         c, s, cfg.clip, clip_range, L, x_t, mo,
-                                                         noise, x_prev, x0);
+  // The loops over samples and groups, with the clip mode and the whole-group (Vec4) path
+  // compile-time values inside (vec: L.vec; clip: cfg.clip there, so each copy holds only its
+  // own clip code; the scalar path keeps clip a runtime value).
+  auto loops = [&](auto vec, auto clip_c) {
+    constexpr bool kVec = decltype(vec)::value;
+    constexpr int kClip = decltype(clip_c)::value;
+    SamplerStepLayout Lv = L;
+    Lv.vec = kVec;
+    const int clip = kClip >= 0 ? kClip : cfg.clip;
+    for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+      const int64_t tb = clamp_index(__ldg(t + b), num_t);
+      if (threadIdx.x == 0) coef = sampler_step_coef(ab, num_t, tb, __ldg(t_prev + b), cfg);
+      __syncthreads();
+      const SamplerStepCoef c = coef;
+      const float s = clip == kClipThreshold ? __ldg(thresh + b) : 1.0f;
+      // the elements' division by s (a float64 division once per sample, only where used)
+      const double s_inv = clip == kClipThreshold ? 1.0 / static_cast<double>(s) : 1.0;
+      const uint32_t image = image_index(first, b);
+      for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
+           k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        sampler_step_part<scalar_t, kNoise, kStd, kSplit>(b, k, tb, pk, image, w, c, s, clip,
+                                                           clip_range, Lv, x_t, mo, noise, x_prev,
+                                                           x0, s_inv);
+      }
+      __syncthreads();  // every thread has read coef before thread 0 writes the next sample's
     }
-    __syncthreads();  // every thread has read coef before thread 0 writes the next sample's
+  };
+  using Runtime = std::integral_constant<int, -1>;
+  if (kSplit || !L.vec) {
+    loops(std::false_type{}, Runtime{});
+  } else if (cfg.clip == kClipRange) {
+    loops(std::true_type{}, std::integral_constant<int, kClipRange>{});
+  } else if (cfg.clip == kClipThreshold) {
+    loops(std::true_type{}, std::integral_constant<int, kClipThreshold>{});
+  } else {
+    loops(std::true_type{}, std::integral_constant<int, kClipNone>{});
   }
 }
 
@@ -77,7 +108,7 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
   if (p.numel == 0) return;
   const int64_t B = p.B, per_sample = p.layout.per_sample;
   const c10::cuda::CUDAGuard guard(x_t.device());
-  const int threads = 256;
+  const int threads = kThreads;
   const int64_t groups = groups_per_sample(per_sample);
   const int64_t max_blocks = std::max<int64_t>(1, static_cast<int64_t>(sm_count(x_t.get_device())) * 16 / B);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((groups + threads - 1) / threads, max_blocks)),
