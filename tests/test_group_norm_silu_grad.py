@@ -239,12 +239,25 @@ def test_gradcheck_through_the_kernel():
                                     fast_mode=True)
 
 
-def test_double_backward_is_refused(seed):
-    ins, g = _inputs((2, 8, 3, 3), torch.float32, False, "")
-    y = group_norm_silu(ins[0], ins[1], ins[2], 4)
-    dx, = torch.autograd.grad(y, ins[0], g, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        torch.autograd.grad(dx.sum(), ins[0])
+def test_double_backward_matches_reference(seed):
+    """create_graph=True: the backward differentiates the reference, so second derivatives are
+    there (here d/dx of sum(dx * v)) and match the float64 reference's."""
+    shape = (2, 8, 3, 3)
+    ins, g = _inputs(shape, torch.float32, False, "add")
+    used = [t for t in ins if t is not None]
+    v = torch.randn(shape)
+
+    def second(ts, gg, vv):
+        y = group_norm_silu(ts[0], ts[1], ts[2], 4, add=ts[3]) if ts[0].dtype == torch.float32 \
+            else group_norm_silu_ref(ts[0], ts[1], ts[2], 4, 1e-5, ts[3])
+        dx, = torch.autograd.grad(y, ts[0], gg, create_graph=True)
+        return torch.autograd.grad((dx * vv).sum(), ts)
+    y = group_norm_silu(*ins[:3], 4, add=ins[3])
+    assert "GroupNormSiLUCPU" in type(y.grad_fn).__name__
+    got = second(used, g, v)
+    d = [t.detach().double().requires_grad_() for t in used]
+    ref = second(d, g.double(), v.double())
+    _check(dict(zip(NAMES, got)), dict(zip(NAMES, ref)), torch.float32, shape, "second")
 
 
 def test_backward_op_errors_name_the_argument():
