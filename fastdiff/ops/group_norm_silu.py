@@ -141,6 +141,80 @@ def _(x, weight, bias, add, num_groups, eps, silu, scale=None, shift=None):
     return torch.empty_like(dense_layout(x)[0])
 
 
+# -- autograd: the fused CPU forward + backward ------------------------------------------------
+_BACKWARD_OP = "group_norm_silu_backward"
+_SHORT_ROW = 32  # NCHW rows (spatial elements per channel) shorter than this: see forward
+
+
+def _fused_grad(x: Tensor, *params) -> bool:
+    """Whether a call under autograd runs _GroupNormSiLUCPU: plain CPU tensors the C++ backend
+    takes (not float64, not empty), an extension that has the backward op, and no torch.compile,
+    jit tracing, dispatch mode or functorch transform (those see the reference's plain torch
+    ops, which they all trace and differentiate)."""
+    if (not x.is_cpu or x.dtype == torch.float64 or x.numel() == 0
+            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._get_tracing_state() is not None
+            or torch._C._functorch.get_dynamic_layer_stack_depth() > 0):
+        return False
+    if type(x) not in _checks._PLAIN or any(
+            t is not None and (type(t) not in _checks._PLAIN or not t.is_cpu) for t in params):
+        return False
+    layout = "channels_last" if dense_layout(x)[1] else "contiguous"
+    return (backends.pick("group_norm_silu", IMPLEMENTED, x.device, x.dtype, layout) == "cpu"
+            and backends._extension_has(_BACKWARD_OP))
+
+
+class _GroupNormSiLUCPU(torch.autograd.Function):
+    """The C++ forward kernel, then fastdiff_ext::group_norm_silu_backward, which recomputes the
+    group statistics from x and returns the gradients asked for (float32 for the parameters,
+    cast to each one's dtype here). A backward that builds a graph (create_graph=True, for a
+    double backward) differentiates the reference instead, on the saved inputs. (Not
+    torch.autograd.function.once_differentiable: its wrapper cost ~40 µs of host time per call,
+    more than the kernel on a small U-Net's tensors.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, scale, shift, num_groups, eps, silu):
+        xd, cl = dense_layout(x)
+        params = _params_f32(weight, bias, add, scale, shift)
+        if not cl and xd[0, 0].numel() < _SHORT_ROW:
+            # rows of 4-16 elements (a small U-Net's 2x2 / 4x4 levels): the forward kernel's NCHW
+            # loops take 3-7x its channels_last time there (B64 C64 2x2 fp32, 1 thread: 191 µs
+            # against 28), so it runs on a channels_last copy (45 µs with both copies)
+            xc = xd.movedim(1, -1).contiguous().movedim(-1, 1)
+            yc = torch.empty_like(xc)
+            torch.ops.fastdiff_ext.group_norm_silu(xc, *params, num_groups, eps, silu, yc)
+            out = _out_like(xd).copy_(yc)
+        else:
+            out = _out_like(xd)
+            torch.ops.fastdiff_ext.group_norm_silu(xd, *params, num_groups, eps, silu, out)
+        ctx.save_for_backward(x, weight, bias, add, scale, shift)
+        ctx.args = (num_groups, eps, silu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ins = ctx.saved_tensors
+        need = ctx.needs_input_grad[:6]
+        num_groups, eps, silu = ctx.args
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            want = [t for t, n in zip(ins, need) if n]
+            y = group_norm_silu_ref(ins[0], *ins[1:3], num_groups, eps, ins[3],
+                                    "silu" if silu else None, *ins[4:])
+            got = iter(torch.autograd.grad(y, want, grad, create_graph=True))
+            return (*(next(got) if n else None for n in need), None, None, None)
+        xd = dense_layout(ins[0])[0]
+        params = _params_f32(*ins[1:])
+        if grad.dtype != xd.dtype or grad.stride() != xd.stride():
+            grad = torch.empty_like(xd).copy_(grad)  # the kernel reads it in x's layout
+        dx = _out_like(xd) if need[0] else None
+        pg = [_checks.empty_like(p, dtype=torch.float32) if n else None
+              for n, p in zip(need[1:], params)]
+        torch.ops.fastdiff_ext.group_norm_silu_backward(grad, xd, *params, num_groups, eps, silu,
+                                                        dx, *pg)
+        pg = [g if g is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(pg, ins[1:])]
+        return (dx, *pg, None, None, None)
+
+
 _PARAM_SHAPES = {"weight": "(C,)", "bias": "(C,)",
                  "add": "(B, C), the per-channel bias added before the norm",
                  "scale": "(B, C), the per-channel scale applied after the norm as (1 + scale)",
@@ -240,9 +314,11 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     Statistics are float32 whatever the input dtype. The backend is chosen by
     fastdiff.backends (torch, triton, cuda, cpu).
 
-    Autograd: the kernels are forward-only. When grad mode is on and any input requires grad,
-    the call runs the plain-PyTorch reference instead, so gradients come from autograd of
-    ordinary torch ops (correct, but not fused).
+    Autograd: when grad mode is on and any input requires grad, a call the C++ CPU backend runs
+    (plain CPU tensors, float32/16/bf16) takes its fused forward and a fused backward kernel
+    (a double backward differentiates the reference). Every other call (the torch, Triton and CUDA
+    backends, float64, torch.compile and other tracing) runs the plain-PyTorch reference, whose
+    gradients come from autograd of ordinary torch ops.
     """
     y = _cpu_direct(x, weight, bias, num_groups, eps, add, scale, shift, activation)
     if y is not None:
@@ -251,6 +327,9 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     eps = float(eps)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias, add, scale, shift)):
+        if _fused_grad(x, weight, bias, add, scale, shift):
+            return _GroupNormSiLUCPU.apply(x, weight, bias, add, scale, shift, num_groups, eps,
+                                           activation == "silu")
         y = group_norm_silu_ref(x, weight, bias, num_groups, eps, add, activation, scale, shift)
         xd = dense_layout(x)[0]
         if y.stride() != xd.stride():  # x's memory format, as the kernels give (copy_ is tracked)
