@@ -143,7 +143,6 @@ def _(x, weight, bias, add, num_groups, eps, silu, scale=None, shift=None):
 
 # -- autograd: the fused CPU forward + backward ------------------------------------------------
 _BACKWARD_OP = "group_norm_silu_backward"
-_SHORT_ROW = 32  # NCHW rows (spatial elements per channel) shorter than this: see forward
 
 
 def _fused_grad(x: Tensor, *params) -> bool:
@@ -174,19 +173,10 @@ class _GroupNormSiLUCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, add, scale, shift, num_groups, eps, silu):
-        xd, cl = dense_layout(x)
+        xd = dense_layout(x)[0]
         params = _params_f32(weight, bias, add, scale, shift)
-        if not cl and xd[0, 0].numel() < _SHORT_ROW:
-            # rows of 4-16 elements (a small U-Net's 2x2 / 4x4 levels): the forward kernel's NCHW
-            # loops take 3-7x its channels_last time there (B64 C64 2x2 fp32, 1 thread: 191 µs
-            # against 28), so it runs on a channels_last copy (45 µs with both copies)
-            xc = xd.movedim(1, -1).contiguous().movedim(-1, 1)
-            yc = torch.empty_like(xc)
-            torch.ops.fastdiff_ext.group_norm_silu(xc, *params, num_groups, eps, silu, yc)
-            out = _out_like(xd).copy_(yc)
-        else:
-            out = _out_like(xd)
-            torch.ops.fastdiff_ext.group_norm_silu(xd, *params, num_groups, eps, silu, out)
+        out = _out_like(xd)
+        torch.ops.fastdiff_ext.group_norm_silu(xd, *params, num_groups, eps, silu, out)
         ctx.save_for_backward(x, weight, bias, add, scale, shift)
         ctx.args = (num_groups, eps, silu)
         return out
