@@ -55,14 +55,6 @@ struct GnProblem {
   bool silu;
 };
 
-float load_float(const char* p, GnDtype dt) {
-  switch (dt) {
-    case GnDtype::kHalf: return static_cast<float>(*reinterpret_cast<const c10::Half*>(p));
-    case GnDtype::kBFloat16: return static_cast<float>(*reinterpret_cast<const c10::BFloat16*>(p));
-    default: return *reinterpret_cast<const float*>(p);
-  }
-}
-
 // da[c] = add[b, ch] - add[b, first channel of the group], for the group's Cg channels
 void group_da(const GnProblem& P, int64_t b, int64_t g, float* da) {
   const float* a = P.add ? P.add + b * P.C + g * P.Cg : nullptr;

@@ -47,14 +47,6 @@ struct BwdProblem {
   float *A, *Bx;            // (B, C) per-channel sums, for dweight/dbias
 };
 
-float load_float(const char* p, GnDtype dt) {
-  switch (dt) {
-    case GnDtype::kHalf: return static_cast<float>(*reinterpret_cast<const c10::Half*>(p));
-    case GnDtype::kBFloat16: return static_cast<float>(*reinterpret_cast<const c10::BFloat16*>(p));
-    default: return *reinterpret_cast<const float*>(p);
-  }
-}
-
 // Per channel of a group: the element coefficients (group_norm_silu_backward_vec.h) from the
 // group's statistics; da = add_c - add_first (the shift of add).
 struct Chan {

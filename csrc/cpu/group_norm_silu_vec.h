@@ -4,12 +4,24 @@
 #pragma once
 #include <cstdint>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cpu/vec.h"
 #include "group_norm_silu.h"
 
 namespace fastdiff {
 
 enum class GnDtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// One element of x as float (the forward and backward read each group's reference this way).
+inline float load_float(const char* p, GnDtype dt) {
+  switch (dt) {
+    case GnDtype::kHalf: return static_cast<float>(*reinterpret_cast<const c10::Half*>(p));
+    case GnDtype::kBFloat16: return static_cast<float>(*reinterpret_cast<const c10::BFloat16*>(p));
+    default: return *reinterpret_cast<const float*>(p);
+  }
+}
 
 // NCHW-like layouts: one row of n contiguous elements of one channel.
 //   row_stats: statistics of d = x - ref over the row
