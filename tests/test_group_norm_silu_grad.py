@@ -102,15 +102,18 @@ def _check(got, ref, dtype, shape, msg=""):
             assert rel <= nrel or err <= amax * scale * 1e-2, f"{msg} {name}: rel err {rel:.3g}"
 
 
-CASES = [  # (shape, G)
-    ((2, 16, 5, 7), 4),      # rows of 35 (short: the transposed units)
-    ((2, 32, 9, 9), 8),      # rows of 81 (SIMD along the rows, with a tail)
+CASES = [  # (shape, G); the NCHW paths of group_norm_silu_backward.cpp
+    ((2, 16, 5, 7), 4),      # rows of 35 (short: a group is one run, with a tail)
+    ((2, 32, 9, 9), 8),      # rows of 81 (a run, with a tail)
     ((3, 40, 6, 6), 1),      # G = 1
     ((2, 24, 3, 3), 24),     # G = C
     ((2, 37, 4, 5), 1),      # C not a multiple of any vector width
     ((3, 12, 1, 1), 3),      # HW = 1
     ((2, 12, 3, 4, 5), 6),   # 3 spatial dims
     ((2, 64, 17, 16), 32),   # several units per image in channels_last, 272-pixel blocks
+    ((2, 32, 4, 4), 8),      # rows of 16, one vector each (the digits U-Net's 4x4 level)
+    ((2, 16, 2, 2), 4),      # rows of 4 (the transposed units)
+    ((1, 128, 8, 8), 1),     # short rows, but a group over 4096 elements: SIMD along the rows
 ]
 
 

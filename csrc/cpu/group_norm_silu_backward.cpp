@@ -9,10 +9,11 @@
 // The statistics are recomputed (the forward op saves none): fp32, shifted by the group's first
 // element as the forward's (group_norm_silu.h), from fixed blocks folded with Chan's formula.
 //
-// Work units, fixed by the shape alone: (image, group) for NCHW-like layouts with rows of at
-// least kShortRow elements (SIMD along the rows), else (image, block of whole groups), walked in
-// SIMD across the block's channels (channels_last as it is; short NCHW rows on a transposed copy
-// of the block). A unit computes its statistics, dz (kept in an fp32 scratch of the unit), its
+// Work units, fixed by the shape alone: (image, group) for NCHW-like layouts: SIMD along rows of
+// 4 vector units or more (or groups over kRowBlock elements), else along the group's rows as one
+// contiguous run (rows of kRunRowMin or more); otherwise (image, block of whole groups), walked
+// in SIMD across the block's channels (channels_last as it is; the shortest NCHW rows on a
+// transposed copy of the block). A unit computes its statistics, dz (kept in an fp32 scratch of the unit), its
 // per-channel sums, then dx, while its data is in cache; it writes only its own channels. dweight/dbias are summed over the images afterwards in image order. No atomics and
 // no per-thread partials: the output bits do not depend on the thread count.
 #include <ATen/Parallel.h>
@@ -32,6 +33,8 @@ namespace {
 
 constexpr int64_t kRowBlock = 4096;  // NCHW: elements of one row per statistics block
 constexpr int64_t kClAlign = 32;      // channels_last unit: lcm(Cg, 32) channels when C allows
+constexpr int64_t kRunRowMin = 8;     // NCHW runs: rows of 8 to 127 elements (fewer per-row
+constexpr int64_t kRunRowMax = 128;   // steps than SIMD along them, whatever the vector width)
 
 struct BwdProblem {
   const char *x, *g;
@@ -140,10 +143,45 @@ void bwd_nchw(const BwdProblem& P, const GnBwdVecKernels& K) {
   });
 }
 
+// -- NCHW-like short rows: a unit is one group, its Cg rows one contiguous run -------------------
+// (as the forward's run_groups, whose statistics kernel it shares): the per-channel coefficients
+// spread per element, so every pass is whole vectors over the run, whatever S.
+void bwd_runs(const BwdProblem& P, const GnBwdVecKernels& K, const GnVecKernels& F) {
+  const int64_t C = P.C, S = P.S, G = P.G, Cg = P.Cg, es = P.esize;
+  at::parallel_for(0, P.B * G, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> work(gn_bwd_run_work(Cg, S), 0.f);  // its padding stays zero
+    GnBwdUnit U{};
+    U.C = U.Cg = Cg;
+    U.S = S;
+    U.eps = P.eps;
+    U.silu = P.silu;
+    U.need_dz = P.need_dz;
+    U.work = work.data();
+    U.stats = F.run_stats;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / G, c0 = u % G * Cg, bc = b * C + c0, off = bc * S * es;
+      U.x = P.x + off;
+      U.g = P.g + off;
+      U.dx = P.dx ? P.dx + off : nullptr;
+      U.w = P.w ? P.w + c0 : nullptr;
+      U.bias = P.bias ? P.bias + c0 : nullptr;
+      U.add = P.add ? P.add + bc : nullptr;
+      U.scale = P.scale ? P.scale + bc : nullptr;
+      U.shift = P.shift ? P.shift + bc : nullptr;
+      U.A = P.A + bc;
+      U.Bx = P.Bx + bc;
+      U.dadd = P.dadd ? P.dadd + bc : nullptr;
+      U.dscale = P.dscale ? P.dscale + bc : nullptr;
+      U.dshift = P.dshift ? P.dshift + bc : nullptr;
+      K.run_unit(U);
+    }
+  });
+}
+
 // -- channels_last: a unit is one image's block of whole groups, S pixels of cb channels -----
-// (the unit's work is GnBwdVecKernels::cl_unit). NCHW-like rows shorter than kShortRow take the
-// same units on a transposed copy of the block: SIMD along a row of 4 or 16 elements would be
-// mostly padding, and the per-channel steps would run one channel at a time.
+// (the unit's work is GnBwdVecKernels::cl_unit). NCHW-like rows shorter than kRunRowMin (and
+// short rows of groups too large for a run) take the same units on a transposed copy of the
+// block: SIMD along a row of 4 elements would be mostly padding.
 constexpr int64_t kShortRow = 64;
 
 int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
@@ -298,7 +336,10 @@ void group_norm_silu_backward_cpu(
   P.A = A.data();
   P.Bx = Bx.data();
   const GnBwdVecKernels& K = gn_bwd_vec_kernels(dtype);
-  if (layout == 1 || P.S < kShortRow) {
+  const GnVecKernels& F = gn_vec_kernels(dtype);
+  if (layout != 1 && P.S >= kRunRowMin && P.S < kRunRowMax && P.Cg * P.S <= kRowBlock) {
+    bwd_runs(P, K, F);
+  } else if (layout == 1 || P.S < kShortRow) {
     bwd_units(P, K, layout != 1);
   } else {
     bwd_nchw(P, K);

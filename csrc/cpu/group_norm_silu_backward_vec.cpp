@@ -451,6 +451,142 @@ void cl_unit(const GnBwdUnit& u) {
     for (int64_t c = 0; c < C; ++c) u.dadd[c] = sdx[c];
 }
 
+// -- NCHW-like runs of short rows (the unit's arrays are padded to whole 2W steps) ------------
+template <typename T, bool kSilu>
+void run_dz_impl(const T* x, const T* g, int64_t n, float ref, float r, const float* q,
+                 const float* ws, const float* kb, float* dz, float* xh) {
+  const fVec vref(ref), vr(r);
+  auto body = [&](int64_t i, const fVec& xv, const fVec& gv) {
+    const fVec h = at::vec::fmadd(xv - vref, vr, fVec::loadu(q + i));
+    fVec d = gv;
+    if (kSilu) d = gv * silu_grad(at::vec::fmadd(h, fVec::loadu(ws + i), fVec::loadu(kb + i)));
+    d.store(dz + i);
+    h.store(xh + i);
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    fVec x0, x1, g0, g1;
+    Io<T>::load(x + i, x0, x1);
+    Io<T>::load(g + i, g0, g1);
+    body(i, x0, g0);
+    body(i + W, x1, g1);
+  }
+  if (i < n) {  // x padded with ref, g with 0: finite zeros past n, never summed
+    fVec x0, x1, g0, g1;
+    load_tail(x + i, n - i, static_cast<T>(ref), x0, x1);
+    load_tail(g + i, n - i, static_cast<T>(0.f), g0, g1);
+    body(i, x0, g0);
+    body(i + W, x1, g1);
+  }
+}
+
+// per row c of S: sa[c] = sum of a, sab[c] = sum of a b (b not null); vectors, then the lanes
+// and the row's last S % W elements, in that fixed order
+void run_sums(const float* a, const float* b, int64_t S, int64_t Cg, float* sa, float* sab) {
+  for (int64_t c = 0; c < Cg; ++c) {
+    const float* pa = a + c * S;
+    const float* pb = b ? b + c * S : nullptr;
+    fVec va(0.f), vb(0.f);
+    int64_t i = 0;
+    for (; i + W <= S; i += W) {
+      const fVec u = fVec::loadu(pa + i);
+      va = va + u;
+      if (pb) vb = at::vec::fmadd(u, fVec::loadu(pb + i), vb);
+    }
+    float ta = i ? lanes_sum(va) : 0.f, tb = i && pb ? lanes_sum(vb) : 0.f;
+    for (; i < S; ++i) {
+      ta += pa[i];
+      if (pb) tb += pa[i] * pb[i];
+    }
+    sa[c] = ta;
+    if (pb) sab[c] = tb;
+  }
+}
+
+template <typename T>
+void run_dx(const float* dz, float* xh, T* dx, int64_t n, float r, const float* ws, float c2,
+            float c3) {
+  const fVec vr(r), v2(c2), v3(c3);
+  auto grad = [&](int64_t i) {
+    const fVec d = at::vec::fmadd(fVec::loadu(xh + i), v3,
+                                  at::vec::fmadd(fVec::loadu(dz + i), vr * fVec::loadu(ws + i), v2));
+    d.store(xh + i);
+    return d;
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const fVec d0 = grad(i), d1 = grad(i + W);
+    if (dx) Io<T>::store(dx + i, d0, d1);
+  }
+  if (i < n) {
+    const fVec d0 = grad(i), d1 = grad(i + W);
+    if (dx) Io<T>::store(dx + i, d0, d1, n - i);
+  }
+}
+
+inline int64_t pad_unit(int64_t n) { return (n + 2 * W - 1) / (2 * W) * (2 * W); }
+
+template <typename T>
+void run_unit(const GnBwdUnit& u) {
+  const int64_t S = u.S, Cg = u.C, n = Cg * S, np = pad_unit(n);
+  const T* x = static_cast<const T*>(u.x);
+  const T* g = static_cast<const T*>(u.g);
+  float *eda = u.work, *q = eda + np, *ws = q + np, *kb = ws + np, *dz = kb + np, *xh = dz + np,
+        *da = xh + np, *wc = da + Cg, *bc = wc + Cg, *wsc = bc + Cg, *kbc = wsc + Cg,
+        *sa = kbc + Cg, *sbx = sa + Cg, *sdx = sbx + Cg;
+  const float ref = static_cast<float>(x[0]);
+  for (int64_t c = 0; c < Cg; ++c) {
+    const float s1 = u.scale ? 1.f + u.scale[c] : 1.f;
+    da[c] = u.add ? u.add[c] - u.add[0] : 0.f;
+    wc[c] = u.w ? u.w[c] : 1.f;
+    bc[c] = u.bias ? u.bias[c] : 0.f;
+    wsc[c] = wc[c] * s1;
+    kbc[c] = bc[c] * s1 + (u.shift ? u.shift[c] : 0.f);
+  }
+  auto spread = [&](float* e, auto&& v) {  // row c of e = v(c)
+    for (int64_t c = 0; c < Cg; ++c) {
+      const float vc = v(c);
+      float* row = e + c * S;
+      int64_t i = 0;
+      for (; i + W <= S; i += W) fVec(vc).store(row + i);
+      for (; i < S; ++i) row[i] = vc;
+    }
+  };
+  if (u.add) spread(eda, [&](int64_t c) { return da[c]; });
+  const GnStats st = u.stats(u.x, n, ref, u.add ? eda : nullptr);
+  const float rstd = gn_rstd(st, u.eps);
+  spread(q, [&](int64_t c) { return (da[c] - st.mean) * rstd; });
+  spread(ws, [&](int64_t c) { return wsc[c]; });
+  spread(kb, [&](int64_t c) { return kbc[c]; });
+  if (u.silu) {
+    run_dz_impl<T, true>(x, g, n, ref, rstd, q, ws, kb, dz, xh);
+  } else {
+    run_dz_impl<T, false>(x, g, n, ref, rstd, q, ws, kb, dz, xh);
+  }
+  run_sums(dz, xh, S, Cg, sa, sbx);
+  if (u.need_dz) {
+    float m1 = 0.f, m2 = 0.f;
+    for (int64_t c = 0; c < Cg; ++c) {
+      m1 += wsc[c] * sa[c];
+      m2 += wsc[c] * sbx[c];
+    }
+    const float inv_n = 1.f / st.n;
+    run_dx<T>(dz, xh, static_cast<T*>(u.dx), n, rstd, ws, -rstd * (m1 * inv_n),
+              -rstd * (m2 * inv_n));
+    if (u.dadd) run_sums(xh, nullptr, S, Cg, sdx, nullptr);
+  }
+  for (int64_t c = 0; c < Cg; ++c) {
+    u.A[c] = sa[c];
+    u.Bx[c] = sbx[c];
+  }
+  if (u.dshift)
+    for (int64_t c = 0; c < Cg; ++c) u.dshift[c] = sa[c];
+  if (u.dscale)
+    for (int64_t c = 0; c < Cg; ++c) u.dscale[c] = wc[c] * sbx[c] + bc[c] * sa[c];
+  if (u.dadd)
+    for (int64_t c = 0; c < Cg; ++c) u.dadd[c] = sdx[c];
+}
+
 template <typename T>
 void to_cl(const void* xv, int64_t rs, int64_t C, int64_t S, void* outv) {
   const T* x = static_cast<const T*>(xv);
@@ -470,7 +606,7 @@ void from_cl(const void* inv, int64_t C, int64_t S, void* xv, int64_t rs) {
 template <typename T>
 GnBwdVecKernels make_kernels() {
   return {&row_sums<T>, &row_dz<T>, &row_dx<T>, &cl_sums<T>, &cl_dz<T>, &cl_dx<T>,
-          &cl_unit<T>, &to_cl<T>, &from_cl<T>};
+          &cl_unit<T>, &run_unit<T>, &to_cl<T>, &from_cl<T>};
 }
 
 }  // namespace
@@ -484,6 +620,8 @@ const GnBwdVecKernels& gn_bwd_vec_kernels(GnDtype dtype) {
 int64_t gn_bwd_vec_width() { return 2 * W; }
 
 int64_t gn_bwd_unit_work(int64_t C, int64_t S) { return (kUnitArrays + S) * pad2w(C); }
+
+int64_t gn_bwd_run_work(int64_t Cg, int64_t S) { return 6 * pad_unit(Cg * S) + 8 * Cg; }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace fastdiff

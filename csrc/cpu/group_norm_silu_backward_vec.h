@@ -39,6 +39,7 @@ struct GnBwdUnit {
   bool silu, need_dz;
   float *A, *Bx, *dadd, *dscale, *dshift;
   float* work;
+  GnStats (*stats)(const void* x, int64_t n, float ref, const float* da);  // run_unit's
 };
 
 struct GnBwdVecKernels {
@@ -56,6 +57,11 @@ struct GnBwdVecKernels {
                 const float* ref, const float* r, const float* q, const float* c1,
                 const float* c2, const float* c3, float* sdx);
   void (*cl_unit)(const GnBwdUnit& u);
+  // One NCHW-like group of short rows (C = Cg, ldc unused): its rows as one contiguous run of
+  // C S elements, the per-channel coefficients spread per element, so that every pass is whole
+  // vectors whatever S; the statistics from u.stats (the forward's run_stats: both see the
+  // same numbers). Outputs as cl_unit's. work: gn_bwd_run_work(Cg, S) floats.
+  void (*run_unit)(const GnBwdUnit& u);
   // (C, S) row-major block of n-element-apart rows <-> (S, C) dense, for NCHW-like rows too
   // short for SIMD along them (the unit then runs on the transposed copy)
   void (*to_cl)(const void* x, int64_t row_stride, int64_t C, int64_t S, void* out);
@@ -67,6 +73,7 @@ struct GnBwdVecKernels {
 FD_CPU_DECLARE(const ::fastdiff::GnBwdVecKernels& gn_bwd_vec_kernels(::fastdiff::GnDtype dtype))
 FD_CPU_DECLARE(int64_t gn_bwd_vec_width())
 FD_CPU_DECLARE(int64_t gn_bwd_unit_work(int64_t C, int64_t S))
+FD_CPU_DECLARE(int64_t gn_bwd_run_work(int64_t Cg, int64_t S))
 
 namespace fastdiff {
 
@@ -79,6 +86,10 @@ inline int64_t gn_bwd_vec_width() { return FD_CPU_DISPATCH(gn_bwd_vec_width); }
 
 inline int64_t gn_bwd_unit_work(int64_t C, int64_t S) {
   return FD_CPU_DISPATCH(gn_bwd_unit_work, C, S);
+}
+
+inline int64_t gn_bwd_run_work(int64_t Cg, int64_t S) {
+  return FD_CPU_DISPATCH(gn_bwd_run_work, Cg, S);
 }
 
 }  // namespace fastdiff
