@@ -3,8 +3,9 @@
 // every thread repeated for its ~1-2 groups before) into shared memory, then the block
 // grid-strides over the sample's Philox groups of 4, so each normal is drawn once per sample.
 // 64-bit indices throughout. Per launch: the Philox round keys (block_philox_key); per sample:
-// 1 / thresh in float64 (div_by_sample); the whole-group loop is compiled once per clip mode,
-// so none carries another's code (the threshold's division was ~18 instructions an element).
+// 1 / thresh in float64 (div_by_sample); the whole-group loop is compiled once per clip mode
+// (in the kernel) and per guidance / x0 written (kernel variants), so none carries another's
+// code (the threshold's division was ~18 instructions an element, guidance ~4).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
