@@ -99,8 +99,18 @@ FD_HD SamplerStepCoef sampler_step_coef(const double* ab, int64_t num_t, int64_t
 }
 
 // clamp that keeps a NaN (as torch.clamp; fminf/fmaxf would turn it into a bound, so a diverged
-// model would be silently clipped into an image)
-FD_HD float clamp_keep_nan(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// model would be silently clipped into an image). On sm_80+ max.NaN / min.NaN: two instructions
+// where the compare-and-selects are four (the same value, a NaN's payload aside).
+FD_HD float clamp_keep_nan(float x, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(lo));
+  asm("min.NaN.f32 %0, %0, %1;" : "+f"(y) : "f"(hi));
+  return y;
+#else
+  return x < lo ? lo : (x > hi ? hi : x);
+#endif
+}
 
 // x0 after clipping: clip_range for kClipRange, thresh (the sample's s) for kClipThreshold;
 // thresh_inv = 1.0 / double(thresh), the GPU's division (div_by_sample).
@@ -154,16 +164,24 @@ FD_HD float guidance_scale(const SamplerStepLayout& L) {
 // sample's clamped t, with which the noise is drawn; key the seed's round keys (philox_key);
 // image its global index; w the guidance scale (unused unless L.cond_off > 0); thr its
 // dynamic-threshold scale (1 when unused), thr_inv = 1.0 / double(thr) (read by the GPU only:
-// div_by_sample).
-template <typename scalar_t, int kNoise, int kStd, bool kSplit>
+// div_by_sample). kGuide / kX0: guidance on / x0 written as compile-time values (0 or 1: the CUDA
+// kernel's whole-group loops, each carrying only its own loads and stores), or -1: read at run
+// time from L.cond_off / x0 != nullptr.
+template <typename scalar_t, int kNoise, int kStd, bool kSplit, int kGuide = -1, int kX0 = -1>
 FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, const PhiloxKey& key, uint32_t image,
                              float w, const SamplerStepCoef& c, float thr, int clip,
                              float clip_range, const SamplerStepLayout& L, const scalar_t* x_t,
                              const scalar_t* mo, const scalar_t* noise, scalar_t* x_prev,
                              scalar_t* x0, double thr_inv = 1.0) {
   const bool add_noise = kNoise != kNoiseNone && c.noise_on;
-  const bool guided = L.cond_off != 0;
+  const bool guided = kGuide >= 0 ? kGuide == 1 : L.cond_off != 0;
+  const bool write_x0 = kX0 >= 0 ? kX0 == 1 : x0 != nullptr;
+  // read only where drawn: on the GPU left unset (zero-filling it cost 4 moves a group)
+#if defined(__CUDA_ARCH__)
+  Normal4 n;
+#else
   Normal4 n{};
+#endif
   if (kNoise == kNoiseDrawn && add_noise)
     n = normal4(key, image, static_cast<uint32_t>(k), static_cast<uint32_t>(tb), kStreamSamplerStep);
   const int64_t j0 = 4 * k, i0 = b * L.per_sample + j0;
@@ -195,7 +213,7 @@ FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, const PhiloxKey& 
       x0v.v[e] = static_cast<scalar_t>(x0c);
     }
     *reinterpret_cast<Vec4<scalar_t>*>(x_prev + i0) = ov;
-    if (x0 != nullptr) *reinterpret_cast<Vec4<scalar_t>*>(x0 + i0) = x0v;
+    if (write_x0) *reinterpret_cast<Vec4<scalar_t>*>(x0 + i0) = x0v;
     return;
   }
   for (int64_t e = 0; e < cnt; ++e) {
@@ -213,7 +231,7 @@ FD_HD void sampler_step_part(int64_t b, int64_t k, int64_t tb, const PhiloxKey& 
       out += sampler_step_std<kStd>(c, v) * z;
     }
     x_prev[i] = static_cast<scalar_t>(out);
-    if (x0 != nullptr) x0[i] = static_cast<scalar_t>(x0c);
+    if (write_x0) x0[i] = static_cast<scalar_t>(x0c);
   }
 }
 

@@ -3,8 +3,9 @@
 // every thread repeated for its ~1-2 groups before) into shared memory, then the block
 // grid-strides over the sample's Philox groups of 4, so each normal is drawn once per sample.
 // 64-bit indices throughout. Per launch: the Philox round keys (block_philox_key); per sample:
-// 1 / thresh in float64 (div_by_sample); the whole-group loop is compiled once per clip mode,
-// so none carries another's code (the threshold's division was ~18 instructions an element).
+// 1 / thresh in float64 (div_by_sample); the whole-group loop is compiled once per clip mode
+// (in the kernel) and per guidance / x0 written (kernel variants), so none carries another's
+// code (the threshold's division was ~18 instructions an element, guidance ~4).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,7 +27,10 @@ constexpr int kThreads = 256;  // threads per block (the kernels' launch bounds)
 // and guidance scale may be device values (read here: a replayed graph sees their updates).
 // Launch bounds: at most 80 registers (3 blocks of kThreads resident per SM; 96 for float64),
 // which the drawn-noise variants, round keys held in registers, exceeded unbounded (up to 96).
-template <typename scalar_t, int kNoise, int kStd, bool kSplit>
+// kGuide / kX0: the whole-group loop reads the guidance's conditional half / writes x0 (compile
+// time: the plain loop carries neither's instructions, ~4 an element for guidance); only the
+// <false, false> instantiation has the scalar path, where both stay run-time (launch_variant).
+template <typename scalar_t, int kNoise, int kStd, bool kSplit, bool kGuide, bool kX0>
 __global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 2 : 3)
 sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ mo,
                     const scalar_t* __restrict__ noise, const int64_t* __restrict__ t,
@@ -59,24 +63,43 @@ sampler_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict
       // the elements' division by s (a float64 division once per sample, only where used)
       const double s_inv = clip == kClipThreshold ? 1.0 / static_cast<double>(s) : 1.0;
       const uint32_t image = image_index(first, b);
+      // the sample's pointers, formed once per sample (b = 0 below): in the loop, nvcc re-formed
+      // b * per_sample and b * mo_bs with 64-bit multiplies in every iteration
+      const int64_t off = b * L.per_sample;
+      const scalar_t* const xs = x_t + off;
+      const scalar_t* const ms = mo + b * L.mo_bs;
+      const scalar_t* const ns = at_sample(noise, off);
+      scalar_t* const ps = x_prev + off;
+      scalar_t* const os = at_sample(x0, off);
       for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < gps;
            k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        sampler_step_part<scalar_t, kNoise, kStd, kSplit>(b, k, tb, pk, image, w, c, s, clip,
-                                                           clip_range, Lv, x_t, mo, noise, x_prev,
-                                                           x0, s_inv);
+        // the scalar path: guidance and x0 at run time
+        constexpr int kG = kVec ? static_cast<int>(kGuide) : -1, kO = kVec ? static_cast<int>(kX0) : -1;
+        sampler_step_part<scalar_t, kNoise, kStd, kSplit, kG, kO>(0, k, tb, pk, image, w, c, s,
+                                                                  clip, clip_range, Lv, xs, ms,
+                                                                  ns, ps, os, s_inv);
       }
       __syncthreads();  // every thread has read coef before thread 0 writes the next sample's
     }
   };
   using Runtime = std::integral_constant<int, -1>;
-  if (kSplit || !L.vec) {
+  if constexpr (kSplit) {
     loops(std::false_type{}, Runtime{});
-  } else if (cfg.clip == kClipRange) {
-    loops(std::true_type{}, std::integral_constant<int, kClipRange>{});
-  } else if (cfg.clip == kClipThreshold) {
-    loops(std::true_type{}, std::integral_constant<int, kClipThreshold>{});
   } else {
-    loops(std::true_type{}, std::integral_constant<int, kClipNone>{});
+    // (kGuide, kX0 only launched with L.vec: their kernels hold no scalar path)
+    if constexpr (!kGuide && !kX0) {
+      if (!L.vec) {
+        loops(std::false_type{}, Runtime{});
+        return;
+      }
+    }
+    if (cfg.clip == kClipRange) {
+      loops(std::true_type{}, std::integral_constant<int, kClipRange>{});
+    } else if (cfg.clip == kClipThreshold) {
+      loops(std::true_type{}, std::integral_constant<int, kClipThreshold>{});
+    } else {
+      loops(std::true_type{}, std::integral_constant<int, kClipNone>{});
+    }
   }
 }
 
@@ -121,12 +144,29 @@ void sampler_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* x0p = x0.numel() ? x0.data_ptr<scalar_t>() : nullptr;
     const float* thr = clip_mode == kClipThreshold ? thresh->data_ptr<float>() : nullptr;
+    // guidance / x0 as compile-time variants of the whole-group loop; the split layout and the
+    // scalar path (not vec) take them at run time, in the <false, false> kernel
+    const bool whole = !p.split && p.layout.vec;
+    const int opt = whole ? (p.layout.cond_off != 0 ? 2 : 0) + (x0p != nullptr ? 1 : 0) : 0;
     sampler_step_variants(p.noise_mode, p.std_mode, p.split, [&](auto kNoise, auto kStd, auto kSplit) {
-      sampler_step_kernel<scalar_t, decltype(kNoise)::value, decltype(kStd)::value,
-                          decltype(kSplit)::value><<<grid, threads, 0, stream>>>(
-          x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(),
-          t_prev.data_ptr<int64_t>(), alphas_cumprod.data_ptr<double>(), thr,
-          x_prev.data_ptr<scalar_t>(), x0p, p.layout, alphas_cumprod.numel(), p.cfg, B);
+      auto launch = [&](auto guide, auto with_x0) {
+        sampler_step_kernel<scalar_t, decltype(kNoise)::value, decltype(kStd)::value,
+                            decltype(kSplit)::value, decltype(guide)::value,
+                            decltype(with_x0)::value><<<grid, threads, 0, stream>>>(
+            x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(), np, t.data_ptr<int64_t>(),
+            t_prev.data_ptr<int64_t>(), alphas_cumprod.data_ptr<double>(), thr,
+            x_prev.data_ptr<scalar_t>(), x0p, p.layout, alphas_cumprod.numel(), p.cfg, B);
+      };
+      using F = std::false_type;
+      using T = std::true_type;
+      if constexpr (decltype(kSplit)::value) {
+        launch(F{}, F{});
+      } else {
+        if (opt == 0) launch(F{}, F{});
+        else if (opt == 1) launch(F{}, T{});
+        else if (opt == 2) launch(T{}, F{});
+        else launch(T{}, T{});
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
