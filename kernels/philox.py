@@ -3,7 +3,8 @@
 `normal4(seed_lo, seed_hi, image, g, step, stream)` gives the four normals of Philox group g
 (elements 4g..4g+3 inside the image) of image `image` (its global index); `normal_flat` the 4R
 normals of R consecutive groups as one flat vector (each thread owns whole groups, so loads and
-stores beside it can be 16 bytes wide).
+stores beside it can be 16 bytes wide); `normal_flat_keys` the same from the seed's round keys
+(`round_keys`, computed on the host).
 
 Box-Muller without libdevice: libdevice's sinf and cosf each reduce the angle on their own (with
 a Payne-Hanek slow path), and logf/sqrt.rn carry slow paths too. Here (the same operations, in the
@@ -76,15 +77,41 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def philox4x32_10_keys(c0, c1, c2, c3, keys):
+    """philox4x32_10 with the ten rounds' key words given: keys = (k0, k1) of round 0, round 1,
+    ... (20 int32 scalars, round_keys' words, passed as kernel arguments: no addition forms
+    them in the kernel; ptxas moves them from the constant bank into uniform registers two at
+    a time, 9 instructions where the 18 additions were)."""
+    for i in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * PHILOX_M0
+        p1 = c2.to(tl.uint64) * PHILOX_M1
+        hi0, lo0 = (p0 >> 32).to(tl.uint32), p0.to(tl.uint32)
+        hi1, lo1 = (p1 >> 32).to(tl.uint32), p1.to(tl.uint32)
+        c0, c1, c2, c3 = (hi1 ^ c1 ^ keys[2 * i].to(tl.uint32), lo1,
+                          hi0 ^ c3 ^ keys[2 * i + 1].to(tl.uint32), lo0)
+    return c0, c1, c2, c3
+
+
+def round_keys(seed_lo: int, seed_hi: int):
+    """The 20 key words of Philox4x32-10's rounds for the seed words (int32_words' seed_lo,
+    seed_hi), as signed 32-bit ints: round r's (seed_lo + r W0, seed_hi + r W1) mod 2^32."""
+    return tuple(_s32(w + r * m) for r in range(10)
+                 for w, m in ((seed_lo, PHILOX_W0.value), (seed_hi, PHILOX_W1.value)))
+
+
+@triton.jit
 def _f32(v):  # a constexpr as a float32 scalar (fma wants matching operand types)
     return tl.full((), v, tl.float32)
 
 
 @triton.jit
 def _uniform(r):
-    # ((r >> 9) + 0.5) * 2^-23 = (r >> 9) 2^-23 + 2^-24: in (0, 1), exact in float32 either way
-    # (24 significant bits), so one FMA
-    return tl.fma((r >> 9).to(tl.float32), _f32(1.1920928955078125e-07), _f32(5.960464477539063e-08))
+    # ((r >> 9) + 0.5) * 2^-23 = (r >> 9) 2^-23 + 2^-24, in (0, 1): the float 1 + (r >> 9) 2^-23
+    # (its 23 mantissa bits are r >> 9) minus (1 - 2^-24), exact in float32 (24 significant
+    # bits), so the same bits as the int-to-float conversion and FMA, one instruction fewer (the
+    # shift and the add are one LEA.HI)
+    m = ((r >> 9) + 0x3F800000).to(tl.float32, bitcast=True)
+    return m - _f32(0.999999940395355224609375)
 
 
 # ln(1 + f) = f + f^2 Q(f) on f in [-1/3, 1/3], Q's coefficients from degree 0 up (a
@@ -194,16 +221,38 @@ def normal_flat(seed_lo, seed_hi, image, g0, step, stream, R: tl.constexpr,
     with PAIRED the groups are held as a (2, R/2) tensor, group 2p + h at [h, p]: Triton's
     default layout spreads dim 1 over the threads and keeps dim 0 in registers, so thread p
     owns groups 2p and 2p + 1."""
+    g = _flat_groups(g0, R, PAIRED)
+    one = tl.full(g.shape, 1, tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10(g, one * image.to(tl.uint32), one * step.to(tl.uint32),
+                                   one * stream, one * seed_lo.to(tl.uint32),
+                                   one * seed_hi.to(tl.uint32))
+    return _flat_normals(r0, r1, r2, r3, R, PAIRED)
+
+
+@triton.jit
+def normal_flat_keys(keys, image, g0, step, stream, R: tl.constexpr, PAIRED: tl.constexpr):
+    """normal_flat with the seed as its 20 round-key words (round_keys, kernel arguments): the
+    same normals, without the 18 additions per program that form the keys from the seed."""
+    g = _flat_groups(g0, R, PAIRED)
+    one = tl.full(g.shape, 1, tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10_keys(g, one * image.to(tl.uint32), one * step.to(tl.uint32),
+                                        one * stream, keys)
+    return _flat_normals(r0, r1, r2, r3, R, PAIRED)
+
+
+@triton.jit
+def _flat_groups(g0, R: tl.constexpr, PAIRED: tl.constexpr):
+    """normal_flat's group counters (uint32): a (2, R/2) tensor with PAIRED, else (R,)."""
     if PAIRED:
         e = 2 * tl.arange(0, R // 2)[None, :] + tl.arange(0, 2)[:, None]
     else:
         e = tl.arange(0, R)
     # .to(uint32) keeps the low 32 bits of an int32 or int64 (the counter words mod 2^32)
-    g = g0.to(tl.uint32) + e.to(tl.uint32)
-    one = tl.full(e.shape, 1, tl.uint32)
-    r0, r1, r2, r3 = philox4x32_10(g, one * image.to(tl.uint32), one * step.to(tl.uint32),
-                                   one * stream, one * seed_lo.to(tl.uint32),
-                                   one * seed_hi.to(tl.uint32))
+    return g0.to(tl.uint32) + e.to(tl.uint32)
+
+
+@triton.jit
+def _flat_normals(r0, r1, r2, r3, R: tl.constexpr, PAIRED: tl.constexpr):
     n0, n1, n2, n3 = box_muller(r0, r1, r2, r3)
     n = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [..., i, k] = lane 2 i + k
     if PAIRED:  # [h, p, i, k] -> [p, h, i, k], flattened: element 4 (2p + h) + lane
@@ -234,11 +283,14 @@ def noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR: tl.constex
 def int32_words(seed: int, first: int):
     """The launcher's (seed_lo, seed_hi, first) as signed 32-bit ints: Triton types an int
     argument by its value (i32, u32, i64), so fixed-width words keep one compiled kernel."""
-    def s32(v):
-        v &= 0xFFFFFFFF
-        return v - (1 << 32) if v >= 1 << 31 else v
     u = seed & 0xFFFFFFFFFFFFFFFF
-    return s32(u), s32(u >> 32), s32(first)
+    return _s32(u), _s32(u >> 32), _s32(first)
+
+
+def _s32(v: int) -> int:
+    """v mod 2^32 as a signed 32-bit int."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 @triton.jit

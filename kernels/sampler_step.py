@@ -9,10 +9,13 @@ coefficients in float64 from the float64 alphas_cumprod table (t and t_prev clam
 unchecked value never reads outside the table) and writes them as NCOEF float32s. Then
 `_sampler_step_kernel`, grid (P programs per sample, B): a program never straddles two samples;
 it loads its sample's row (NCOEF scalar loads) and loops over tiles p, p + P, ... of R Philox
-groups (every thread two whole groups, as kernels/q_sample.py). The float64 work (~350-400
-instructions, float64 divisions and square roots) was each program's prologue before: 40-50
-instructions per element at one tile per program, now ~12000 thread-instruction slots (one
-warp) per sample, once. Per-element math is float32. The same coefficient algebra as
+groups (every thread two whole groups, as kernels/q_sample.py), or, where P is the tile count
+(ONE_TILE), is one tile of straight-line code (the loop's bookkeeping and what it keeps in
+registers across iterations cost 22 instructions a thread at one tile). Drawn noise takes the
+seed's 20 Philox round keys as kernel arguments (philox.round_keys, on the host) unless the
+seed is a device tensor. The float64 work (~350-400 instructions, float64 divisions and square
+roots) was each program's prologue before: 40-50 instructions per element at one tile per
+program, now ~12000 thread-instruction slots (one warp) per sample, once. Per-element math is float32. The same coefficient algebra as
 csrc/sampler_step.h:
     x0   = cx x + cm m                    (m: model prediction)
     x0c  = clamp(x0)  or  clamp(x0, -s, s) / s
@@ -27,7 +30,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import on_tensor_device
-from .philox import MAX_GRID_Y, USE_LIBDEVICE, dev_log, int32_words, noise_key, normal_flat
+from .philox import (MAX_GRID_Y, USE_LIBDEVICE, dev_log, int32_words, noise_key, normal_flat,
+                     normal_flat_keys, round_keys)
 
 # Globals read inside @triton.jit must be tl.constexpr; the launcher uses their .value.
 STREAM = tl.constexpr(1)  # fastdiff.reference.STREAM_SAMPLER_STEP
@@ -167,19 +171,43 @@ def _sampler_coef_kernel(t_ptr, tp_ptr, ab_ptr, coef_ptr, B, num_t, eta_hi, eta_
 
 
 @triton.jit
+def _clamp(x, lo, hi):  # NaN in, NaN out (torch.clamp); lo <= hi
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _f32_of(v):
+    """v as float32 (exact). bfloat16 as its bits shifted into a float32's top half: the same
+    value as .to(float32), but the high element of a loaded pair is then one AND (ptxas made it
+    a PRMT and a shift): 8 instructions fewer a thread."""
+    if v.dtype == tl.bfloat16:
+        w = v.to(tl.int16, bitcast=True).to(tl.uint16).to(tl.uint32)
+        return (w << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def _coef_at(row, i):
     return tl.load(row + i).to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first"])
+# rk0 .. rk19: the seed's Philox round keys (philox.round_keys; rk0, rk1 are the seed's words),
+# 20 scalar arguments rather than one tuple: do_not_specialize does not reach a tuple's items,
+# and a key word of 1 or a multiple of 16 would compile another variant
+@triton.jit(do_not_specialize=["first"] + [f"rk{i}" for i in range(20)])
 def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, coef_ptr, thr_ptr,
                          out_ptr, x0_ptr, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
-                         seed_lo, seed_hi, first, seed_ptr, first_ptr, w_arg, w_ptr,
+                         first, rk0, rk1, rk2, rk3, rk4, rk5, rk6, rk7, rk8, rk9, rk10, rk11,
+                         rk12, rk13, rk14, rk15, rk16, rk17, rk18, rk19,
+                         seed_ptr, first_ptr, w_arg, w_ptr,
                          clip_range, b0, n_tiles,
                          VAR: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
                          SPLIT: tl.constexpr, WANT_X0: tl.constexpr, GUIDED: tl.constexpr,
                          W_PTR: tl.constexpr, SEED_PTR: tl.constexpr, FIRST_PTR: tl.constexpr,
-                         R: tl.constexpr, J64: tl.constexpr, PAIRED: tl.constexpr):
+                         R: tl.constexpr, J64: tl.constexpr, PAIRED: tl.constexpr,
+                         ONE_TILE: tl.constexpr):
     # program (p, b): tiles p, p + P, ... of sample b, each R Philox groups (4R elements); grid
     # axis 1 holds at most 65535 samples, so larger batches are launched in slices from b0
     b = tl.program_id(1) + b0
@@ -200,10 +228,15 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, coef_ptr, thr_ptr,
         noise_on = tcode >= 0
         tb = tl.where(noise_on, tcode, ~tcode)
     if NOISE == NOISE_DRAWN:
-        k0s, k1s, f = noise_key(seed_lo, seed_hi, first, seed_ptr, first_ptr, SEED_PTR,
-                                FIRST_PTR)
+        k0s, k1s, f = noise_key(rk0, rk1, first, seed_ptr, first_ptr, SEED_PTR, FIRST_PTR)
+        keys = (rk0, rk1, rk2, rk3, rk4, rk5, rk6, rk7, rk8, rk9, rk10, rk11, rk12, rk13, rk14,
+                rk15, rk16, rk17, rk18, rk19)
     if CLIP == CLIP_THRESHOLD:
         thr = tl.load(thr_ptr + b).to(tl.float32)
+        # -thr for thr >= 1 (the quantile clamped); a NaN thr (a sample holding a NaN) stays
+        # thr's NaN, sign included, as the compare-and-select clamp passed it on (-thr would
+        # flip the NaN's sign bit in the interpreter)
+        thr_lo = 0.0 - thr
     if GUIDED:
         if W_PTR:
             w = tl.load(w_ptr).to(tl.float32)
@@ -211,7 +244,13 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, coef_ptr, thr_ptr,
             w = w_arg
     base = b.to(tl.int64) * per_sample               # the sample's first element in memory
     mo_base = b.to(tl.int64) * mo_bs
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+    if ONE_TILE:  # every program one tile (P = tiles): straight-line code, no loop
+        tile_end = tl.program_id(0) + 1
+        tile_step = 1
+    else:
+        tile_end = n_tiles
+        tile_step = tl.num_programs(0)
+    for tile in range(tl.program_id(0), tile_end, tile_step):
         g0 = tile * R
         if J64:  # samples of 2^31 elements or more
             j = g0.to(tl.int64) * 4 + tl.arange(0, 4 * R)
@@ -222,31 +261,33 @@ def _sampler_step_kernel(x_ptr, mo_ptr, noise_ptr, coef_ptr, thr_ptr,
             mo = mo_base + (j // mo_inner) * mo_rs + j % mo_inner
         else:
             mo = mo_base + j
-        x = tl.load(x_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(mo_ptr + mo, mask=mask, other=0.0).to(tl.float32)
+        x = _f32_of(tl.load(x_ptr + base + j, mask=mask, other=0.0))
+        m = _f32_of(tl.load(mo_ptr + mo, mask=mask, other=0.0))
         if GUIDED:  # classifier-free guidance: m_u + w (m_c - m_u)
-            mc = tl.load(mo_ptr + mo + cond_off, mask=mask, other=0.0).to(tl.float32)
+            mc = _f32_of(tl.load(mo_ptr + mo + cond_off, mask=mask, other=0.0))
             m = m + w * (mc - m)
         x0 = cx * x + cm * m
         # clamps that keep a NaN, as torch.clamp (a diverged model must not be clipped into an
-        # image)
+        # image): max.NaN and min.NaN, two instructions (compares and selects were four)
         if CLIP == CLIP_RANGE:
-            x0 = tl.where(x0 < -clip_range, -clip_range,
-                          tl.where(x0 > clip_range, clip_range, x0))
+            x0 = _clamp(x0, -clip_range, clip_range)
         elif CLIP == CLIP_THRESHOLD:
-            x0 = tl.where(x0 < -thr, -thr, tl.where(x0 > thr, thr, x0)) / thr
+            x0 = _clamp(x0, thr_lo, thr) / thr
         out = k0 * x0 + kx * x + km * m
         if NOISE != NOISE_NONE:
             if NOISE == NOISE_GIVEN:
-                z = tl.load(noise_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
+                z = _f32_of(tl.load(noise_ptr + base + j, mask=mask, other=0.0))
             else:
-                z = normal_flat(k0s, k1s, f + b, g0, tb, STREAM, R, PAIRED)
+                if SEED_PTR:  # the seed in device memory: its round keys formed here
+                    z = normal_flat(k0s, k1s, f + b, g0, tb, STREAM, R, PAIRED)
+                else:
+                    z = normal_flat_keys(keys, f + b, g0, tb, STREAM, R, PAIRED)
             if VAR == LEARNED_RANGE or VAR == LEARNED:  # the cond half's variance with guidance
                 if GUIDED:
-                    v = tl.load(mo_ptr + mo + cond_off + var_off, mask=mask,
-                                other=0.0).to(tl.float32)
+                    v = _f32_of(tl.load(mo_ptr + mo + cond_off + var_off, mask=mask,
+                                        other=0.0))
                 else:
-                    v = tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0).to(tl.float32)
+                    v = _f32_of(tl.load(mo_ptr + mo + var_off, mask=mask, other=0.0))
                 if VAR == LEARNED:  # correctly rounded, as the C++/CUDA sqrtf
                     sd = tl.sqrt_rn(v)
                 else:
@@ -287,6 +328,7 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
     B = x_t.shape[0]
     per_sample = x_t.numel() // B
     R, warps, P = plan(B, per_sample)
+    n_tiles = triton.cdiv(triton.cdiv(per_sample, 4), R)
     seed_lo, seed_hi, first = int32_words(seed, first_index)
     eta_hi = float(np.float32(eta))
     noise_mode = (NOISE_GIVEN if noise is not None else
@@ -306,12 +348,13 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
             x_t, mo, noise if noise is not None else x_t, coef,
             thresh if thresh is not None else alphas_cumprod, x_prev,
             x0 if x0.numel() else x_prev, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
-            seed_lo, seed_hi, first, seed_t if seed_t is not None else t,
+            first, *round_keys(seed_lo, seed_hi), seed_t if seed_t is not None else t,
             first_t if first_t is not None else t, float(guidance),
             guidance_t if guidance_t is not None else alphas_cumprod,
-            float(clip_range), b0, triton.cdiv(triton.cdiv(per_sample, 4), R),
+            float(clip_range), b0, n_tiles,
             VAR=var, CLIP=clip_mode, NOISE=noise_mode,
             SPLIT=mo_inner != per_sample, WANT_X0=x0.numel() > 0, GUIDED=cond_off > 0,
             W_PTR=guidance_t is not None, SEED_PTR=seed_t is not None,
             FIRST_PTR=first_t is not None, R=R, J64=per_sample > 2 ** 31 - 8 * R,
-            PAIRED=x_t.element_size() == 2, num_warps=warps, num_stages=1)
+            PAIRED=x_t.element_size() == 2, ONE_TILE=P == n_tiles, num_warps=warps,
+            num_stages=1)

@@ -39,6 +39,11 @@ if triton is not None:
         tl.store(cos_ptr + offs, c)
         tl.store(rad_ptr + offs, philox.sqrt_pos(-2.0 * lg))
 
+    @triton.jit
+    def _uniform_kernel(r_ptr, u_ptr, N: tl.constexpr):
+        offs = tl.program_id(0) * N + tl.arange(0, N)
+        tl.store(u_ptr + offs, philox._uniform(tl.load(r_ptr + offs)))
+
 
 def _triton_math(u):
     """log_unit, sincos(2pi u) and sqrt_pos(-2 ln u) of the Triton helpers, run by the
@@ -60,6 +65,19 @@ def test_box_muller_math_accuracy_every_uniform():
     assert _ulps(cs, np.cos(th)).max() <= 1.6
     # rad from the float32 log (its own error counted above): sqrt rounds it once more
     assert _ulps(rad, np.sqrt(-2.0 * lg.astype(np.float64))).max() <= 1.0
+
+
+@pytest.mark.skipif(not backends_for("q_sample", ("triton",)), reason="triton unavailable")
+def test_uniform_exact_every_word():
+    """The Triton uniform of a Philox word r (1 + (r >> 9) 2^-23 as bits, minus 1 - 2^-24) is
+    exactly (k + 1/2) 2^-23, k = r >> 9, for every k, the low 9 bits all 0 or all 1."""
+    k = torch.arange(2 ** 23, dtype=torch.int64)
+    n = 1 << 20
+    for low in (0, 0x1FF):
+        r = ((k << 9) | low).to(torch.int32).view(torch.uint32)
+        u = torch.empty(2 ** 23, dtype=torch.float32)
+        _uniform_kernel[(k.numel() // n,)](r, u, N=n)
+        assert torch.equal(u, torch.from_numpy(ALL_U)), low
 
 
 @pytest.mark.parametrize("backend, B, per", [

@@ -754,6 +754,31 @@ def test_per_sample_coefficients_over_many_samples(backend, kind, schedule):
     z = memory_order_normal(10, t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
     _close(got, _ref(schedule, x, mo, t, tp, z, **kw), 1e-6, backend)
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not available")
+@pytest.mark.parametrize("seed", [2 ** 40 + 3, "tensor"])
+def test_triton_tiles_per_program_same_bits(seed, schedule, monkeypatch):
+    """Triton's grid: one tile per program (straight-line code, ONE_TILE) or programs looping
+    over tiles p, p + P, ... (P shrunk here through PROGRAMS / MAX_TILES): 3081 elements a
+    sample are 4 tiles of 256 Philox groups, the last one partial. Every split draws the same
+    bits, and they are the reference's; with the seed as an int (round keys passed to the
+    kernel) and as a device tensor (round keys formed in it)."""
+    import fastdiff.kernels.sampler_step as ks
+    x, mo, t, tp, _ = _inputs((2, 3, 1027), [640, 7], [620, -1], seed=46)
+    sd = torch.tensor(12345, device=DEVICE) if seed == "tensor" else seed
+    kw = dict(kind="ddim", eta=0.8, clip_sample=True)
+    outs = []
+    for programs, max_tiles in ((1024, 8), (1, 8), (1, 2)):  # P = 4 (one tile), 1, 2
+        monkeypatch.setattr(ks, "PROGRAMS", programs)
+        monkeypatch.setattr(ks, "MAX_TILES", max_tiles)
+        assert ks.plan(2, 3081)[2] == {1024: 4, 8: 1, 2: 2}[max_tiles if programs == 1 else 1024]
+        with fastdiff.use_backend("triton"):
+            outs.append(fastdiff.sampler_step(x, mo, t, tp, schedule, seed=sd, **kw))
+    z = memory_order_normal(int(sd), t.cpu(), STREAM_SAMPLER_STEP, x.double().cpu())
+    _close(outs[0], _ref(schedule, x, mo, t, tp, z, **kw), 2e-6, "triton")
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
 @pytest.mark.gpu
 def test_gpu_batch_over_65535(gpu_backend, schedule):
     x, mo, _, _, _ = _inputs((70000, 2), [0] * 70000, [0] * 70000, seed=43)
