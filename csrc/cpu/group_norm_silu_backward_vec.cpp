@@ -341,6 +341,20 @@ inline int64_t pad2w(int64_t C) { return (C + 2 * W - 1) / (2 * W) * (2 * W); }
 
 constexpr int64_t kUnitArrays = 19;
 
+// a unit's per-channel outputs from its sums (sa = sum dz, sbx = sum dz xhat, sdx = sum dx) and
+// its w and bias (1 and 0 where absent)
+inline void store_unit(const GnBwdUnit& u, int64_t C, const float* sa, const float* sbx,
+                       const float* sdx, const float* w, const float* b) {
+  for (int64_t c = 0; c < C; ++c) u.A[c] = sa[c];
+  for (int64_t c = 0; c < C; ++c) u.Bx[c] = sbx[c];
+  if (u.dshift)
+    for (int64_t c = 0; c < C; ++c) u.dshift[c] = sa[c];
+  if (u.dscale)
+    for (int64_t c = 0; c < C; ++c) u.dscale[c] = w[c] * sbx[c] + b[c] * sa[c];
+  if (u.dadd)
+    for (int64_t c = 0; c < C; ++c) u.dadd[c] = sdx[c];
+}
+
 template <typename T>
 void cl_unit(const GnBwdUnit& u) {
   const int64_t C = u.C, S = u.S, Cg = u.Cg, Cp = pad2w(C), ldc = u.ldc, G = C / Cg;
@@ -441,14 +455,7 @@ void cl_unit(const GnBwdUnit& u) {
         for (int64_t c = 0; c < C; ++c) sdx[c] += t1[c];
     }
   }
-  for (int64_t c = 0; c < C; ++c) u.A[c] = sa[c];
-  for (int64_t c = 0; c < C; ++c) u.Bx[c] = sbx[c];
-  if (u.dshift)
-    for (int64_t c = 0; c < C; ++c) u.dshift[c] = sa[c];
-  if (u.dscale)
-    for (int64_t c = 0; c < C; ++c) u.dscale[c] = wv[c] * sbx[c] + bv[c] * sa[c];
-  if (u.dadd)
-    for (int64_t c = 0; c < C; ++c) u.dadd[c] = sdx[c];
+  store_unit(u, C, sa, sbx, sdx, wv, bv);
 }
 
 // -- NCHW-like runs of short rows (the unit's arrays are padded to whole 2W steps) ------------
@@ -575,16 +582,7 @@ void run_unit(const GnBwdUnit& u) {
               -rstd * (m2 * inv_n));
     if (u.dadd) run_sums(xh, nullptr, S, Cg, sdx, nullptr);
   }
-  for (int64_t c = 0; c < Cg; ++c) {
-    u.A[c] = sa[c];
-    u.Bx[c] = sbx[c];
-  }
-  if (u.dshift)
-    for (int64_t c = 0; c < Cg; ++c) u.dshift[c] = sa[c];
-  if (u.dscale)
-    for (int64_t c = 0; c < Cg; ++c) u.dscale[c] = wc[c] * sbx[c] + bc[c] * sa[c];
-  if (u.dadd)
-    for (int64_t c = 0; c < Cg; ++c) u.dadd[c] = sdx[c];
+  store_unit(u, Cg, sa, sbx, sdx, wc, bc);
 }
 
 template <typename T>
