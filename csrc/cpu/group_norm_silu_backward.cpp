@@ -13,8 +13,9 @@
 // 4 vector units or more (or groups over kRowBlock elements), else along the group's rows as one
 // contiguous run (rows of kRunRowMin or more); otherwise (image, block of whole groups), walked
 // in SIMD across the block's channels (channels_last as it is; the shortest NCHW rows on a
-// transposed copy of the block). A unit computes its statistics, dz (kept in an fp32 scratch of the unit), its
-// per-channel sums, then dx, while its data is in cache; it writes only its own channels. dweight/dbias are summed over the images afterwards in image order. No atomics and
+// transposed copy of the block). A unit computes its statistics, dz (kept in an fp32 scratch of
+// the unit), its per-channel sums, then dx, while its data is in cache; it writes only its own
+// channels. dweight/dbias are summed over the images afterwards in image order. No atomics and
 // no per-thread partials: the output bits do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -143,6 +144,24 @@ void bwd_nchw(const BwdProblem& P, const GnBwdVecKernels& K) {
   });
 }
 
+// A unit's options and its per-channel inputs and outputs, from channel c0 of image b.
+void unit_channels(const BwdProblem& P, int64_t b, int64_t c0, GnBwdUnit& U) {
+  const int64_t bc = b * P.C + c0;
+  U.w = P.w ? P.w + c0 : nullptr;
+  U.bias = P.bias ? P.bias + c0 : nullptr;
+  U.add = P.add ? P.add + bc : nullptr;
+  U.scale = P.scale ? P.scale + bc : nullptr;
+  U.shift = P.shift ? P.shift + bc : nullptr;
+  U.eps = P.eps;
+  U.silu = P.silu;
+  U.need_dz = P.need_dz;
+  U.A = P.A + bc;
+  U.Bx = P.Bx + bc;
+  U.dadd = P.dadd ? P.dadd + bc : nullptr;
+  U.dscale = P.dscale ? P.dscale + bc : nullptr;
+  U.dshift = P.dshift ? P.dshift + bc : nullptr;
+}
+
 // -- NCHW-like short rows: a unit is one group, its Cg rows one contiguous run -------------------
 // (as the forward's run_groups, whose statistics kernel it shares): the per-channel coefficients
 // spread per element, so every pass is whole vectors over the run, whatever S.
@@ -153,26 +172,14 @@ void bwd_runs(const BwdProblem& P, const GnBwdVecKernels& K, const GnVecKernels&
     GnBwdUnit U{};
     U.C = U.Cg = Cg;
     U.S = S;
-    U.eps = P.eps;
-    U.silu = P.silu;
-    U.need_dz = P.need_dz;
     U.work = work.data();
     U.stats = F.run_stats;
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / G, c0 = u % G * Cg, bc = b * C + c0, off = bc * S * es;
+      const int64_t b = u / G, c0 = u % G * Cg, off = (b * C + c0) * S * es;
       U.x = P.x + off;
       U.g = P.g + off;
       U.dx = P.dx ? P.dx + off : nullptr;
-      U.w = P.w ? P.w + c0 : nullptr;
-      U.bias = P.bias ? P.bias + c0 : nullptr;
-      U.add = P.add ? P.add + bc : nullptr;
-      U.scale = P.scale ? P.scale + bc : nullptr;
-      U.shift = P.shift ? P.shift + bc : nullptr;
-      U.A = P.A + bc;
-      U.Bx = P.Bx + bc;
-      U.dadd = P.dadd ? P.dadd + bc : nullptr;
-      U.dscale = P.dscale ? P.dscale + bc : nullptr;
-      U.dshift = P.dshift ? P.dshift + bc : nullptr;
+      unit_channels(P, b, c0, U);
       K.run_unit(U);
     }
   });
@@ -200,7 +207,7 @@ void bwd_units(const BwdProblem& P, const GnBwdVecKernels& K, bool transposed) {
     std::vector<char> tbuf(transposed ? 3 * S * cb * es : 0);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / nblk, c0 = (u % nblk) * cb, cn = std::min(cb, C - c0);
-      GnBwdUnit U;
+      GnBwdUnit U{};
       // NCHW-like: the block is cn rows of S; channels_last: S pixels of C, from channel c0
       const int64_t off = (transposed ? (b * C + c0) * S : b * S * C + c0) * es;
       if (transposed) {
@@ -219,20 +226,7 @@ void bwd_units(const BwdProblem& P, const GnBwdVecKernels& K, bool transposed) {
       U.C = cn;
       U.S = S;
       U.Cg = P.Cg;
-      const int64_t bc = b * C + c0;
-      U.w = P.w ? P.w + c0 : nullptr;
-      U.bias = P.bias ? P.bias + c0 : nullptr;
-      U.add = P.add ? P.add + bc : nullptr;
-      U.scale = P.scale ? P.scale + bc : nullptr;
-      U.shift = P.shift ? P.shift + bc : nullptr;
-      U.eps = P.eps;
-      U.silu = P.silu;
-      U.need_dz = P.need_dz;
-      U.A = P.A + bc;
-      U.Bx = P.Bx + bc;
-      U.dadd = P.dadd ? P.dadd + bc : nullptr;
-      U.dscale = P.dscale ? P.dscale + bc : nullptr;
-      U.dshift = P.dshift ? P.dshift + bc : nullptr;
+      unit_channels(P, b, c0, U);
       U.work = work.data();
       K.cl_unit(U);
       if (transposed && P.dx) K.from_cl(U.dx, cn, S, P.dx + off, S);

@@ -515,8 +515,9 @@ void run_dx(const float* dz, float* xh, T* dx, int64_t n, float r, const float* 
             float c3) {
   const fVec vr(r), v2(c2), v3(c3);
   auto grad = [&](int64_t i) {
-    const fVec d = at::vec::fmadd(fVec::loadu(xh + i), v3,
-                                  at::vec::fmadd(fVec::loadu(dz + i), vr * fVec::loadu(ws + i), v2));
+    const fVec c1 = vr * fVec::loadu(ws + i);
+    const fVec d =
+        at::vec::fmadd(fVec::loadu(xh + i), v3, at::vec::fmadd(fVec::loadu(dz + i), c1, v2));
     d.store(xh + i);
     return d;
   };
@@ -531,11 +532,9 @@ void run_dx(const float* dz, float* xh, T* dx, int64_t n, float r, const float* 
   }
 }
 
-inline int64_t pad_unit(int64_t n) { return (n + 2 * W - 1) / (2 * W) * (2 * W); }
-
 template <typename T>
 void run_unit(const GnBwdUnit& u) {
-  const int64_t S = u.S, Cg = u.C, n = Cg * S, np = pad_unit(n);
+  const int64_t S = u.S, Cg = u.C, n = Cg * S, np = pad2w(n);
   const T* x = static_cast<const T*>(u.x);
   const T* g = static_cast<const T*>(u.g);
   float *eda = u.work, *q = eda + np, *ws = q + np, *kb = ws + np, *dz = kb + np, *xh = dz + np,
@@ -619,7 +618,7 @@ int64_t gn_bwd_vec_width() { return 2 * W; }
 
 int64_t gn_bwd_unit_work(int64_t C, int64_t S) { return (kUnitArrays + S) * pad2w(C); }
 
-int64_t gn_bwd_run_work(int64_t Cg, int64_t S) { return 6 * pad_unit(Cg * S) + 8 * Cg; }
+int64_t gn_bwd_run_work(int64_t Cg, int64_t S) { return 6 * pad2w(Cg * S) + 8 * Cg; }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace fastdiff
