@@ -333,6 +333,10 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
     eta_hi = float(np.float32(eta))
     noise_mode = (NOISE_GIVEN if noise is not None else
                   (NOISE_DRAWN if needs_noise else NOISE_NONE)).value
+    # rk0..rk19: formed once per call, and only where the kernel reads them (drawn noise from
+    # an int seed); otherwise rk0, rk1 carry the seed words alone
+    keys = (round_keys(seed_lo, seed_hi) if noise_mode == NOISE_DRAWN.value and seed_t is None
+            else (seed_lo, seed_hi) + (0,) * 18)
     # allocated per call: the caching allocator makes it a pointer bump, stream-ordered (two
     # calls on two streams never share a row), and inside a CUDA-graph capture it comes from the
     # graph's pool, so a replay writes and reads the same rows (no sync, two plain launches)
@@ -348,7 +352,7 @@ def sampler_step_triton(x_t, mo, t, t_prev, alphas_cumprod, noise, thresh, seed,
             x_t, mo, noise if noise is not None else x_t, coef,
             thresh if thresh is not None else alphas_cumprod, x_prev,
             x0 if x0.numel() else x_prev, per_sample, mo_bs, mo_inner, mo_rs, var_off, cond_off,
-            first, *round_keys(seed_lo, seed_hi), seed_t if seed_t is not None else t,
+            first, *keys, seed_t if seed_t is not None else t,
             first_t if first_t is not None else t, float(guidance),
             guidance_t if guidance_t is not None else alphas_cumprod,
             float(clip_range), b0, n_tiles,
