@@ -23,6 +23,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size
+#endif
+
 #include <algorithm>
 #include <vector>
 
@@ -182,22 +186,35 @@ void gn_nchw(const GnProblem& P, const GnVecKernels& K) {
 }
 
 // -- channels_last: an image is S pixels of C contiguous channels ------------------------------
-// One task per image walks it in slabs of whole groups (cs channels of every pixel): statistics
-// of the slab, then its normalization, while the slab is still in L2. Without slabs an image of
-// 512 KiB (fp32 16x128x32x32) was read twice from L3, as its y evicted it from L2 during the
-// second pass (2.5-3x the NCHW time at the same bytes). A slab is a multiple of 32 channels, so
-// of every capability's 2W, and starts at such a multiple: every channel takes the same vector
-// or scalar path as without slabs, and the bits do not change (the split passes, which do not
-// slab, give the same output).
+// One task per image. With an L2 of 1 MiB or more (Zen 4) it walks the image in slabs of whole
+// groups (cs channels of every pixel): statistics of the slab, then its normalization, while the
+// slab is still in L2. Without slabs an image of 512 KiB (fp32 16x128x32x32) was read twice from
+// L3 there, as its y evicted it from L2 during the second pass (2.5-3x the NCHW time at the same
+// bytes). With 512 KiB (Zen 3) a slab does not fit beside its y either, and the slab's partial
+// pixel rows ran 2x slower than whole ones (fp32 16x128x32x32, benchmarks/results/
+// amd-epyc-zen3_2026-12-02_cpu-profile.md): no slabs there. A slab is a multiple of 32 channels,
+// so of every capability's 2W, and starts at such a multiple: every channel takes the same
+// vector or scalar path as without slabs, and the bits do not change (the split passes, which do
+// not slab, give the same output).
 constexpr int64_t kClSlabBytes = 256 * 1024;  // x of one slab of an image (its y as much again)
+constexpr int64_t kClSlabMinL2 = 1024 * 1024;
 constexpr int64_t kClSlabAlign = 32;
 
 int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
 
+int64_t l2_bytes() {  // 0 where the system does not say
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t v = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+  return v;
+#else
+  return 0;
+#endif
+}
+
 int64_t cl_slab_channels(const GnProblem& P) {
   const int64_t step = P.Cg / gcd64(P.Cg, kClSlabAlign) * kClSlabAlign;  // lcm(Cg, 32)
   const int64_t per_channel = P.S * P.esize;
-  if (step >= P.C || step * per_channel > kClSlabBytes) return P.C;
+  if (l2_bytes() < kClSlabMinL2 || step >= P.C || step * per_channel > kClSlabBytes) return P.C;
   return std::min(P.C, std::max<int64_t>(1, kClSlabBytes / (step * per_channel)) * step);
 }
 
