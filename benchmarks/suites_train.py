@@ -5,7 +5,8 @@ clipping, AdamW, an EMA update (diffusers' EMAModel for the baseline). fastdiff'
 noise inside q_sample and runs fastdiff.UNet2DModel (fused GroupNorm+SiLU, attention); the
 baseline is diffusers' `DDPMScheduler.add_noise` + diffusers' `UNet2DModel` + F.mse_loss, eager
 and torch.compile'd by the harness. GPU: the CIFAR-10 U-Net (google/ddpm-cifar10-32's config) at
-B128 under bf16 autocast; CPU: the embedded digits model's config at B64, fp32. Each row's
+B128 under bf16 autocast; CPU: the embedded digits model's config at B64, fp32 (the Trainer runs
+its U-Net channels_last on both; the baseline stays NCHW on CPU, as diffusers runs it). Each row's
 steps/s and images/s are logged; the table's ms column is ms per step. The losses differ (the
 noise differs), so rows are timed, not checked.
 """

@@ -2,7 +2,8 @@
 
 `train(TrainConfig(...))` (or `python -m fastdiff train ...`) runs the loop: AdamW, LR warmup +
 cosine, gradient clipping and accumulation, an EMA with diffusers' EMAModel semantics, autocast
-(bf16/fp16, a grad scaler for fp16) and channels_last on CUDA, DDP under torchrun.
+(bf16/fp16, a grad scaler for fp16), channels_last (on CUDA; on CPU for fastdiff's U-Net), DDP
+under torchrun.
 
 Everything random in a step is a pure function of (seed, step, global image index): the data
 order (a permutation per epoch), the timesteps, label dropout, flips, offset noise and the
@@ -456,7 +457,10 @@ class Trainer:
                                  cfg.beta_end)
         torch.manual_seed(_mix(cfg.seed, _TORCH))  # initial weights: the same on every rank
         self.model = _unet_class(cfg.unet_impl)(**self.unet_config).to(self.device)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" or cfg.unet_impl == "fastdiff":
+            # channels_last on CPU too for fastdiff's U-Net: oneDNN's convolutions then skip the
+            # reorders of NCHW (digits B64 step 5-25% faster on a 2-core EPYC, fused GroupNorm
+            # channels_last forward and backward kernels; diffusers' own U-Net was not faster)
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, cfg.ema_max_decay, cfg.ema_min_decay, cfg.ema_inv_gamma,
                        cfg.ema_power, cfg.ema_update_after_step, cfg.ema_warmup)
