@@ -255,7 +255,8 @@ void cl_sums(const void* xv, int64_t ldc, int64_t C, int64_t npix, const float* 
   const int64_t m = npix / kSumRows;
   for (int64_t q = 0; q < m; ++q)
     cl_sums_rows<T, kSumRows>(x + q * ldc, m * ldc, C2, ref, s1, s2);
-  for (int64_t q = kSumRows * m; q < npix; ++q) cl_sums_rows<T, 1>(x + q * ldc, ldc, C2, ref, s1, s2);
+  for (int64_t q = kSumRows * m; q < npix; ++q)
+    cl_sums_rows<T, 1>(x + q * ldc, ldc, C2, ref, s1, s2);
   for (int64_t c = C2; c < C; ++c) {  // the last C % 2W channels
     float t1 = 0.f, t2 = 0.f;
     for (int64_t p = 0; p < npix; ++p) {
