@@ -77,7 +77,11 @@ def extension_modules():
     vec_sources = sorted(glob.glob("csrc/cpu/*_vec.cpp"))
     sources = sorted(s for s in glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
                      if s not in vec_sources)
-    cxx_flags = ["-O3", "-std=c++17"]
+    # no fp contraction: GCC would fuse a*b + c into an FMA where its passes happen to see one,
+    # so the same expression could round differently in two inlined copies (needs_noise=False
+    # vs zero noise) and between the vector loop and the scalar tail. The SIMD loops write their
+    # FMAs out (at::vec::fmadd) where they want them.
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
     define_macros = [(f"FD_HAVE_{cap}", None) for cap in vec_capabilities() if cap != "DEFAULT"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = (
