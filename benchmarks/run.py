@@ -33,7 +33,7 @@ if str(HERE.parent) not in sys.path:  # `python benchmarks/run.py` from anywhere
 import torch  # noqa: E402
 
 from benchmarks.harness import (Ctx, DeviceLost, environment, format_markdown,  # noqa: E402
-                                parse_dtypes, reason, write_results)
+                                parse_dtypes, reason, steady_allocator, write_results)
 from benchmarks.suites import SUITES, SuiteSkip  # noqa: E402
 
 
@@ -151,6 +151,8 @@ def run(args) -> dict:
     if budget is not None and budget != float("inf"):
         ctx.deadline = ctx.t0 + budget
     env = environment(ctx)
+    if cpu:
+        env["allocator"] = steady_allocator()
     print(f"fastdiff bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"CUDA {env['cuda']}, diffusers {env['diffusers']}, git {env['git_commit']}"
           + (f"; {env['threads']} threads, C++ kernels {env['cpu_capability']}, shapes "

@@ -141,40 +141,63 @@ FD_HD float uniform_from_bits(uint32_t r) {
   return fd_fma(static_cast<float>(r >> 9), 1.1920928955078125e-07f, 5.960464477539063e-08f);
 }
 
-// ln u for u in (0, 1), never 0 or subnormal: u = m 2^e, m in [2/3, 4/3), ln(1 + f) =
-// f + f^2 Q(f) (Q: degree 7, relative minimax); <= 1.04 ulp over every possible uniform.
+// The polynomial cores of log_unit and sincos_f32, generic over float and at::vec vectors: fmadd
+// is fd_fma here and at::vec::fmadd (found by argument-dependent lookup) for a vector, so the
+// CPU's vectorized noise (cpu/noise_vec.h) evaluates the same FMAs in the same order.
+FD_HD float fmadd(float a, float b, float c) { return fd_fma(a, b, c); }
+
+// ln(1 + f) + e ln 2 for f in [-1/3, 1/3): f + f^2 Q(f), Q of degree 7 (relative minimax).
+template <typename F>
+FD_HD F log_poly(F f, F e) {
+  F q = fmadd(f, F(0.1402635138498298f), F(-0.15388540944823348f));
+  q = fmadd(q, f, F(0.13995808485929315f));
+  q = fmadd(q, f, F(-0.1641596054634504f));
+  q = fmadd(q, f, F(0.20011168579606942f));
+  q = fmadd(q, f, F(-0.2500781890569325f));
+  q = fmadd(q, f, F(0.33333198138563097f));
+  q = fmadd(q, f, F(-0.49999936078637364f));
+  return fmadd(e, F(0.6931471805599453f), fmadd(f * f, q, f));
+}
+
+// th = k pi/2 + r (|r| <= pi/4) for th in [0, 2^21): j = k + 1.5 2^23 (the rint trick; its low
+// bits are the quadrant), r by three FMAs.
+template <typename F>
+FD_HD F quadrant_reduce(F th, F& j) {
+  j = fmadd(th, F(0.6366197723675814f), F(12582912.0f));
+  const F k = j - F(12582912.0f);
+  F r = fmadd(k, F(-1.5707963705062866f), th);
+  r = fmadd(k, F(4.371138828673793e-08f), r);
+  return fmadd(k, F(1.7151245100059532e-15f), r);
+}
+
+// sin r = r + r^3 S(r^2) (degree 7), cos r = 1 + r^2 C(r^2) (degree 8), for |r| <= pi/4.
+template <typename F>
+FD_HD void sincos_poly(F r, F& s, F& c) {
+  const F r2 = r * r;
+  s = fmadd(fmadd(r2, F(-0.00019515283237537488f), F(0.008332160762279583f)), r2,
+            F(-0.1666665460955734f));
+  s = fmadd(r * r2, s, r);
+  c = fmadd(fmadd(fmadd(r2, F(2.4383567388999716e-05f), F(-0.0013886681648948365f)), r2,
+                  F(0.041666620357168664f)), r2, F(-0.49999999694476394f));
+  c = fmadd(r2, c, F(1.0f));
+}
+
+// ln u for u in (0, 1), never 0 or subnormal: u = m 2^e, m in [2/3, 4/3), ln m by log_poly;
+// <= 1.04 ulp over every possible uniform.
 FD_HD float log_unit(float u) {
   const int32_t bits = static_cast<int32_t>(float_to_bits(u));
   const int32_t e = (bits - 0x3F2AAAAB) >> 23;
   const float f = bits_to_float(static_cast<uint32_t>(bits - e * (1 << 23))) - 1.0f;  // exact
-  float q = fd_fma(f, 0.1402635138498298f, -0.15388540944823348f);
-  q = fd_fma(q, f, 0.13995808485929315f);
-  q = fd_fma(q, f, -0.1641596054634504f);
-  q = fd_fma(q, f, 0.20011168579606942f);
-  q = fd_fma(q, f, -0.2500781890569325f);
-  q = fd_fma(q, f, 0.33333198138563097f);
-  q = fd_fma(q, f, -0.49999936078637364f);
-  return fd_fma(static_cast<float>(e), 0.6931471805599453f, fd_fma(f * f, q, f));
+  return log_poly(f, static_cast<float>(e));
 }
 
-// sin and cos of th in [0, 2^21) (the kernels': [0, 2 pi)) from one range reduction:
-// quadrant q = rint(th 2/pi) (the 1.5 * 2^23 trick), r = th - q pi/2 by three FMAs, sin r =
-// r + r^3 S(r^2) (degree 7), cos r = 1 + r^2 C(r^2) (degree 8); <= 1.5 ulp.
+// sin and cos of th in [0, 2^21) (the kernels': [0, 2 pi)) from one range reduction; the
+// quadrant swaps them and flips signs. <= 1.5 ulp.
 struct SinCos { float s, c; };
 FD_HD SinCos sincos_f32(float th) {
-  const float j = fd_fma(th, 0.6366197723675814f, 12582912.0f);
-  const uint32_t q = float_to_bits(j);  // low bits: the quadrant
-  const float k = j - 12582912.0f;
-  float r = fd_fma(k, -1.5707963705062866f, th);
-  r = fd_fma(k, 4.371138828673793e-08f, r);
-  r = fd_fma(k, 1.7151245100059532e-15f, r);
-  const float r2 = r * r;
-  float s = fd_fma(fd_fma(r2, -0.00019515283237537488f, 0.008332160762279583f), r2,
-                   -0.1666665460955734f);
-  s = fd_fma(r * r2, s, r);
-  float c = fd_fma(fd_fma(fd_fma(r2, 2.4383567388999716e-05f, -0.0013886681648948365f), r2,
-                          0.041666620357168664f), r2, -0.49999999694476394f);
-  c = fd_fma(r2, c, 1.0f);
+  float j, s, c;
+  sincos_poly(quadrant_reduce(th, j), s, c);
+  const uint32_t q = float_to_bits(j);
   const bool swap = (q & 1u) != 0;
   return {bits_to_float(float_to_bits(swap ? c : s) ^ ((q & 2u) << 30)),
           bits_to_float(float_to_bits(swap ? s : c) ^ (((q + 1u) & 2u) << 30))};

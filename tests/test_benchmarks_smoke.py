@@ -3,6 +3,7 @@ machinery (suites, timing loop, floors, rows, JSON/markdown/PNG writers, the no-
 run on CPU. No timing assertions: the numbers only have to exist and be consistent."""
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,9 @@ def test_cpu_table_rows(tmp_path):
     assert all(ln.count("×**") == 1 and "GB/s" in ln for ln in body)
     md = harness.format_markdown(result, SUITES)
     assert "## CPU side by side" in md and "threads of" in md
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # stated in the header
+        assert result["env"]["allocator"].startswith("glibc mallopt")
+        assert f"Allocator: {result['env']['allocator']}." in md
 
 
 def test_suites_on_cpu_write_results(tmp_path, capsys):

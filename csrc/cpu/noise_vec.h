@@ -1,15 +1,19 @@
-// Vectorized Philox4x32-10 + Box-Muller for the *_vec.cpp kernels of q_sample and sampler_step
-// (compiled once per CPU capability, see cpu/vec.h; everything here
-// is in namespace fastdiff::CPU_CAPABILITY). The same normals as fastdiff::normal4 (common.h) up
-// to the rounding of the vectorized log/sin/cos (Sleef, <= 1 ulp): one lane per Philox group,
-// the 32-bit multiply-high done in SIMD lanes (vpmuludq on the even and odd lanes).
+// Vectorized Philox4x32-10 + Box-Muller for the *_vec.cpp kernels of q_sample, sampler_step and
+// multistep_step (compiled once per CPU capability, see cpu/vec.h; everything here is in
+// namespace fastdiff::CPU_CAPABILITY). fastdiff::normal4's arithmetic (common.h) on W lanes, one
+// per Philox group: the 32-bit multiply-high done in SIMD lanes (vpmuludq on the even and odd
+// lanes), the same log and sin/cos polynomials: the same bits as normal4 (with FMA instructions:
+// AVX2, AVX-512, NEON; x86's DEFAULT variant takes libm's log, sin and cos).
 #pragma once
 #include <cstdint>
 
+#include "common.h"
 #include "cpu/vec_io.h"
 
 namespace fastdiff {
 namespace CPU_CAPABILITY {
+
+using iVec = at::vec::Vectorized<int32_t>;
 
 // W uint32 lanes (W: the float lanes, cpu/vec_io.h), one per Philox group; a block is W groups,
 // 4W elements.
@@ -34,6 +38,8 @@ inline fVec uniform(U32 r) {  // ((r >> 9) + 0.5) * 2^-23
   return (fVec(_mm512_cvtepi32_ps(_mm512_srli_epi32(r.v, 9))) + fVec(0.5f)) *
          fVec(1.1920928955078125e-07f);
 }
+inline iVec float_bits(const fVec& f) { return _mm512_castps_si512(f); }
+inline fVec bits_float(const iVec& i) { return _mm512_castsi512_ps(i); }
 #elif defined(CPU_CAPABILITY_AVX2)
 struct U32 {
   __m256i v;
@@ -49,12 +55,16 @@ inline void mulhilo(U32 a, uint32_t m, U32& hi, U32& lo) {
   const __m256i even = _mm256_mul_epu32(a.v, mm);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), mm);
   hi = {_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA)};
-  lo = {_mm256_mullo_epi32(a.v, mm)};
+  // the low words from the same two products: a shift and a blend where vpmulld is a third
+  // multiply (the multiplier ports bound the loop)
+  lo = {_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA)};
 }
 inline fVec uniform(U32 r) {
   return (fVec(_mm256_cvtepi32_ps(_mm256_srli_epi32(r.v, 9))) + fVec(0.5f)) *
          fVec(1.1920928955078125e-07f);
 }
+inline iVec float_bits(const fVec& f) { return _mm256_castps_si256(f); }
+inline fVec bits_float(const iVec& i) { return _mm256_castsi256_ps(i); }
 #else
 struct U32 {  // plain lanes (the compiler's own vectorization, or NEON through at::vec's width)
   uint32_t v[W];
@@ -76,10 +86,40 @@ inline fVec uniform(U32 r) {
   for (int64_t i = 0; i < W; ++i) f[i] = static_cast<float>(r.v[i] >> 9);
   return (fVec::loadu(f) + fVec(0.5f)) * fVec(1.1920928955078125e-07f);
 }
+inline iVec float_bits(const fVec& f) { return at::vec::cast<int32_t>(f); }
+inline fVec bits_float(const iVec& i) { return at::vec::cast<float>(i); }
+#endif
+
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__FMA__) && !defined(__ARM_FEATURE_FMA)
+// No FMA instructions (x86 below AVX2): the polynomials' range reduction needs exact products,
+// so each lane takes libm's log, sin and cos.
+inline fVec log_unit(const fVec& u) { return u.log(); }
+inline void sincos(const fVec& th, fVec& s, fVec& c) {
+  s = th.sin();
+  c = th.cos();
+}
+#else
+// log_unit and sincos_f32 (common.h) on W lanes: their polynomials, the bit tricks in int32 lanes.
+inline fVec log_unit(const fVec& u) {
+  const iVec bits = float_bits(u);
+  const iVec e = (bits - iVec(0x3F2AAAAB)) >> iVec(23);
+  const fVec f = bits_float(bits - (e << iVec(23))) - fVec(1.0f);  // exact
+  return log_poly(f, at::vec::convert_to_fp_of_same_size<float>(e));
+}
+
+inline void sincos(const fVec& th, fVec& s, fVec& c) {
+  fVec j, ps, pc;
+  sincos_poly(quadrant_reduce(th, j), ps, pc);
+  const iVec q = float_bits(j), one(1), two(2);
+  const fVec swap = bits_float((q & one) == one);
+  s = bits_float(float_bits(fVec::blendv(ps, pc, swap)) ^ ((q & two) << iVec(30)));
+  c = bits_float(float_bits(fVec::blendv(pc, ps, swap)) ^ (((q + one) & two) << iVec(30)));
+}
 #endif
 
 // The 4W normals of Philox groups k .. k+W-1 of image `image` (counter (k + lane, image, step,
-// stream)), in element order: out[4 * lane + l] = normal l of group k + lane.
+// stream)), in element order: out[4 * lane + l] = normal l of group k + lane (out 64-byte
+// aligned).
 inline void normals_block(uint64_t seed, uint32_t image, uint32_t k, uint32_t step,
                           uint32_t stream, float* out) {
   constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
@@ -96,17 +136,32 @@ inline void normals_block(uint64_t seed, uint32_t image, uint32_t k, uint32_t st
     k0 += W0; k1 += W1;
   }
   const fVec two_pi(6.2831854820251465f), m2(-2.0f);
-  const fVec rad_a = (m2 * uniform(c0).log()).sqrt();
-  const fVec rad_b = (m2 * uniform(c2).log()).sqrt();
-  const fVec th_a = two_pi * uniform(c1), th_b = two_pi * uniform(c3);
+  const fVec rad_a = (m2 * log_unit(uniform(c0))).sqrt();
+  const fVec rad_b = (m2 * log_unit(uniform(c2))).sqrt();
+  fVec sa, ca, sb, cb;
+  sincos(two_pi * uniform(c1), sa, ca);
+  sincos(two_pi * uniform(c3), sb, cb);
+  const fVec n0 = rad_a * ca, n1 = rad_a * sa, n2 = rad_b * cb, n3 = rad_b * sb;
+#if defined(CPU_CAPABILITY_AVX2)
+  // the 4 x 8 transpose in registers: pairs, then quads within each 128-bit half, then halves
+  const __m256 t0 = _mm256_unpacklo_ps(n0, n1), t1 = _mm256_unpackhi_ps(n0, n1);
+  const __m256 t2 = _mm256_unpacklo_ps(n2, n3), t3 = _mm256_unpackhi_ps(n2, n3);
+  const __m256 g0 = _mm256_shuffle_ps(t0, t2, 0x44), g1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 g2 = _mm256_shuffle_ps(t1, t3, 0x44), g3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  _mm256_store_ps(out, _mm256_permute2f128_ps(g0, g1, 0x20));       // groups 0, 1
+  _mm256_store_ps(out + 8, _mm256_permute2f128_ps(g2, g3, 0x20));   // 2, 3
+  _mm256_store_ps(out + 16, _mm256_permute2f128_ps(g0, g1, 0x31));  // 4, 5
+  _mm256_store_ps(out + 24, _mm256_permute2f128_ps(g2, g3, 0x31));  // 6, 7
+#else
   alignas(64) float n[4][W];
-  (rad_a * th_a.cos()).store(n[0]);
-  (rad_a * th_a.sin()).store(n[1]);
-  (rad_b * th_b.cos()).store(n[2]);
-  (rad_b * th_b.sin()).store(n[3]);
+  n0.store(n[0]);
+  n1.store(n[1]);
+  n2.store(n[2]);
+  n3.store(n[3]);
   for (int64_t i = 0; i < W; ++i) {
     out[4 * i] = n[0][i]; out[4 * i + 1] = n[1][i]; out[4 * i + 2] = n[2][i]; out[4 * i + 3] = n[3][i];
   }
+#endif
 }
 
 }  // namespace CPU_CAPABILITY
