@@ -55,9 +55,7 @@ inline void mulhilo(U32 a, uint32_t m, U32& hi, U32& lo) {
   const __m256i even = _mm256_mul_epu32(a.v, mm);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), mm);
   hi = {_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA)};
-  // the low words from the same two products: a shift and a blend where vpmulld is a third
-  // multiply (the multiplier ports bound the loop)
-  lo = {_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA)};
+  lo = {_mm256_mullo_epi32(a.v, mm)};
 }
 inline fVec uniform(U32 r) {
   return (fVec(_mm256_cvtepi32_ps(_mm256_srli_epi32(r.v, 9))) + fVec(0.5f)) *
