@@ -3,9 +3,10 @@ DPMSolverMultistepScheduler.step / UniPCMultistepScheduler.step and a plain PyTo
 expression of the same update (and torch.compile of it).
 
 Each case is a mid-schedule step (step 10 of 20, history filled, every solver at full order):
-DPM-Solver++ 2M, its SDE variant (noise: the reference stream of fastdiff's seed, given to
-diffusers as variance_noise and to the eager row as z), and UniPC bh2 order 2 with its corrector
-(last_sample). The coefficient row is derived here in float64 from the scheduler's own sigmas
+DPM-Solver++ 2M, its SDE variant, and UniPC bh2 order 2 with its corrector (last_sample). The
+SDE's noise as in the sampler_step suite: given (every row reads the same z: fastdiff as noise=,
+diffusers as variance_noise) or drawn (fastdiff in the kernel from its seed, eager with
+torch.randn_like, diffusers with its own randn_tensor, timed but not checked). The coefficient row is derived here in float64 from the scheduler's own sigmas
 (its formulas, term by term), so every row, diffusers' included, is checked against the eager
 expression before it is timed. On the pixel shape (C = 3) x0 is dynamically thresholded, as a
 pixel model's scheduler config asks.
@@ -154,8 +155,8 @@ def _diffusers_step(sched, K: int, has_last: bool, has_noise: bool):
 
 @suite("multistep", "multistep: one DPM-Solver++ / UniPC step at mid-schedule (history filled)",
        floor="read x_t, model_output (e each), the K ring slots and last_sample (4 bytes each); "
-             "write x_prev (e), one ring slot and last_sample (4 each). The eager rows also "
-             "read z (SDE); thresholding's quantile pass is not in the floor.")
+             "write x_prev (e), one ring slot and last_sample (4 each); read z (4) where the SDE's "
+             "noise is given. Thresholding's quantile pass is not in the floor.")
 def multistep_suite(ctx):
     multistep_step, implemented, NCOEF, COEFS = _need(
         "fastdiff.ops.multistep_step", "multistep_step", "IMPLEMENTED", "NCOEF", "COEFS")
@@ -177,21 +178,41 @@ def multistep_suite(ctx):
                 coefs = table.to(ctx.device)
                 step_t = torch.tensor(STEP, device=ctx.device)
                 eager = _eager(cols, K, pixel, has_last, has_noise)
-                state = {}  # (backend, input set) -> its own ring / last_sample
+                state = {}  # (backend, input set, noise drawn) -> its own ring / last_sample
 
-                def fd(x, m, ring, last, z, state=state, coefs=coefs, step_t=step_t,
-                       has_noise=has_noise, pixel=pixel):
-                    key = (backends.requested(), id(ring))
+                def fd(x, m, ring, last, z, drawn=False, state=state, coefs=coefs,
+                       step_t=step_t, pixel=pixel):
+                    key = (backends.requested(), id(ring), drawn)
                     st = state.get(key)
                     if st is None:
                         st = state[key] = (ring.clone(), None if last is None else last.clone())
                     return multistep_step(x, m, st[0], coefs, step_t, last_sample=st[1],
-                                          seed=SEED if has_noise else None,
+                                          noise=None if drawn else z,
+                                          seed=SEED if drawn else None,
                                           **(THRESH if pixel else {}))
 
-                impls, _ = fastdiff_impls(ctx, "multistep_step", implemented, fd, dtype)
-                impls.append(Impl(f"diffusers {cls}.step",
-                                  _diffusers_step(sched, K, has_last, has_noise)))
+                def eager_drawn(x, m, ring, last, z, eager=eager):
+                    z = torch.randn_like(x, dtype=torch.float32)
+                    return eager(x, m, ring, last, z) + (z,)
+
+                def with_eager_noise(inputs, out, eager=eager):  # the z it drew, returned last
+                    return eager(*inputs[:4], out[-1])
+
+                def with_kernel_noise(inputs, out, eager=eager):  # z: the kernel's own stream
+                    return eager(*inputs)
+
+                diffusers = _diffusers_step(sched, K, has_last, has_noise)
+                given, _ = fastdiff_impls(ctx, "multistep_step", implemented, fd, dtype)
+                given.append(Impl(f"diffusers {cls}.step", diffusers))
+                modes = [("", given, eager, None)]
+                if has_noise:  # as sampler_step: every row reads one z, or each draws its own
+                    drawn, _ = fastdiff_impls(
+                        ctx, "multistep_step", implemented,
+                        lambda *a, fd=fd: fd(*a, drawn=True), dtype, expect=with_kernel_noise)
+                    drawn.append(Impl(f"diffusers {cls}.step",
+                                      lambda *a, d=diffusers: d(*a[:4], None), verify=False))
+                    modes = [(", noise given", given, eager, None),
+                             (", noise drawn", drawn, eager_drawn, with_eager_noise)]
 
                 def inputs(K=K, has_last=has_last, has_noise=has_noise):
                     from fastdiff.ops.multistep_step import empty_ring
@@ -205,7 +226,10 @@ def multistep_suite(ctx):
 
                 e = _esize(dtype)
                 n = math.prod(shape)
-                nbytes = n * (3 * e + 4 * (K + 1) + (8 if has_last else 0))
-                case = Case("multistep", variant + (" thresholding" if pixel else ""), shape,
-                            dtype, "NCHW", bytes=nbytes)
-                yield from ctx.run_case(case, inputs, impls, eager)
+                for mode, impls, base, expect in modes:
+                    nbytes = n * (3 * e + 4 * (K + 1) + (8 if has_last else 0)
+                                  + (4 if mode == ", noise given" else 0))
+                    case = Case("multistep",
+                                variant + (" thresholding" if pixel else "") + mode, shape,
+                                dtype, "NCHW", bytes=nbytes, expect=expect)
+                    yield from ctx.run_case(case, inputs, impls, base)
